@@ -1,0 +1,123 @@
+"""Linear spike-driven attention, pure PyTorch: the oracle (spec: shared/spec/spike_attention.md).
+
+Elementwise form (default):  C_t = gamma * C_{t-1} + k_t * v_t,  o_t = q_t * C_t        (C: [B, H, D])
+Matrix form:                 S_t = gamma * S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t  (S: [B, H, D, D])
+
+`spike_attention` is the readable loop over time; `spike_attention_cumsum` is the same elementwise
+function vectorised over time (the "PyTorch cumsum formulation", the eager peer of the Triton kernel).
+`check_spike_attention_args` is the one place that validates the arguments of every implementation.
+"""
+import math
+import numbers
+
+import torch
+
+from tether._checks import FLOAT_DTYPES, check_tensor
+
+FORMS = ("elementwise", "matrix")
+
+
+def check_spike_attention_args(q, k, v, gamma, state, form, scale=None) -> None:
+    """Raise an error naming the argument, what was expected and what came."""
+    if form not in FORMS:
+        raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, shape=q.shape, dtypes=FLOAT_DTYPES, device=q.device)
+    T, B, H, D = q.shape
+    if isinstance(gamma, torch.Tensor):
+        check_tensor("gamma", gamma, dtypes=FLOAT_DTYPES, device=q.device)
+        if gamma.dim() > 1 or (gamma.dim() == 1 and gamma.shape[0] != H):
+            raise ValueError(f"gamma: expected a float, a 0-d tensor or a tensor of shape ({H},) "
+                             f"(one decay per head), got shape {tuple(gamma.shape)}")
+    elif isinstance(gamma, numbers.Real) and not isinstance(gamma, bool):
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"gamma: expected a decay in (0, 1], got {gamma}")
+    else:
+        raise TypeError(f"gamma: expected a float or a tensor, got {type(gamma).__name__}")
+    if state is not None:
+        shape = (B, H, D) if form == "elementwise" else (B, H, D, D)
+        check_tensor("state", state, shape=shape, dtypes=FLOAT_DTYPES, device=q.device)
+    if scale is not None and (form != "matrix" or not isinstance(scale, numbers.Real)):
+        raise ValueError(f"scale: expected None, or a float with form='matrix', got {scale!r} with form={form!r}")
+
+
+def compute_dtype(*tensors) -> torch.dtype:
+    """float64 when any input is float64 (gradcheck), else float32: spike counts accumulate in fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors if t is not None) else torch.float32
+
+
+def gamma_per_head(gamma, H: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """gamma as a [H] tensor (a float or 0-d tensor is expanded; autograd sums the expansion back)."""
+    if not isinstance(gamma, torch.Tensor):
+        return torch.full((H,), float(gamma), dtype=dtype, device=device)
+    return gamma.to(dtype).expand(H)
+
+
+def spike_attention(q, k, v, gamma=1.0, state=None, *, form="elementwise", scale=None):
+    """Loop over time. q, k, v: [T, B, H, D]. Returns (out [T, B, H, D], final state), both fp32 (fp64 in)."""
+    check_spike_attention_args(q, k, v, gamma, state, form, scale)
+    T, B, H, D = q.shape
+    dtype = compute_dtype(q, k, v, state, gamma if isinstance(gamma, torch.Tensor) else None)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    g = gamma_per_head(gamma, H, dtype, q.device)
+    outs = []
+    if form == "elementwise":
+        decay = g[:, None]  # [H, 1], broadcasts over [B, H, D]
+        C = torch.zeros(B, H, D, dtype=dtype, device=q.device) if state is None else state.to(dtype)
+        for t in range(T):
+            C = decay * C + k[t] * v[t]
+            outs.append(q[t] * C)
+        return torch.stack(outs), C
+    scale = 1.0 / D if scale is None else scale
+    decay = g[:, None, None]  # [H, 1, 1], broadcasts over [B, H, D, D]
+    S = torch.zeros(B, H, D, D, dtype=dtype, device=q.device) if state is None else state.to(dtype)
+    for t in range(T):
+        S = decay * S + k[t][..., :, None] * v[t][..., None, :]  # outer product k_t^T v_t: [B, H, D, D]
+        outs.append(scale * (q[t][..., None, :] @ S)[..., 0, :])
+    return torch.stack(outs), S
+
+
+def decay_matrix(log_gamma: torch.Tensor, n: int, strict: bool = False) -> torch.Tensor:
+    """[H, n, n] causal decays: gamma^(i - j) for j <= i, or gamma^(i - 1 - j) for j < i when strict; else 0.
+
+    Built from exp of non-positive numbers, so no gamma^-k ever appears (safe for any gamma in (0, 1]).
+    The exponent is clamped before exp so masked entries never hold inf (inf * 0 = nan in backward).
+    """
+    i = torch.arange(n, device=log_gamma.device)
+    steps = (i[:, None] - i[None, :] - int(strict)).clamp(min=0)  # [n, n]
+    mask = i[:, None] > i[None, :] if strict else i[:, None] >= i[None, :]
+    return torch.where(mask, torch.exp(steps * log_gamma[:, None, None]), 0.0)
+
+
+def spike_attention_cumsum(q, k, v, gamma=1.0, state=None, chunk: int = 16):
+    """Elementwise form vectorised over time with cumsum and gamma powers. Returns (out, final state).
+
+    gamma == 1 (the seed): C = state + cumsum(k * v). Otherwise, in chunks of `chunk` steps:
+    inside a chunk C_i = gamma^i * cumsum_j(gamma^-j x_j) (x = k * v), where the inverse powers stop at
+    gamma^-(chunk-1), finite in fp32 for gamma > 0.004 (chunk 16); across chunks the carried states
+    come from a [n_chunks, n_chunks] decay-masked matmul, which only holds powers <= 1.
+    """
+    check_spike_attention_args(q, k, v, gamma, state, "elementwise")
+    T, B, H, D = q.shape
+    dtype = compute_dtype(q, k, v, state, gamma if isinstance(gamma, torch.Tensor) else None)
+    x = k.to(dtype) * v.to(dtype)  # [T, B, H, D]
+    C0 = torch.zeros(B, H, D, dtype=dtype, device=q.device) if state is None else state.to(dtype)
+    if not isinstance(gamma, torch.Tensor) and gamma == 1.0:
+        C = C0 + torch.cumsum(x, dim=0)  # [T, B, H, D]
+        return q.to(dtype) * C, C[-1]
+    log_g = torch.log(gamma_per_head(gamma, H, dtype, q.device))  # [H]
+    n = math.ceil(T / chunk)
+    x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 0, 0, n * chunk - T)).view(n, chunk, B, H, D)
+    i = torch.arange(chunk, device=q.device, dtype=dtype)
+    power = torch.exp(i[:, None] * log_g)  # [chunk, H]: gamma^i
+    power = power[:, None, :, None]  # [chunk, 1, H, 1]
+    local = power * torch.cumsum(x / power, dim=1)  # [n, chunk, B, H, D]: sum_{j<=i} gamma^(i-j) x_j
+    # state entering chunk c: gamma^(chunk * c) C0 + sum_{m<c} gamma^(chunk (c-1-m)) local_end_m
+    across = decay_matrix(chunk * log_g, n, strict=True)  # [H, n, n]
+    c = torch.arange(n, device=q.device, dtype=dtype)
+    entering = torch.einsum("hcm,mbhd->cbhd", across, local[:, -1]) \
+        + torch.exp(chunk * c[:, None] * log_g)[:, None, :, None] * C0  # [n, B, H, D]
+    C = local + (power * torch.exp(log_g)[:, None]).unsqueeze(0) * entering[:, None]  # + gamma^(i+1) entering
+    C = C.view(n * chunk, B, H, D)[:T]
+    return q.to(dtype) * C, C[-1]
