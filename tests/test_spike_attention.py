@@ -1,7 +1,11 @@
 """Linear spike-driven attention: reference oracle, cumsum formulation, Triton kernels, argument checks."""
+import re
+
 import pytest
 import torch
 
+from tether._backend import use_triton
+from tether.functional.spike_attention import spike_attention
 from tether.reference.spike_attention import spike_attention as reference
 from tether.reference.spike_attention import spike_attention_cumsum
 
@@ -35,29 +39,179 @@ def test_reference_gradcheck(form):
     assert torch.autograd.gradcheck(f, (q, k, v, gamma, state))
 
 
-def test_reference_matches_spec_by_hand():
-    # one head, one channel: C = [1, 0.5 + 0, 0.25 + 1] with gamma 0.5, k*v = [1, 0, 1]
-    one = torch.ones(3, 1, 1, 1)
-    k = torch.tensor([1.0, 1.0, 1.0]).view(3, 1, 1, 1)
-    v = torch.tensor([1.0, 0.0, 1.0]).view(3, 1, 1, 1)
-    out, state = reference(one, k, v, 0.5)
-    close(out.flatten(), torch.tensor([1.0, 0.5, 1.25]), 0)
-    close(state.flatten(), torch.tensor([1.25]), 0)
-
-
 @pytest.mark.parametrize("gamma", [1.0, 0.9, "per_head", 0.05])
 def test_cumsum_formulation_matches_reference(gamma):
     T, B, D = 41, 2, 5  # T spans three chunks of 16, the last one partial
     q, k, v = qkv(T, B, D)
     gamma = torch.tensor([0.3, 0.9, 1.0], requires_grad=True) if gamma == "per_head" else gamma
+    q, k, v = [t.requires_grad_() for t in (q, k, v)]
     state = torch.randn(B, H, D, requires_grad=True)
     out, final = spike_attention_cumsum(q, k, v, gamma, state)
     ref_out, ref_final = reference(q, k, v, gamma, state)
     close(out, ref_out, 1e-5)
     close(final, ref_final, 1e-5)
-    grad = torch.randn_like(out)
-    inputs = [state] + ([gamma] if isinstance(gamma, torch.Tensor) else [])
-    got = torch.autograd.grad((out * grad).sum() + final.sum(), inputs)
-    want = torch.autograd.grad((ref_out * grad).sum() + ref_final.sum(), inputs)
-    for a, b in zip(got, want):
-        close(a, b, 1e-4)
+    inputs = [q, k, v, state] + ([gamma] if isinstance(gamma, torch.Tensor) else [])
+    assert_same_grads((out, final), (ref_out, ref_final), inputs, 1e-4)
+
+
+def test_matrix_form_chunked_matches_loop_reference():
+    T, B, D = 70, 2, 4  # two chunks of 64, the second partial
+    q, k, v = [t.requires_grad_() for t in qkv(T, B, D)]
+    gamma = torch.tensor([0.6, 0.95, 1.0], requires_grad=True)
+    state = torch.randn(B, H, D, D, requires_grad=True)
+    out, final = spike_attention(q, k, v, gamma, state, form="matrix")
+    ref_out, ref_final = reference(q, k, v, gamma, state, form="matrix")
+    close(out, ref_out, 1e-5)
+    close(final, ref_final, 1e-5)
+    assert_same_grads((out, final), (ref_out, ref_final), [q, k, v, gamma, state], 1e-4)
+
+
+# ---------------------------------------------------------------- Triton kernels (interpreter on CPU)
+def assert_same_grads(outputs, ref_outputs, inputs, tol):
+    seeds = [torch.randn_like(o) for o in outputs]
+    loss = sum((o * s).sum() for o, s in zip(outputs, seeds))
+    ref_loss = sum((o * s).sum() for o, s in zip(ref_outputs, seeds))
+    got = torch.autograd.grad(loss, inputs)
+    want = torch.autograd.grad(ref_loss, inputs)
+    for x, a, b in zip(inputs, got, want):
+        assert a.dtype == x.dtype and a.shape == x.shape
+        close(a, b, tol)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts calls of the Triton launchers, to prove the kernels (not a fallback) ran."""
+    import tether.kernels.spike_attention as kernels
+
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        launcher = getattr(kernels, f"spike_attention_{name}")
+
+        def counted(*args, _launcher=launcher, _name=name, **kwargs):
+            calls[_name] += 1
+            return _launcher(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, f"spike_attention_{name}", counted)
+    return calls
+
+
+def test_forward_launcher_matches_reference(device):
+    from tether.kernels.spike_attention import CHUNK, spike_attention_forward
+
+    T, B, D = 70, 2, 40  # a partial chunk; D = 40 spans two blocks of 32, the second partial
+    q, k, v = qkv(T, B, D, device=device)
+    gamma = torch.tensor([0.5, 0.9, 1.0], device=device)
+    state = torch.randn(B, H, D, device=device)
+    out, final, checkpoints = spike_attention_forward(q, k, v, gamma, state, save_checkpoints=True)
+    ref_out, ref_final = reference(q, k, v, gamma, state)
+    close(out, ref_out, 1e-5)
+    close(final, ref_final, 1e-5)
+    close(checkpoints[0], state, 0)
+    close(checkpoints[1], reference(q[:CHUNK], k[:CHUNK], v[:CHUNK], gamma, state)[1], 1e-5)
+
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("gamma", [1.0, 0.8, "scalar_tensor", "per_head"])
+def test_kernel_matches_reference(device, launches, dtype, gamma):
+    T, B, D = 67, 2, 5  # odd T (a partial chunk) and odd D
+    q, k, v = [t.requires_grad_() for t in qkv(T, B, D, dtype=dtype, device=device)]
+    assert use_triton(q)
+    if gamma == "scalar_tensor":
+        gamma = torch.tensor(0.7, device=device, requires_grad=True)
+    elif gamma == "per_head":
+        gamma = torch.tensor([0.5, 0.9, 1.0], device=device, requires_grad=True)
+    state = torch.randn(B, H, D, device=device, requires_grad=True)
+    out, final = spike_attention(q, k, v, gamma, state)
+    ref_out, ref_final = reference(q, k, v, gamma, state)
+    assert out.dtype == torch.float32 and final.dtype == torch.float32
+    close(out, ref_out, 1e-5)
+    close(final, ref_final, 1e-5)
+    inputs = [q, k, v, state] + ([gamma] if isinstance(gamma, torch.Tensor) else [])
+    assert_same_grads((out, final), (ref_out, ref_final), inputs, TOL[dtype])
+    assert launches == {"forward": 1, "backward": 1}
+
+
+def test_chunked_and_token_by_token_match_full(device, launches):
+    T, B, D = 23, 2, 4
+    q, k, v = [t.requires_grad_() for t in qkv(T, B, D, device=device)]
+    gamma = torch.tensor([0.5, 0.9, 1.0], device=device, requires_grad=True)
+    state = torch.randn(B, H, D, device=device, requires_grad=True)
+
+    def run(bounds):
+        outs, carried = [], state
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            out, carried = spike_attention(q[start:stop], k[start:stop], v[start:stop], gamma, carried)
+            outs.append(out)
+        return torch.cat(outs), carried
+
+    for bounds in ([0, 9, 10, T], list(range(T + 1))):  # chunks with the state carried; one token at a time
+        full, split = run([0, T]), run(bounds)
+        close(split[0], full[0], 1e-5)
+        close(split[1], full[1], 1e-5)
+        assert_same_grads(split, full, [q, k, v, gamma, state], 1e-4)
+    assert launches["forward"] == 2 + 3 + T
+
+
+def test_custom_op_registration(device):
+    """Schema, fake impl and autograd registration (torch.library.opcheck), and torch.compile fullgraph."""
+    from tether.functional.spike_attention import _elementwise
+
+    T, B, D = 9, 1, 4
+    q, k, v = [t.requires_grad_() for t in qkv(T, B, D, device=device)]
+    gamma = torch.tensor([0.5, 0.9, 1.0], device=device, requires_grad=True)
+    state = torch.randn(B, H, D, device=device, requires_grad=True)
+    torch.library.opcheck(_elementwise, (q, k, v, gamma, state, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+    compiled = torch.compile(spike_attention, fullgraph=True, backend="aot_eager")
+    out, final = compiled(q, k, v, gamma, state)
+    ref_out, ref_final = reference(q, k, v, gamma, state)
+    close(out, ref_out, 1e-5)
+    assert_same_grads((out, final), (ref_out, ref_final), [q, k, v, gamma, state], 1e-4)
+
+
+def test_reference_path_without_interpreter(monkeypatch, launches):
+    import tether._backend
+
+    monkeypatch.setattr(tether._backend, "interpreting", lambda: False)
+    T, B, D = 21, 2, 3
+    q, k, v = [t.requires_grad_() for t in qkv(T, B, D)]
+    assert not use_triton(q)
+    gamma = torch.tensor([0.5, 0.9, 1.0], requires_grad=True)
+    state = torch.randn(B, H, D, requires_grad=True)
+    out, final = spike_attention(q, k, v, gamma, state)
+    ref_out, ref_final = reference(q, k, v, gamma, state)
+    close(out, ref_out, 1e-5)
+    assert_same_grads((out, final), (ref_out, ref_final), [q, k, v, gamma, state], 1e-4)
+    assert launches == {"forward": 0, "backward": 0}
+
+
+# ---------------------------------------------------------------- argument checks
+def _bad_inputs():
+    q = spikes(4, 2, H, 5)
+    good = dict(q=q, k=q.clone(), v=q.clone(), gamma=1.0, state=None, form="elementwise")
+    return [
+        (dict(good, q=q[0]), ValueError, "q: expected a 4-d tensor"),
+        (dict(good, k=q[:, :1]), ValueError, "k: expected shape"),
+        (dict(good, v=q.long()), TypeError, "v: expected dtype"),
+        (dict(good, q=q.long(), k=q.long(), v=q.long()), TypeError, "q: expected dtype"),
+        (dict(good, k=q.to("meta")), ValueError, "k: expected a tensor on cpu"),
+        (dict(good, gamma=torch.ones(H + 1)), ValueError, "gamma: expected a float, a 0-d tensor or a tensor of shape"),
+        (dict(good, gamma=1.5), ValueError, "gamma: expected a decay in (0, 1], got 1.5"),
+        (dict(good, gamma="0.5"), TypeError, "gamma: expected a float or a tensor, got str"),
+        (dict(good, state=torch.zeros(2, H, 5, 5)), ValueError, "state: expected shape (2, 3, 5)"),
+        (dict(good, state=torch.zeros(2, H, 5), form="matrix"), ValueError, "state: expected shape (2, 3, 5, 5)"),
+        (dict(good, form="softmax"), ValueError, "form: expected one of"),
+    ]
+
+
+@pytest.mark.parametrize("kwargs,error,message", _bad_inputs())
+@pytest.mark.parametrize("impl", ["functional", "reference"])
+def test_bad_inputs(kwargs, error, message, impl):
+    fn = spike_attention if impl == "functional" else reference
+    kwargs = dict(kwargs)
+    with pytest.raises(error, match=re.escape(message)):
+        fn(kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v"), **kwargs)

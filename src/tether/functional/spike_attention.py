@@ -1,0 +1,106 @@
+"""Linear spike-driven attention as an autograd op (spec: shared/spec/spike_attention.md).
+
+Elementwise form: the fused Triton kernels (tether.kernels.spike_attention) behind the torch.library
+custom op `tether::spike_attention_elementwise` (fake impl for torch.compile, autograd registered), or,
+where Triton does not run, the vectorised cumsum formulation of the reference. Matrix form: chunked
+PyTorch (intra-chunk decay-masked matmul + state carried across chunks), autograd through it.
+"""
+import torch
+
+from tether._backend import use_triton
+from tether.reference.spike_attention import (check_spike_attention_args, compute_dtype, decay_matrix,
+                                              gamma_per_head, spike_attention_cumsum)
+
+MATRIX_CHUNK = 64
+
+
+@torch.library.custom_op("tether::spike_attention_elementwise", mutates_args=())
+def _elementwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, state: torch.Tensor,
+                 save_checkpoints: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from tether.kernels.spike_attention import spike_attention_forward
+
+    return spike_attention_forward(q, k, v, gamma, state, save_checkpoints)
+
+
+@_elementwise.register_fake
+def _(q, k, v, gamma, state, save_checkpoints):
+    from tether.kernels.spike_attention import CHUNK
+
+    T, B, H, D = q.shape
+    n_checkpoints = -(-T // CHUNK) if save_checkpoints else 0
+    return (q.new_empty(T, B, H, D, dtype=torch.float32), q.new_empty(B, H, D, dtype=torch.float32),
+            q.new_empty(n_checkpoints, B, H, D, dtype=torch.float32))
+
+
+@torch.library.custom_op("tether::spike_attention_elementwise_backward", mutates_args=())
+def _elementwise_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
+                          checkpoints: torch.Tensor, dout: torch.Tensor, dfinal: torch.Tensor,
+                          need_dgamma: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor]:
+    from tether.kernels.spike_attention import spike_attention_backward
+
+    return spike_attention_backward(q, k, v, gamma, checkpoints, dout, dfinal, need_dgamma)
+
+
+@_elementwise_backward.register_fake
+def _(q, k, v, gamma, checkpoints, dout, dfinal, need_dgamma):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(dfinal),
+            torch.empty_like(gamma))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, gamma, state, _ = inputs
+    # saved: q, k, v as they came (2 B/elem each in bf16) + fp32 chunk-entry states (4 / CHUNK B/elem)
+    ctx.save_for_backward(q, k, v, gamma, output[2])
+
+
+def _backward(ctx, dout, dfinal, _dcheckpoints):
+    q, k, v, gamma, checkpoints = ctx.saved_tensors
+    if checkpoints.shape[0] == 0:
+        raise RuntimeError("spike_attention: backward through a forward run without grad "
+                           "(the op was called with no input requiring grad)")
+    dq, dk, dv, dstate, dgamma = _elementwise_backward(q, k, v, gamma, checkpoints, dout, dfinal,
+                                                       ctx.needs_input_grad[3])
+    return dq, dk, dv, dgamma if ctx.needs_input_grad[3] else None, dstate, None
+
+
+_elementwise.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _matrix_chunked(q, k, v, gamma, state, scale, chunk=MATRIX_CHUNK):
+    """Matrix form, chunk by chunk: o = scale * (masked (q k^T) v + decayed q S_entering)."""
+    T, B, H, D = q.shape
+    dtype = compute_dtype(q, k, v, state, gamma if isinstance(gamma, torch.Tensor) else None)
+    log_g = torch.log(gamma_per_head(gamma, H, dtype, q.device))[:, None, None]  # [H, 1, 1]
+    q, k, v = (t.to(dtype).permute(1, 2, 0, 3) for t in (q, k, v))  # [B, H, T, D]
+    S = torch.zeros(B, H, D, D, dtype=dtype, device=q.device) if state is None else state.to(dtype)
+    outs = []
+    for start in range(0, T, chunk):
+        qc, kc, vc = (t[:, :, start:start + chunk] for t in (q, k, v))  # [B, H, n, D]
+        n = qc.shape[2]
+        i = torch.arange(n, device=q.device, dtype=dtype)[:, None]  # [n, 1]
+        intra = ((qc @ kc.transpose(-1, -2)) * decay_matrix(log_g[:, 0, 0], n)) @ vc  # [B, H, n, D]
+        inter = (qc * torch.exp((i + 1) * log_g)) @ S  # gamma^(i+1) q_i S_entering
+        outs.append(scale * (intra + inter))
+        S = torch.exp(n * log_g) * S + (kc * torch.exp((n - 1 - i) * log_g)).transpose(-1, -2) @ vc
+    return torch.cat(outs, dim=2).permute(2, 0, 1, 3), S
+
+
+def spike_attention(q, k, v, gamma=1.0, state=None, *, form="elementwise"):
+    """Causal linear attention over time on spikes. q, k, v: [T, B, H, D] spikes (bf16/fp16/fp32).
+
+    gamma: decay in (0, 1], a float, 0-d tensor or [H] tensor (may require grad).
+    state: [B, H, D] (elementwise) or [B, H, D, D] (matrix, scale 1/D) to continue a sequence.
+    Returns (out [T, B, H, D] fp32, final state fp32).
+    """
+    check_spike_attention_args(q, k, v, gamma, state, form)
+    if form == "matrix":
+        return _matrix_chunked(q, k, v, gamma, state, 1.0 / q.shape[-1])
+    if not use_triton(q):
+        return spike_attention_cumsum(q, k, v, gamma, state)
+    T, B, H, D = q.shape
+    gamma = gamma_per_head(gamma, H, torch.float32, q.device)  # [H]
+    state = torch.zeros(B, H, D, device=q.device, dtype=torch.float32) if state is None else state.float()
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gamma, state))
+    out, final, _ = _elementwise(q, k, v, gamma, state, save)
+    return out, final
