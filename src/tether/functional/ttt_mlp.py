@@ -1,0 +1,186 @@
+"""TTT-MLP as an autograd op with rematerialisation built in (spec: ../shared/spec/ttt_mlp.md).
+
+`forward` / `backward` pick the Triton kernels (tether.kernels.ttt_mlp) or the reference; the drop-in
+`tether.ttt` and the custom op `tether::ttt_mlp` both go through them, so the choice is made here only.
+The custom op saves its inputs and the group-start checkpoints; the backward recomputes each group.
+"""
+import importlib
+import importlib.util
+from typing import Optional, Sequence
+
+import torch
+
+from tether._backend import use_triton
+from tether._checks import check_tensor
+from tether.reference.ttt_mlp import compute_dtype, default_token_scale, ttt_mlp_scan
+from tether.reference.ttt_mlp import ttt_mlp as reference_ttt_mlp
+
+ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+STATE_DTYPES = (torch.float32, torch.float64)
+ARG_NAMES = ("xq", "xk", "xv", "lr", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "token_scale")
+GRAD_KEYS = ("xq", "xk", "xv", "lr", "token_scale", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2")
+
+
+def check_inputs(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, token_scale=None,
+                 names: Sequence[str] = ARG_NAMES) -> None:
+    """Shapes, dtypes and devices of the op's inputs; `names` lets the drop-in report its own names."""
+    n = dict(zip(ARG_NAMES, names))
+    check_tensor(n["xq"], xq, ndim=5, dtypes=ACT_DTYPES)
+    B, NH, NC, CS, F = xq.shape
+    K, dev = 4 * F, xq.device
+    for name, t in (("xk", xk), ("xv", xv)):
+        check_tensor(n[name], t, shape=xq.shape, dtypes=(xq.dtype,), device=dev)
+    check_tensor(n["lr"], lr, shape=(B, NH, NC, CS, 1), dtypes=ACT_DTYPES, device=dev)
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        check_tensor(n[name], t, shape=(NH, F), dtypes=STATE_DTYPES, device=dev)
+    for name, t, shape in (("w1", w1, (B, NH, F, K)), ("b1", b1, (B, NH, 1, K)),
+                           ("w2", w2, (B, NH, K, F)), ("b2", b2, (B, NH, 1, F))):
+        check_tensor(n[name], t, shape=shape, dtypes=(w1.dtype,) if name != "w1" else STATE_DTYPES, device=dev)
+    if token_scale is not None:
+        check_tensor(n["token_scale"], token_scale, shape=(CS,), dtypes=(w1.dtype,), device=dev)
+
+
+def _kernels(xq: torch.Tensor, state: torch.Tensor):
+    """The Triton launcher module when it exists and handles this case, else None (-> reference).
+    The kernels keep the state in fp32; fp64 (gradcheck) runs on the reference."""
+    if (not use_triton(xq) or state.dtype != torch.float32
+            or importlib.util.find_spec("tether.kernels.ttt_mlp") is None):
+        return None
+    kernels = importlib.import_module("tether.kernels.ttt_mlp")
+    F, CS = xq.shape[-1], xq.shape[-2]
+    return kernels if kernels.supports(F, CS, xq.dtype) else None
+
+
+def _into(buffers, values):
+    """Copy values into caller-given buffers (the reference path of the buffer-writing API)."""
+    if buffers is None:
+        return tuple(values)
+    for buf, v in zip(buffers, values):
+        buf.copy_(v)
+    return tuple(buffers)
+
+
+def forward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, *, causal: bool,
+            checkpoint_group_size: int, out=None, w1_ckpt=None, b1_ckpt=None, w2_ckpt=None, b2_ckpt=None):
+    """Same contract as tether.kernels.ttt_mlp.ttt_mlp_fwd: returns (out, checkpoints, final state)."""
+    args = [t.contiguous() for t in (xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2)]
+    kernels = _kernels(xq, w1)
+    if kernels is not None:
+        return kernels.ttt_mlp_fwd(*args, causal=causal, checkpoint_group_size=checkpoint_group_size, out=out,
+                                   w1_ckpt=w1_ckpt, b1_ckpt=b1_ckpt, w2_ckpt=w2_ckpt, b2_ckpt=b2_ckpt)
+    xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2 = args
+    with torch.no_grad():
+        o, final, ckpts = reference_ttt_mlp(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, causal=causal,
+                                    token_scale=token_scale, checkpoint_group_size=checkpoint_group_size)
+    (o,) = _into(None if out is None else [out], [o])
+    ckpt_bufs = (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt)
+    return o, _into(None if w1_ckpt is None else ckpt_bufs, ckpts), final
+
+
+def backward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out,
+             grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last, *, causal: bool, checkpoint_group_size: int,
+             grads: Optional[dict] = None) -> dict:
+    """Same contract as tether.kernels.ttt_mlp.ttt_mlp_bwd: a dict of gradients keyed like GRAD_KEYS,
+    ln_weight/ln_bias per batch element [B, NH, F], token_scale [CS]."""
+    args = [t.contiguous() for t in (xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt,
+                                     b2_ckpt, grad_out, grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last)]
+    kernels = _kernels(xq, w1_ckpt)
+    if kernels is not None:
+        return kernels.ttt_mlp_bwd(*args, causal=causal, checkpoint_group_size=checkpoint_group_size, grads=grads)
+    result = _reference_backward(*args, causal=causal, group=checkpoint_group_size)
+    if grads is not None:
+        for key, buf in grads.items():
+            buf.copy_(result[key])
+        result.update(grads)
+    return result
+
+
+def _reference_backward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt,
+                        grad_out, gw1_last, gb1_last, gw2_last, gb2_last, *, causal: bool, group: int) -> dict:
+    """Reverse scan over groups: recompute a group from its checkpoint with the reference and take its
+    gradients with autograd, carrying the state gradient into the previous group (one group's graph alive)."""
+    B, NH, NC, CS, F = xq.shape
+    cdt = compute_dtype(xq, w1_ckpt)
+    # one LN copy per batch element, so its gradient comes out per batch element like the kernel's
+    ln_w = ln_weight.detach().to(cdt).expand(B, NH, F).clone().requires_grad_()  # [B, NH, F]
+    ln_b = ln_bias.detach().to(cdt).expand(B, NH, F).clone().requires_grad_()
+    ts = token_scale.detach().to(cdt).requires_grad_()  # [CS]
+    acts = (xq, xk, xv, lr)
+    g_acts = [torch.empty_like(t) for t in acts]
+    g_ln_w, g_ln_b, g_ts = torch.zeros_like(ln_w), torch.zeros_like(ln_b), torch.zeros_like(ts)
+    g_state = [g.to(cdt) for g in (gw1_last, gb1_last, gw2_last, gb2_last)]
+    for k in reversed(range(w1_ckpt.shape[2])):
+        sl = slice(k * group, min(NC, (k + 1) * group))
+        leaves = [t[:, :, sl].detach().to(cdt).requires_grad_() for t in acts]
+        state = [c[:, :, k].detach().to(cdt).requires_grad_() for c in (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt)]
+        with torch.enable_grad():
+            out, end = ttt_mlp_scan(*leaves, ln_w, ln_b, tuple(state), causal=causal, token_scale=ts)
+            wrt = [*leaves, ln_w, ln_b, *state] + ([ts] if causal else [])
+            g = torch.autograd.grad((out, *end), wrt, (grad_out[:, :, sl].to(cdt), *g_state))
+        for buf, gi in zip(g_acts, g[:4]):
+            buf[:, :, sl] = gi
+        g_ln_w += g[4]
+        g_ln_b += g[5]
+        g_state = list(g[6:10])
+        if causal:
+            g_ts += g[10]
+    state_dtype = w1_ckpt.dtype
+    return dict(zip(GRAD_KEYS, (*g_acts, g_ts.to(token_scale.dtype), g_ln_w.to(ln_weight.dtype),
+                                g_ln_b.to(ln_bias.dtype), *(s.to(state_dtype) for s in g_state))))
+
+
+@torch.library.custom_op("tether::ttt_mlp", mutates_args=())
+def _ttt_mlp_op(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor, token_scale: torch.Tensor,
+                ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                b2: torch.Tensor, causal: bool, checkpoint_group_size: int) -> tuple[(torch.Tensor,) * 9]:
+    """Returns (out, w1, b1, w2, b2 final, w1, b1, w2, b2 checkpoints)."""
+    out, ckpts, final = forward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, causal=causal,
+                                checkpoint_group_size=checkpoint_group_size)
+    return (out, *final, *ckpts)
+
+
+@_ttt_mlp_op.register_fake
+def _(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, causal, checkpoint_group_size):
+    B, NH, NC = xq.shape[:3]
+    n_ckpt = -(-NC // checkpoint_group_size)
+    ckpts = [s.new_empty(B, NH, n_ckpt, *s.shape[2:]) for s in (w1, b1, w2, b2)]  # [B, NH, NK, ...]
+    return (torch.empty_like(xq), *(torch.empty_like(s) for s in (w1, b1, w2, b2)), *ckpts)
+
+
+def _setup_context(ctx, inputs, output):
+    xq, xk, xv, lr, token_scale, ln_weight, ln_bias, _, _, _, _, causal, group = inputs
+    ctx.save_for_backward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, *output[5:])
+    ctx.causal, ctx.group = causal, group
+
+
+def _backward(ctx, grad_out, gw1, gb1, gw2, gb2, *_grad_ckpts):
+    # the checkpoints are internal (not returned by tether.functional.ttt_mlp): their gradients are unused
+    xq, xk, xv, lr, token_scale, ln_weight, ln_bias, *ckpts = ctx.saved_tensors
+    g = backward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, *ckpts, grad_out, gw1, gb1, gw2, gb2,
+                 causal=ctx.causal, checkpoint_group_size=ctx.group)
+    return (g["xq"], g["xk"], g["xv"], g["lr"], g["token_scale"] if ctx.causal else None,
+            g["ln_weight"].sum(0), g["ln_bias"].sum(0), g["w1"], g["b1"], g["w2"], g["b2"], None, None)
+
+
+_ttt_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ttt_mlp(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, *, causal: bool = False,
+            token_scale: Optional[torch.Tensor] = None, checkpoint_group_size: Optional[int] = None):
+    """TTT-MLP scan over xq, xk, xv [B, NH, NC, CS, F] with per-token learning rates lr [B, NH, NC, CS, 1],
+    LN params [NH, F] and initial state w1 [B, NH, F, K], b1 [B, NH, 1, K], w2 [B, NH, K, F], b2 [B, NH, 1, F].
+
+    causal: token i reads only the updates of tokens <= i, scaled by token_scale[i] (default 1/(i+1)).
+    checkpoint_group_size: mini-batches per remat group (default: the whole sequence is one group).
+    Returns (out [B, NH, NC, CS, F], final state (w1, b1, w2, b2)); differentiable w.r.t. every tensor.
+    """
+    check_inputs(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, token_scale)
+    n_chunks = xq.shape[2]
+    group = n_chunks if checkpoint_group_size is None else checkpoint_group_size
+    if not isinstance(group, int) or group < 1:
+        raise ValueError(f"checkpoint_group_size: expected a positive int, got {checkpoint_group_size!r}")
+    if token_scale is None:
+        token_scale = default_token_scale(xq.shape[3], xq.device).to(w1.dtype)
+    out, w1f, b1f, w2f, b2f, *_ = _ttt_mlp_op(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
+                                              causal, group)
+    return out, (w1f, b1f, w2f, b2f)
