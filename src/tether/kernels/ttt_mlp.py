@@ -1,0 +1,516 @@
+"""Triton kernels for the TTT-MLP scan (math: shared/spec/ttt_mlp.md; derivation: .notes/ttt_kernels.md).
+
+Layout: activations `[B, NH, NC, CS, F]` and learning rates `[B, NH, NC, CS, 1]` contiguous; per (batch, head)
+the inner state `W1 [F, K]`, `b1 [K]`, `W2 [K, F]`, `b2 [F]` in fp32. Grid: one program per (batch, head),
+scanning the NC mini-batches in order (forward) or, group by group, in reverse (backward).
+
+The state (and in the backward the carried gradient of the state) stays in global memory, where it is L2
+resident, and every pass streams it in blocks of BK columns of K. One code path thus covers head dims up to
+128 (K = 512: W1 + W2 = 512 KB fp32, far beyond a program's registers). Matmul operands are cast to the
+input dtype (tensor cores; fp32 inputs use IEEE fp32, or TF32 when torch allows it), accumulation, the
+state, LayerNorm statistics and all elementwise math are fp32.
+
+A mini-batch needs two passes over K: the reconstruction Z2 = gelu(XK W1 + b1) W2 + b2 is a sum over all
+of K, and its LayerNorm gradient gZ2 is needed before any block can be updated. Outputs use the dual form,
+Zq1 = XQ W1 + b1 - A1 gZ1 with A1 = eta * (XQ XK^T + 1), which covers the causal and non-causal eta alike.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import check_tensor
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _tanh(x):
+    # through exp(-2|x|) <= 1: the same code runs compiled and under the interpreter, and never overflows
+    t = tl.exp(-2.0 * tl.abs(x))
+    r = (1.0 - t) / (1.0 + t)
+    return tl.where(x >= 0, r, -r)
+
+
+@triton.jit
+def _gelu(z):
+    return 0.5 * z * (1.0 + _tanh(0.79788456 * (z + 0.044715 * z * z * z)))
+
+
+@triton.jit
+def _gelu_grads(z):
+    """gelu_tanh(z) and its first and second derivatives (unused ones are dropped by the compiler)."""
+    t = _tanh(0.79788456 * (z + 0.044715 * z * z * z))
+    du = 0.79788456 * (1.0 + 3.0 * 0.044715 * z * z)  # d(tanh argument)/dz
+    sech2 = 1.0 - t * t
+    g1 = 0.5 * (1.0 + t) + 0.5 * z * sech2 * du
+    g2 = sech2 * (du - z * t * du * du + 0.5 * z * (0.79788456 * 6.0 * 0.044715 * z))
+    return 0.5 * z * (1.0 + t), g1, g2
+
+
+@triton.jit
+def _dot(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    return tl.dot(a.to(DT), b.to(DT), input_precision=PREC)
+
+
+@triton.jit
+def _ln_stats(z, F: tl.constexpr):
+    """Normalised rows xh [CS, F] and 1/sigma [CS] (biased variance, eps 1e-8)."""
+    d = z - (tl.sum(z, 1) / F)[:, None]
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / F + 1e-8)
+    return d * rstd[:, None], rstd
+
+
+@triton.jit
+def _ln_bwd(gxh, xh, rstd, F: tl.constexpr):
+    """Gradient w.r.t. the LayerNorm input, given the gradient gxh w.r.t. its normalised output xh."""
+    return (gxh - (tl.sum(gxh, 1) / F)[:, None] - xh * (tl.sum(gxh * xh, 1) / F)[:, None]) * rstd[:, None]
+
+
+@triton.jit
+def _inner_loss_grad_bwd(u, xh, rstd, gz2, gamma, beta, target, F: tl.constexpr):
+    """Backward of gZ2 = _ln_bwd((gamma * xh + beta - target) * gamma, xh, rstd) for an upstream u = dL/dgZ2.
+
+    Returns dL/dZ2 [CS, F], dL/dgamma and dL/dbeta summed over rows [F], dL/dtarget [CS, F].
+    """
+    go = gamma[None, :] * xh + beta[None, :] - target
+    gxh = go * gamma[None, :]
+    v = u * rstd[:, None]
+    v_xh = tl.sum(v * xh, 1) / F
+    dgxh = v - (tl.sum(v, 1) / F)[:, None] - xh * v_xh[:, None]
+    dxh = dgxh * gamma[None, :] * gamma[None, :] - v * (tl.sum(gxh * xh, 1) / F)[:, None] - gxh * v_xh[:, None]
+    dsigma = -tl.sum(u * gz2, 1) * rstd  # gZ2 carries an explicit 1/sigma
+    dz2 = _ln_bwd(dxh, xh, rstd, F) + (dsigma / F)[:, None] * xh
+    return dz2, tl.sum(dgxh * (go + gamma[None, :] * xh), 0), tl.sum(dgxh * gamma[None, :], 0), -dgxh * gamma[None, :]
+
+
+@triton.jit
+def _eta(lr_p, ts_p, CAUSAL: tl.constexpr, CS: tl.constexpr):
+    """eta [CS, CS] (row i reads, column j writes), its last row e [CS] and the rates lr [CS], fp32."""
+    rows = tl.arange(0, CS)
+    lr = tl.load(lr_p + rows).to(tl.float32)
+    if CAUSAL:
+        ts = tl.load(ts_p + rows)
+        eta = tl.where(rows[None, :] <= rows[:, None], ts[:, None] * lr[None, :], 0.0)
+        e = tl.load(ts_p + CS - 1) * lr
+    else:
+        eta = tl.zeros([CS, CS], tl.float32) + lr[None, :]
+        e = lr
+    return eta, e, lr
+
+
+@triton.jit
+def _load_tokens(p, CS: tl.constexpr, F: tl.constexpr):
+    return tl.load(p + tl.arange(0, CS)[:, None] * F + tl.arange(0, F)[None, :])
+
+
+@triton.jit
+def _store_tokens(p, x, CS: tl.constexpr, F: tl.constexpr):
+    tl.store(p + tl.arange(0, CS)[:, None] * F + tl.arange(0, F)[None, :], x.to(p.dtype.element_ty))
+
+
+@triton.jit
+def _load_block(w1_p, b1_p, w2_p, k0, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """Columns k0:k0+BK of the K dim: W1 [F, BK], b1 [BK], W2 [BK, F]."""
+    f = tl.arange(0, F)
+    k = k0 + tl.arange(0, BK)
+    return (tl.load(w1_p + f[:, None] * K + k[None, :]), tl.load(b1_p + k),
+            tl.load(w2_p + k[:, None] * F + f[None, :]))
+
+
+@triton.jit
+def _store_block(w1_p, b1_p, w2_p, k0, w1, b1, w2, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    f = tl.arange(0, F)
+    k = k0 + tl.arange(0, BK)
+    tl.store(w1_p + f[:, None] * K + k[None, :], w1)
+    tl.store(b1_p + k, b1)
+    tl.store(w2_p + k[:, None] * F + f[None, :], w2)
+
+
+@triton.jit
+def _copy_state(w1_s, b1_s, w2_s, b2_s, w1_d, b1_d, w2_d, b2_d,
+                F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    for k0 in range(0, K, BK):
+        w1, b1, w2 = _load_block(w1_s, b1_s, w2_s, k0, F, K, BK)
+        _store_block(w1_d, b1_d, w2_d, k0, w1, b1, w2, F, K, BK)
+    tl.store(b2_d + tl.arange(0, F), tl.load(b2_s + tl.arange(0, F)))
+
+
+@triton.jit
+def _reconstruction_grad(xk, xv, gamma, beta, w1_p, b1_p, w2_p, b2, DT: tl.constexpr, PREC: tl.constexpr,
+                         CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """First pass over K: Z2 = gelu(XK W1 + b1) W2 + b2, then gZ2 = d loss / d Z2 and the LN values."""
+    z2 = tl.zeros([CS, F], tl.float32)
+    for k0 in range(0, K, BK):
+        w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
+        z2 += _dot(_gelu(_dot(xk, w1, DT, PREC) + b1[None, :]), w2, DT, PREC)
+    xh, rstd = _ln_stats(z2 + b2[None, :], F)
+    target = xv.to(tl.float32) - xk.to(tl.float32)
+    gz2 = _ln_bwd((gamma[None, :] * xh + beta[None, :] - target) * gamma[None, :], xh, rstd, F)
+    return gz2, xh, rstd, target
+
+
+@triton.jit
+def _hidden_block(xq, xk, a1, gz2, w1, b1, w2, DT: tl.constexpr, PREC: tl.constexpr):
+    """One K block of a mini-batch: Z1, gelu and its derivatives, gZ1's pre-activation gZ2 W2^T, gZ1 and
+    the output's hidden pre-activation Zq1 (dual form)."""
+    z1 = _dot(xk, w1, DT, PREC) + b1[None, :]
+    x2, gp, gpp = _gelu_grads(z1)
+    g1pre = _dot(gz2, tl.trans(w2), DT, PREC)
+    gz1 = g1pre * gp
+    zq1 = _dot(xq, w1, DT, PREC) + b1[None, :] - _dot(a1, gz1, DT, PREC)
+    return x2, gp, gpp, g1pre, gz1, zq1
+
+
+@triton.jit
+def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta,
+                  w1_s, b1_s, w2_s, b2_s, w1_d, b1_d, w2_d, b2_d, w1_c, b1_c, w2_c, b2_c, save_ckpt,
+                  WITH_OUTPUT: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                  CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """One mini-batch: state (w1_s..b2_s) -> next state (w1_d..b2_d, may alias the source), optionally the
+    outputs, and a copy of the start state into the checkpoint when save_ckpt."""
+    fc = tl.arange(0, F)
+    xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
+    xk = _load_tokens(xk_p, CS, F)
+    xv = _load_tokens(xv_p, CS, F)
+    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
+    b2 = tl.load(b2_s + fc)
+    if save_ckpt:
+        _copy_state(w1_s, b1_s, w2_s, b2_s, w1_c, b1_c, w2_c, b2_c, F, K, BK)
+    gz2, xh, rstd, target = _reconstruction_grad(xk, xv, gamma, beta, w1_s, b1_s, w2_s, b2, DT, PREC,
+                                                 CS, F, K, BK)
+    egz2 = e[:, None] * gz2
+    a1 = eta * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)  # [CS, CS]
+    zq2 = tl.zeros([CS, F], tl.float32)
+    a2raw = tl.zeros([CS, CS], tl.float32)  # Xq2 X2^T, summed over K blocks
+    for k0 in range(0, K, BK):
+        w1, b1, w2 = _load_block(w1_s, b1_s, w2_s, k0, F, K, BK)
+        x2, gp, gpp, g1pre, gz1, zq1 = _hidden_block(xq, xk, a1, gz2, w1, b1, w2, DT, PREC)
+        if WITH_OUTPUT:
+            xq2 = _gelu(zq1)
+            zq2 += _dot(xq2, w2, DT, PREC)
+            a2raw += _dot(xq2, tl.trans(x2), DT, PREC)
+        egz1 = e[:, None] * gz1
+        tl.debug_barrier()  # every thread has read the block before it is overwritten in place
+        _store_block(w1_d, b1_d, w2_d, k0, w1 - _dot(tl.trans(xk), egz1, DT, PREC), b1 - tl.sum(egz1, 0),
+                     w2 - _dot(tl.trans(x2), egz2, DT, PREC), F, K, BK)
+    tl.store(b2_d + fc, b2 - tl.sum(egz2, 0))
+    if WITH_OUTPUT:
+        zq2 = zq2 + b2[None, :] - _dot(eta * (a2raw + 1.0), gz2, DT, PREC)
+        xhq, _ = _ln_stats(zq2, F)
+        _store_tokens(out_p, xq.to(tl.float32) + gamma[None, :] * xhq + beta[None, :], CS, F)
+
+
+@triton.jit
+def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, w2_c, b2_c, out,
+                    NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                    CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """Forward scan. w1..b2 hold the initial state on entry and the final state on exit (updated in place);
+    checkpoint k (w1_c..b2_c [B*NH, NK, ...]) is the state at the start of mini-batch k*G."""
+    bh = tl.program_id(0).to(tl.int64)
+    h = bh % NH
+    NK = tl.cdiv(NC, G)
+    gamma = tl.load(ln_w + h * F + tl.arange(0, F))
+    beta = tl.load(ln_b + h * F + tl.arange(0, F))
+    w1 += bh * F * K
+    b1 += bh * K
+    w2 += bh * K * F
+    b2 += bh * F
+    for n in range(NC):
+        tok = (bh * NC + n) * CS * F
+        ck = bh * NK + n // G
+        tl.debug_barrier()  # the previous step's state stores are visible to every thread
+        _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n) * CS, ts, out + tok, gamma, beta,
+                      w1, b1, w2, b2, w1, b1, w2, b2,
+                      w1_c + ck * F * K, b1_c + ck * K, w2_c + ck * K * F, b2_c + ck * F, n % G == 0,
+                      True, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK)
+
+
+@triton.jit
+def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dlr_p, gamma, beta,
+                   w1_p, b1_p, w2_p, b2_p, dw1_p, db1_p, dw2_p, db2_p, dz1_p, dgamma, dbeta, dts,
+                   CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                   CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """Reverse of one mini-batch from its start state (w1_p..b2_p): writes the token and learning-rate
+    gradients, turns the carried gradient of the next state (dw1_p..db2_p) in place into that of the start
+    state, and returns the running sums of the gamma, beta and token_scale gradients.
+    dz1_p: [CS, K] fp32 scratch for the part of dL/dZ1 known before dL/dZ2 is."""
+    rows = tl.arange(0, CS)
+    fc = tl.arange(0, F)
+    xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
+    xk = _load_tokens(xk_p, CS, F)
+    xv = _load_tokens(xv_p, CS, F)
+    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
+    b2 = tl.load(b2_p + fc)
+
+    # recompute the step's forward: gZ2, then the output pre-norm Zq2 (second pass over K)
+    gz2, xh, rstd, target = _reconstruction_grad(xk, xv, gamma, beta, w1_p, b1_p, w2_p, b2, DT, PREC,
+                                                 CS, F, K, BK)
+    a1raw = _dot(xq, tl.trans(xk), DT, PREC)  # [CS, CS]
+    a1 = eta * (a1raw + 1.0)
+    zq2 = tl.zeros([CS, F], tl.float32)
+    a2raw = tl.zeros([CS, CS], tl.float32)
+    for k0 in range(0, K, BK):
+        w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
+        x2, gp, gpp, g1pre, gz1, zq1 = _hidden_block(xq, xk, a1, gz2, w1, b1, w2, DT, PREC)
+        xq2 = _gelu(zq1)
+        zq2 += _dot(xq2, w2, DT, PREC)
+        a2raw += _dot(xq2, tl.trans(x2), DT, PREC)
+    a2 = eta * (a2raw + 1.0)
+    xhq, rstdq = _ln_stats(zq2 + b2[None, :] - _dot(a2, gz2, DT, PREC), F)
+
+    # output LayerNorm and the dual-form product A2 gZ2
+    dout = _load_tokens(dout_p, CS, F).to(tl.float32)
+    dgamma += tl.sum(dout * xhq, 0)
+    dbeta += tl.sum(dout, 0)
+    dzq2 = _ln_bwd(dout * gamma[None, :], xhq, rstdq, F)
+    da2 = -_dot(dzq2, tl.trans(gz2), DT, PREC)  # [CS, CS]
+    da2raw = da2 * eta
+    deta = da2 * (a2raw + 1.0)
+    db2n = tl.load(db2_p + fc)  # gradient of the next state's b2
+    dgz2 = -_dot(tl.trans(a2), dzq2, DT, PREC) - e[:, None] * db2n[None, :]
+    de = -tl.sum(gz2 * db2n[None, :], 1)  # d L / d e, e = last row of eta
+    egz2 = e[:, None] * gz2
+    dxq = dout
+    dxk = tl.zeros([CS, F], tl.float32)
+    da1 = tl.zeros([CS, CS], tl.float32)
+
+    # third pass over K: everything but the dL/dZ2 terms, which need dgZ2 summed over all of K
+    for k0 in range(0, K, BK):
+        w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
+        dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
+        x2, gp, gpp, g1pre, gz1, zq1 = _hidden_block(xq, xk, a1, gz2, w1, b1, w2, DT, PREC)
+        xq2, gqp, _ = _gelu_grads(zq1)
+        dzq1 = (_dot(dzq2, tl.trans(w2), DT, PREC) + _dot(da2raw, x2, DT, PREC)) * gqp
+        dxq += _dot(dzq1, tl.trans(w1), DT, PREC)
+        da1 -= _dot(dzq1, tl.trans(gz1), DT, PREC)
+        h1 = _dot(xk, dw1, DT, PREC) + db1[None, :]  # through W1' = W1 - XK^T (e gZ1)
+        h2 = _dot(x2, dw2, DT, PREC)  # through W2' = W2 - X2^T (e gZ2)
+        de -= tl.sum(h1 * gz1, 1) + tl.sum(h2 * gz2, 1)
+        dgz1 = -_dot(tl.trans(a1), dzq1, DT, PREC) - e[:, None] * h1
+        dxk -= _dot(e[:, None] * gz1, tl.trans(dw1), DT, PREC)
+        dg1pre = dgz1 * gp
+        dgz2 += _dot(dg1pre, w2, DT, PREC) - e[:, None] * h2
+        dx2 = _dot(tl.trans(da2raw), xq2, DT, PREC) - _dot(egz2, tl.trans(dw2), DT, PREC)
+        k = k0 + tl.arange(0, BK)
+        tl.store(dz1_p + rows[:, None] * K + k[None, :], dgz1 * g1pre * gpp + dx2 * gp)
+        tl.debug_barrier()  # every thread has read the carried block before it is overwritten
+        _store_block(dw1_p, db1_p, dw2_p, k0, dw1 + _dot(tl.trans(xq), dzq1, DT, PREC), db1 + tl.sum(dzq1, 0),
+                     dw2 + _dot(tl.trans(xq2), dzq2, DT, PREC) + _dot(tl.trans(dg1pre), gz2, DT, PREC),
+                     F, K, BK)
+
+    dz2, dgm, dbt, dtarget = _inner_loss_grad_bwd(dgz2, xh, rstd, gz2, gamma, beta, target, F)
+    dgamma += dgm
+    dbeta += dbt
+    dxk -= dtarget
+    da1raw = da1 * eta
+    deta += da1 * (a1raw + 1.0)
+    dxq += _dot(da1raw, xk, DT, PREC)
+    dxk += _dot(tl.trans(da1raw), xq, DT, PREC)
+    tl.store(db2_p + fc, db2n + tl.sum(dzq2, 0) + tl.sum(dz2, 0))
+    tl.debug_barrier()  # the dz1 scratch and carried blocks are visible to every thread
+
+    # fourth pass over K: the dL/dZ2 terms
+    for k0 in range(0, K, BK):
+        w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
+        dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
+        x2, gp, _ = _gelu_grads(_dot(xk, w1, DT, PREC) + b1[None, :])
+        k = k0 + tl.arange(0, BK)
+        dz1 = tl.load(dz1_p + rows[:, None] * K + k[None, :]) + _dot(dz2, tl.trans(w2), DT, PREC) * gp
+        dxk += _dot(dz1, tl.trans(w1), DT, PREC)
+        tl.debug_barrier()
+        _store_block(dw1_p, db1_p, dw2_p, k0, dw1 + _dot(tl.trans(xk), dz1, DT, PREC), db1 + tl.sum(dz1, 0),
+                     dw2 + _dot(tl.trans(x2), dz2, DT, PREC), F, K, BK)
+
+    if CAUSAL:  # eta[i, j] = ts[i] lr[j] (j <= i), e = ts[CS-1] lr
+        ts = tl.load(ts_p + rows)
+        deta = tl.where(rows[None, :] <= rows[:, None], deta, 0.0)
+        dlr = tl.sum(deta * ts[:, None], 0) + de * tl.load(ts_p + CS - 1)
+        dts += tl.sum(deta * lr[None, :], 1) + tl.where(rows == CS - 1, tl.sum(de * lr, 0), 0.0)
+    else:  # eta[i, j] = e[j] = lr[j]
+        dlr = tl.sum(deta, 0) + de
+    tl.store(dlr_p + rows, dlr.to(dlr_p.dtype.element_ty))
+    _store_tokens(dxq_p, dxq, CS, F)
+    _store_tokens(dxk_p, dxk, CS, F)
+    _store_tokens(dxv_p, dtarget, CS, F)
+    return dgamma, dbeta, dts
+
+
+@triton.jit
+def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout,
+                    w1_s, b1_s, w2_s, b2_s, dz1_s, dw1, db1, dw2, db2,
+                    dxq, dxk, dxv, dlr, dts, dln_w, dln_b,
+                    NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                    CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """Backward scan, group by group in reverse: the group's start states are rematerialised from its
+    checkpoint into the scratch w1_s..b2_s [B*NH, G, ...], then its mini-batches are reversed in order.
+    dw1..db2 hold the gradient of the final state on entry and that of the initial state on exit.
+    dts [B*NH, CS], dln_w, dln_b [B*NH, F]: per (batch, head) sums over the mini-batches."""
+    bh = tl.program_id(0).to(tl.int64)
+    h = bh % NH
+    NK = tl.cdiv(NC, G)
+    DT: tl.constexpr = xq.dtype.element_ty
+    gamma = tl.load(ln_w + h * F + tl.arange(0, F))
+    beta = tl.load(ln_b + h * F + tl.arange(0, F))
+    w1_s += bh * G * F * K
+    b1_s += bh * G * K
+    w2_s += bh * G * K * F
+    b2_s += bh * G * F
+    dz1_s += bh * CS * K
+    dw1 += bh * F * K
+    db1 += bh * K
+    dw2 += bh * K * F
+    db2 += bh * F
+    dgamma = tl.zeros([F], tl.float32)
+    dbeta = tl.zeros([F], tl.float32)
+    dts_acc = tl.zeros([CS], tl.float32)
+    for kk in range(NK):
+        ck = NK - 1 - kk
+        n0 = ck * G
+        glen = tl.minimum(G, NC - n0)
+        c = bh * NK + ck
+        tl.debug_barrier()
+        _copy_state(w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, b2_c + c * F, w1_s, b1_s, w2_s, b2_s,
+                    F, K, BK)
+        for t in range(1, glen):
+            tok = (bh * NC + n0 + t - 1) * CS * F
+            tl.debug_barrier()
+            _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t - 1) * CS, ts, dout, gamma, beta,
+                          w1_s + (t - 1) * F * K, b1_s + (t - 1) * K, w2_s + (t - 1) * K * F, b2_s + (t - 1) * F,
+                          w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F,
+                          w1_c, b1_c, w2_c, b2_c, False,
+                          False, CAUSAL, DT, PREC, CS, F, K, BK)
+        for tt in range(glen):
+            t = glen - 1 - tt
+            tok = (bh * NC + n0 + t) * CS * F
+            tl.debug_barrier()
+            dgamma, dbeta, dts_acc = _backward_step(
+                xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t) * CS, ts, dout + tok,
+                dxq + tok, dxk + tok, dxv + tok, dlr + (bh * NC + n0 + t) * CS, gamma, beta,
+                w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F, dw1, db1, dw2, db2, dz1_s,
+                dgamma, dbeta, dts_acc, CAUSAL, DT, PREC, CS, F, K, BK)
+    tl.store(dln_w + bh * F + tl.arange(0, F), dgamma)
+    tl.store(dln_b + bh * F + tl.arange(0, F), dbeta)
+    tl.store(dts + bh * CS + tl.arange(0, CS), dts_acc)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+def supports(F: int, CS: int, dtype: torch.dtype) -> bool:
+    """Shapes and dtypes the kernels handle (tl.dot needs every matmul dim >= 16 and a power of two)."""
+    return dtype in _DTYPES and F in (16, 32, 64, 128) and CS in (16, 32, 64)
+
+
+def _config(F: int, CS: int):
+    """K block and warps per program."""
+    return min(4 * F, 64), 8
+
+
+def _precision(x: torch.Tensor) -> str:
+    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal, checkpoint_group_size):
+    check_tensor("xq", xq, ndim=5, dtypes=_DTYPES)
+    B, NH, NC, CS, F = xq.shape
+    if not supports(F, CS, xq.dtype):
+        raise ValueError(f"xq: expected head dim F in (16, 32, 64, 128) and mini-batch size CS in (16, 32, 64), "
+                         f"got F={F}, CS={CS}")
+    for name, t in (("xk", xk), ("xv", xv)):
+        check_tensor(name, t, shape=xq.shape, dtypes=(xq.dtype,), device=xq.device)
+    check_tensor("lr", lr, shape=(B, NH, NC, CS, 1), dtypes=_DTYPES, device=xq.device)
+    if causal:
+        check_tensor("token_scale", token_scale, shape=(CS,), dtypes=(torch.float32,), device=xq.device)
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        check_tensor(name, t, shape=(NH, F), dtypes=(torch.float32,), device=xq.device)
+    if not isinstance(checkpoint_group_size, int) or checkpoint_group_size < 1:
+        raise ValueError(f"checkpoint_group_size: expected a positive int, got {checkpoint_group_size!r}")
+    return B, NH, NC, CS, F
+
+
+def _state_shapes(B, NH, F, lead=()):
+    K = 4 * F
+    return ((B, NH, *lead, F, K), (B, NH, *lead, 1, K), (B, NH, *lead, K, F), (B, NH, *lead, 1, F))
+
+
+def _buffer(name, buf, shape, dtype, device):
+    """A caller's output buffer, checked, or a new one."""
+    if buf is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    check_tensor(name, buf, shape=shape, dtypes=(dtype,), device=device)
+    if not buf.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous output buffer, got strides {buf.stride()}")
+    return buf
+
+
+def _state_in(names, tensors, shapes, device):
+    for name, t, shape in zip(names, tensors, shapes):
+        check_tensor(name, t, shape=shape, dtypes=(torch.float32,), device=device)
+    return [t.contiguous() for t in tensors]
+
+
+def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, *, causal,
+                checkpoint_group_size, out=None, w1_ckpt=None, b1_ckpt=None, w2_ckpt=None, b2_ckpt=None):
+    """Forward scan. Returns (out, (w1, b1, w2, b2) checkpoints [B, NH, NK, ...], final state)."""
+    B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal,
+                                     checkpoint_group_size)
+    G = checkpoint_group_size
+    NK = -(-NC // G)
+    dev = xq.device
+    shapes = _state_shapes(B, NH, F)
+    state = _state_in(("w1", "b1", "w2", "b2"), (w1, b1, w2, b2), shapes, dev)
+    last = [t.clone() for t in state]  # updated in place by the kernel: initial -> final state
+    out = _buffer("out", out, xq.shape, xq.dtype, dev)
+    ckpt = [_buffer(n, buf, s, torch.float32, dev) for n, buf, s in
+            zip(("w1_ckpt", "b1_ckpt", "w2_ckpt", "b2_ckpt"), (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt),
+                _state_shapes(B, NH, F, (NK,)))]
+    xq, xk, xv, lr = (t.contiguous() for t in (xq, xk, xv, lr))
+    ts = token_scale.contiguous() if causal else lr  # not read when non-causal
+    BK, warps = _config(F, CS)
+    _ttt_fwd_kernel[(B * NH,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *last, *ckpt, out,
+                               NH, NC, G, CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=4 * F, BK=BK,
+                               num_warps=warps)
+    return out, tuple(ckpt), tuple(last)
+
+
+def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out,
+                grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last, *, causal, checkpoint_group_size,
+                grads=None):
+    """Backward scan with rematerialisation from the checkpoints. Returns a dict of gradients (see module
+    tether.functional.ttt_mlp); ln_weight/ln_bias gradients are per batch element, [B, NH, F]."""
+    B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal,
+                                     checkpoint_group_size)
+    G = checkpoint_group_size
+    NK = -(-NC // G)
+    K = 4 * F
+    dev = xq.device
+    ckpt = _state_in(("w1_ckpt", "b1_ckpt", "w2_ckpt", "b2_ckpt"), (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt),
+                     _state_shapes(B, NH, F, (NK,)), dev)
+    shapes = _state_shapes(B, NH, F)
+    grad_last = _state_in(("grad_w1_last", "grad_b1_last", "grad_w2_last", "grad_b2_last"),
+                          (grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last), shapes, dev)
+    check_tensor("grad_out", grad_out, shape=xq.shape, dtypes=_DTYPES, device=dev)
+    grads = dict(grads or {})
+    specs = {"xq": (xq.shape, xq.dtype), "xk": (xq.shape, xq.dtype), "xv": (xq.shape, xq.dtype),
+             "lr": (lr.shape, lr.dtype), "ln_weight": ((B, NH, F), torch.float32),
+             "ln_bias": ((B, NH, F), torch.float32),
+             **{n: (s, torch.float32) for n, s in zip(("w1", "b1", "w2", "b2"), shapes)}}
+    for name, (shape, dtype) in specs.items():
+        grads[name] = _buffer(f"grads['{name}']", grads.get(name), shape, dtype, dev)
+    for name, g in zip(("w1", "b1", "w2", "b2"), grad_last):
+        grads[name].copy_(g)  # the carried state gradient starts as that of the final state
+    scratch = [torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, F, (G,))]
+    dz1 = torch.empty(B * NH, CS, K, dtype=torch.float32, device=dev)  # per program, one mini-batch
+    dts = torch.empty(B * NH, CS, dtype=torch.float32, device=dev)
+    xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
+    ts = token_scale.contiguous() if causal else lr
+    BK, warps = _config(F, CS)
+    _ttt_bwd_kernel[(B * NH,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *ckpt, grad_out,
+                               *scratch, dz1, grads["w1"], grads["b1"], grads["w2"], grads["b2"],
+                               grads["xq"], grads["xk"], grads["xv"], grads["lr"], dts,
+                               grads["ln_weight"], grads["ln_bias"],
+                               NH, NC, G, CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=K, BK=BK,
+                               num_warps=warps)
+    grads["token_scale"] = dts.sum(0) if causal else None
+    return grads

@@ -1,0 +1,127 @@
+"""TTT-MLP Triton kernels vs the fp64 reference: outputs, checkpoints, final state and every gradient.
+
+The launchers in tether.kernels.ttt_mlp are called directly, so the kernels run (on CPU under the Triton
+interpreter: tiny shapes; bf16 only on the GPU, where the interpreter's bf16 tl.dot is not trusted).
+"""
+import pytest
+import torch
+
+from tether._backend import use_triton
+from tether.kernels import ttt_mlp as kernels
+from tether.reference.ttt_mlp import ttt_mlp as reference
+
+GRAD_NAMES = ("xq", "xk", "xv", "lr", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "token_scale")
+# (B, NH, NC, CS, F, G): ttt-tk's CS = F = 64 case, G not dividing NC, CS 16, F 32, several heads and batches
+SHAPES = [(1, 1, 2, 64, 64, 1), (1, 2, 5, 16, 32, 2), (2, 1, 3, 32, 16, 2), (1, 1, 2, 16, 128, 2)]
+# relative error (norm-wise) allowed vs fp64; fp16 rounds the matmul operands of a chain of ~30 matmuls
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 2e-2), torch.bfloat16: (6e-3, 2e-2)}
+
+
+def make_inputs(B, NH, NC, CS, F, dtype, device):
+    """Fresh random inputs scaled like a layer's (unit-variance tokens, 1/sqrt(fan-in) weights)."""
+    K = 4 * F
+    xq, xk, xv = (torch.randn(B, NH, NC, CS, F, device=device).to(dtype) for _ in range(3))
+    lr = (0.1 * torch.rand(B, NH, NC, CS, 1, device=device)).to(dtype)
+    token_scale = 1.0 / torch.arange(1, CS + 1, device=device) + 0.05 * torch.rand(CS, device=device)  # [CS]
+    ln_weight = 1.0 + 0.2 * torch.randn(NH, F, device=device)
+    ln_bias = 0.2 * torch.randn(NH, F, device=device)
+    w1 = torch.randn(B, NH, F, K, device=device) / F ** 0.5
+    b1 = 0.1 * torch.randn(B, NH, 1, K, device=device)
+    w2 = torch.randn(B, NH, K, F, device=device) / K ** 0.5
+    b2 = 0.1 * torch.randn(B, NH, 1, F, device=device)
+    return dict(xq=xq, xk=xk, xv=xv, lr=lr, token_scale=token_scale, ln_weight=ln_weight, ln_bias=ln_bias,
+                w1=w1, b1=b1, w2=w2, b2=b2)
+
+
+def rel_err(got, want):
+    got, want = got.double().cpu(), want.double().cpu()
+    return ((got - want).norm() / want.norm()).item()
+
+
+def run_reference(inp, causal, G):
+    """fp64 reference with autograd on every input."""
+    ref_in = {k: v.detach().double().requires_grad_() for k, v in inp.items()}
+    out, final, ckpts = reference(*(ref_in[k] for k in ("xq", "xk", "xv", "lr", "ln_weight", "ln_bias",
+                                                        "w1", "b1", "w2", "b2")),
+                                  causal=causal, token_scale=ref_in["token_scale"], checkpoint_group_size=G)
+    return ref_in, out, final, ckpts
+
+
+def kernel_args(inp):
+    return [inp[k] for k in ("xq", "xk", "xv", "lr", "token_scale", "ln_weight", "ln_bias")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_backward_match_reference(shape, causal, dtype, device):
+    B, NH, NC, CS, F, G = shape
+    inp = make_inputs(B, NH, NC, CS, F, dtype, device)
+    assert use_triton(inp["xq"]) and kernels.supports(F, CS, dtype)
+    tol_out, tol_grad = TOL[dtype]
+
+    out, ckpts, final = kernels.ttt_mlp_fwd(*kernel_args(inp), inp["w1"], inp["b1"], inp["w2"], inp["b2"],
+                                            causal=causal, checkpoint_group_size=G)
+    ref_in, ref_out, ref_final, ref_ckpts = run_reference(inp, causal, G)
+    assert out.dtype == dtype and out.shape == inp["xq"].shape
+    assert rel_err(out, ref_out) < tol_out
+    for name, got, want in zip(("w1", "b1", "w2", "b2"), final + ckpts, ref_final + ref_ckpts):
+        assert got.shape == want.shape, name
+        assert rel_err(got, want) < tol_out, name
+
+    # upstream gradients of the outputs and of the final state (fresh random, not the usual zeros)
+    grad_out = torch.randn_like(out)
+    grad_last = [0.1 * torch.randn_like(s) for s in final]
+    grads = kernels.ttt_mlp_bwd(*kernel_args(inp), *ckpts, grad_out, *grad_last, causal=causal,
+                                checkpoint_group_size=G)
+    want = torch.autograd.grad([ref_out, *ref_final], [ref_in[k] for k in GRAD_NAMES],
+                               [grad_out.double(), *(g.double() for g in grad_last)], allow_unused=True)
+    for name, w in zip(GRAD_NAMES, want):
+        got = grads[name]
+        if name == "token_scale" and not causal:
+            assert got is None and w is None
+            continue
+        if name in ("ln_weight", "ln_bias"):  # per batch element [B, NH, F]
+            assert got.shape == (B, NH, F)
+            got = got.sum(0)
+        assert got.shape == w.shape, name
+        assert rel_err(got, w) < tol_grad, (name, rel_err(got, w))
+
+
+def test_launchers_write_into_given_buffers(device):
+    B, NH, NC, CS, F, G = 1, 1, 2, 16, 16, 1
+    inp = make_inputs(B, NH, NC, CS, F, torch.float32, device)
+    out_buf = torch.empty_like(inp["xq"])
+    w1_ckpt = torch.empty(B, NH, NC, F, 4 * F, device=device)
+    out, ckpts, final = kernels.ttt_mlp_fwd(*kernel_args(inp), inp["w1"], inp["b1"], inp["w2"], inp["b2"],
+                                            causal=False, checkpoint_group_size=G, out=out_buf, w1_ckpt=w1_ckpt)
+    assert out is out_buf and ckpts[0] is w1_ckpt
+    grad_out = torch.randn_like(out)
+    dxq = torch.empty_like(inp["xq"])
+    grads = kernels.ttt_mlp_bwd(*kernel_args(inp), *ckpts, grad_out, *map(torch.zeros_like, final),
+                                causal=False, checkpoint_group_size=G, grads={"xq": dxq})
+    assert grads["xq"] is dxq
+    ref_in, ref_out, _, _ = run_reference(inp, False, G)
+    (want,) = torch.autograd.grad(ref_out, ref_in["xq"], grad_out.double())
+    assert rel_err(dxq, want) < 1e-4
+
+
+def test_bad_arguments_are_named(device):
+    inp = make_inputs(1, 1, 2, 16, 16, torch.float32, device)
+    state = [inp[k] for k in ("w1", "b1", "w2", "b2")]
+    with pytest.raises(ValueError, match="lr"):
+        kernels.ttt_mlp_fwd(inp["xq"], inp["xk"], inp["xv"], inp["lr"][:, :, :1], inp["token_scale"],
+                            inp["ln_weight"], inp["ln_bias"], *state, causal=False, checkpoint_group_size=1)
+    with pytest.raises(TypeError, match="w1"):
+        kernels.ttt_mlp_fwd(*kernel_args(inp), state[0].half(), *state[1:], causal=False, checkpoint_group_size=1)
+    with pytest.raises(ValueError, match="token_scale"):
+        kernels.ttt_mlp_fwd(*kernel_args(inp)[:4], inp["token_scale"][:8], *kernel_args(inp)[5:], *state,
+                            causal=True, checkpoint_group_size=1)
+    with pytest.raises(ValueError, match="checkpoint_group_size"):
+        kernels.ttt_mlp_fwd(*kernel_args(inp), *state, causal=False, checkpoint_group_size=0)
+    with pytest.raises(ValueError, match="head dim"):
+        kernels.ttt_mlp_fwd(*(t[..., :8] if t.dim() == 5 and t.shape[-1] > 1 else t for t in kernel_args(inp)), *state,
+                            causal=False, checkpoint_group_size=1)
+    not_contiguous = torch.empty(1, 1, 2, 16, 32, device=device)[..., ::2]
+    with pytest.raises(ValueError, match="out"):
+        kernels.ttt_mlp_fwd(*kernel_args(inp), *state, causal=False, checkpoint_group_size=1, out=not_contiguous)
