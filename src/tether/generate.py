@@ -74,7 +74,7 @@ def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentPar
 def run(args: argparse.Namespace) -> str:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, vocab = load(args.checkpoint, device)
-    generator = torch.Generator(device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     sys.stdout.write(args.prompt)
 
     def stream(char: str) -> None:

@@ -385,7 +385,7 @@ def train(args: argparse.Namespace) -> dict:
         save()
         bar.message(f"step {step}: final val loss {val_loss:.4f}")
         text = sample(raw, corpus.vocab, SAMPLE_PROMPT, args.sample_tokens, temperature=0.8, top_k=40,
-                      generator=torch.Generator(device).manual_seed(args.seed))
+                      generator=torch.Generator(device=device).manual_seed(args.seed))
         (out / "sample.txt").write_text(text)
         print(f"--- sample ---\n{text}\n--------------", flush=True)
         summary = summarize(args, config, n_params, world, step, tokens_seen, train_time, elapsed(),
