@@ -280,7 +280,10 @@ def train(args: argparse.Namespace) -> dict:
     run_config = {"model": config.to_dict(), "vocab": corpus.vocab.chars, "train": vars(args)}
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
-        files.restart_metrics(step) if args.resume else files.metrics_path.write_text("")
+        if args.resume:
+            files.restart_metrics(step)
+        else:
+            files.metrics_path.write_text("")
         print(f"tether train: {config.mixer} model, {n_params / 1e6:.2f}M parameters, device {device}"
               f" x{world.world}, batch {args.batch_size} x {args.block_size} tokens, "
               f"{'resuming at step ' + str(step) if args.resume else 'from scratch'} -> {out}", flush=True)
