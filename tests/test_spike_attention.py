@@ -110,10 +110,12 @@ def test_forward_launcher_matches_reference(device):
     close(checkpoints[1], reference(q[:CHUNK], k[:CHUNK], v[:CHUNK], gamma, state)[1], 1e-5)
 
 
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
+# spikes are exact in any float dtype; the kernel loads them to fp32 before its tl.dot, so bf16 runs in the
+# interpreter too; input gradients come back rounded to the input dtype
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("gamma", [1.0, 0.8, "scalar_tensor", "per_head"])
 def test_kernel_matches_reference(device, launches, dtype, gamma):
     T, B, D = 67, 2, 5  # odd T (a partial chunk) and odd D
