@@ -1,0 +1,125 @@
+"""The LIF op (spec: ../shared/spec/lif.md): fused Triton kernels (tether.kernels.lif) as torch.library
+custom ops with fake impls and a registered backward, or the pure-PyTorch reference where no kernel runs."""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from tether._backend import use_triton
+from tether.kernels import lif as kernels
+from tether.reference import lif as reference
+
+# H(u) with a surrogate gradient, for modules that spike outside an LIF (tether.nn.Surrogate.__call__)
+spike = reference.spike
+
+
+def _sg_peak(surrogate: str, alpha: float) -> float:
+    """max of sg'(u): the COMPACT save stores sqrt(sg' / peak) in 16 bits."""
+    return reference.SURROGATES[surrogate][1](alpha)
+
+
+def _param(p):
+    """A decay / threshold as (fp32 [C] tensor or None, float value)."""
+    if isinstance(p, Tensor):
+        return p.reshape(-1).float().contiguous(), 0.0  # [C], C = 1 for a 0-d tensor
+    return None, float(p)
+
+
+@torch.library.custom_op("tether::lif_forward", mutates_args=())
+def _lif_forward(x: Tensor, v_init: Tensor, decay: Optional[Tensor], decay_value: float,
+                 threshold: Optional[Tensor], threshold_value: float, surrogate: str, alpha: float, hard: bool,
+                 v_reset: float, detach_reset: bool, save: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x [T, N] -> spikes [T, N], v_final [N] fp32, saved, bits (see tether.kernels.lif for what is saved).
+    detach_reset only matters to the backward; it is an input so that setup_context can keep it."""
+    return kernels.lif_forward(
+        x, v_init, decay_value if decay is None else decay, threshold_value if threshold is None else threshold,
+        surrogate=kernels.SURROGATE_IDS[surrogate], alpha=alpha, hard=hard, v_reset=v_reset, save=save,
+        inv_sg_peak=1.0 / _sg_peak(surrogate, alpha))
+
+
+@_lif_forward.register_fake
+def _(x, v_init, decay, decay_value, threshold, threshold_value, surrogate, alpha, hard, v_reset, detach_reset,
+      save):
+    T, N = x.shape
+    saved, bits = kernels.saved_buffers(T, N, save, x.device)
+    return torch.empty_like(x), x.new_empty(N, dtype=torch.float32), saved, bits
+
+
+@torch.library.custom_op("tether::lif_backward", mutates_args=())
+def _lif_backward(grad_spikes: Tensor, grad_v_final: Tensor, saved: Tensor, bits: Tensor, v_init: Optional[Tensor],
+                  decay: Optional[Tensor], decay_value: float, threshold: Optional[Tensor], threshold_value: float,
+                  surrogate: str, alpha: float, hard: bool, v_reset: float, detach_reset: bool, save: int,
+                  grad_decay: bool, grad_threshold: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> grad_x [T, N], grad_v_init [N], per-neuron grad_decay [N], grad_threshold [N] (empty unless asked)."""
+    return kernels.lif_backward(
+        grad_spikes, grad_v_final, saved, bits, v_init, decay_value if decay is None else decay,
+        threshold_value if threshold is None else threshold, surrogate=kernels.SURROGATE_IDS[surrogate],
+        alpha=alpha, hard=hard, v_reset=v_reset, detach_reset=detach_reset, save=save,
+        sg_peak=_sg_peak(surrogate, alpha), grad_decay=grad_decay, grad_threshold=grad_threshold)
+
+
+@_lif_backward.register_fake
+def _(grad_spikes, grad_v_final, saved, bits, v_init, decay, decay_value, threshold, threshold_value, surrogate,
+      alpha, hard, v_reset, detach_reset, save, grad_decay, grad_threshold):
+    N = grad_spikes.shape[1]
+    per_neuron = grad_spikes.new_empty(N, dtype=torch.float32)
+    return (torch.empty_like(grad_spikes), per_neuron, per_neuron.new_empty(N if grad_decay else 0),
+            per_neuron.new_empty(N if grad_threshold else 0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, v_init, decay, decay_value, threshold, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, \
+        save = inputs
+    _, _, saved, bits = output
+    # v_init only feeds dL/ddecay, which only the MEMBRANE save computes
+    ctx.save_for_backward(saved, bits, v_init if save == kernels.SAVE_MEMBRANE else None, decay, threshold)
+    ctx.args = (decay_value, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save)
+
+
+def _backward(ctx, grad_spikes, grad_v_final, _grad_saved, _grad_bits):
+    saved, bits, v_init, decay, threshold = ctx.saved_tensors
+    decay_value, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save = ctx.args
+    need_decay, need_threshold = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
+    if grad_v_final is None:
+        grad_v_final = grad_spikes.new_zeros(grad_spikes.shape[1], dtype=torch.float32)
+    grad_x, grad_v_init, grad_decay, grad_threshold = torch.ops.tether.lif_backward(
+        grad_spikes.contiguous(), grad_v_final.contiguous(), saved, bits, v_init, decay, decay_value, threshold,
+        threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save, need_decay, need_threshold)
+    # per-neuron sums -> the parameter's [C] (neuron n reads channel n % C)
+    grad_decay = grad_decay.view(-1, decay.numel()).sum(0) if need_decay else None
+    grad_threshold = grad_threshold.view(-1, threshold.numel()).sum(0) if need_threshold else None
+    return grad_x, grad_v_init, grad_decay, None, grad_threshold, None, None, None, None, None, None, None
+
+
+_lif_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surrogate="arctan",
+        alpha: Optional[float] = None, reset: str = "hard", v_reset: float = 0.0, detach_reset: bool = True):
+    """x [T, *rest] -> (spikes [T, *rest] in x's dtype, v_final [*rest] fp32). decay / threshold: float, 0-d
+    tensor or per-channel [C] (C = x.shape[-1]); gradients to x, v_init, decay, threshold as they require."""
+    args = reference.check_lif_args(x, decay, threshold, v_init, surrogate, alpha, reset)
+    if x.dtype == torch.float64 or not use_triton(x):
+        return reference.lif(x, decay, threshold, v_init, surrogate=args.surrogate, alpha=args.alpha, reset=reset,
+                             v_reset=v_reset, detach_reset=detach_reset)
+    T, rest = x.shape[0], x.shape[1:]
+    n = math.prod(rest)
+    x2 = x.reshape(T, n).contiguous()  # [T, N]
+    if v_init is None:
+        v0 = torch.zeros(n, device=x.device, dtype=torch.float32)  # [N]
+    else:
+        v0 = v_init.reshape(n).float().contiguous()  # [N]
+    decay_t, decay_value = _param(decay)
+    threshold_t, threshold_value = _param(threshold)
+    inputs = (x, v_init, decay_t, threshold_t)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+        save = kernels.SAVE_NONE
+    elif (decay_t is not None and decay_t.requires_grad) or (args.hard and not detach_reset):
+        save = kernels.SAVE_MEMBRANE
+    else:
+        save = kernels.SAVE_COMPACT
+    spikes, v_final, _, _ = torch.ops.tether.lif_forward(
+        x2, v0, decay_t, decay_value, threshold_t, threshold_value, args.surrogate, args.alpha, args.hard,
+        float(v_reset), detach_reset, save)
+    return spikes.view(x.shape), v_final.view(rest)

@@ -1,0 +1,26 @@
+"""Bit-packed spikes in the public format (spec: ../shared/spec/lif.md): Triton kernels where they run,
+the reference otherwise."""
+import torch
+
+from tether._backend import use_triton
+from tether._checks import check_tensor
+from tether.kernels import pack as kernels
+from tether.reference import pack as reference
+
+
+def pack_spikes(s: torch.Tensor) -> torch.Tensor:
+    """s [..., n] (nonzero = spike) -> uint8 [..., ceil(n / 8)], numpy.packbits(bitorder="little") layout."""
+    check_tensor("s", s, min_ndim=1)
+    if s.numel() and use_triton(s):
+        return kernels.pack_spikes(s.contiguous())
+    return reference.pack_spikes(s)
+
+
+def unpack_spikes(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [..., ceil(n / 8)] -> 0/1 spikes [..., n] in dtype (inverse of pack_spikes)."""
+    check_tensor("packed", packed, min_ndim=1, dtypes=(torch.uint8,))
+    if not isinstance(n, int) or n < 0 or (n + 7) // 8 != packed.shape[-1]:
+        raise ValueError(f"n: expected an int with ceil(n / 8) = packed.shape[-1] = {packed.shape[-1]}, got {n!r}")
+    if packed.numel() and use_triton(packed):
+        return kernels.unpack_spikes(packed.contiguous(), n, dtype)
+    return reference.unpack_spikes(packed, n, dtype)

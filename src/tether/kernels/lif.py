@@ -1,0 +1,335 @@
+"""Fused LIF kernels (spec: ../shared/spec/lif.md): forward over the whole time window, reverse-time backward.
+
+Layout: x, spikes and their gradients are [T, N] contiguous (N = the flattened trailing dims, the channel
+innermost); membrane, v_init and per-neuron parameter gradients are [N] fp32. decay / threshold are either a
+float or an fp32 tensor of C values read at channel n % C (C = 1 for a shared 0-d tensor).
+Grid: (cdiv(N, BLOCK),). One program owns BLOCK neurons and walks time with the membrane in registers.
+Loads go CHUNK time steps at a time as one [CHUNK, BLOCK] tile, fetched one chunk ahead, so that CHUNK rows
+of loads are in flight while the serial recurrence runs; stores are issued per step.
+
+What the forward saves for backward (SAVE):
+  NONE    inference: nothing is written.
+  COMPACT sqrt(sg'(h_t - theta) / peak) as uint16 fixed point (peak: the surrogate's maximum; the square
+          root spends the code's precision on the tails; bits kept in an int16 tensor) [T, N] + the spikes as bits, 32 steps per int32 word [ceil(T/32), N]: 2.125 B/elem.
+  MEMBRANE h_t in fp32 (bits kept in an int32 tensor so autograd never builds a gradient for it) [T, N]:
+          4 B/elem. Needed when dL/ddecay = sum_t g_h_t v_{t-1} is asked for (v_{t-1} = reset(h_{t-1})),
+          or for the hard reset differentiated through the spike (needs h_t - v_reset).
+"""
+import triton
+import triton.language as tl
+
+SAVE_NONE, SAVE_COMPACT, SAVE_MEMBRANE = 0, 1, 2
+SURROGATE_IDS = {"arctan": 0, "sigmoid": 1, "fast_sigmoid": 2}
+
+
+@triton.jit
+def surrogate_grad(u, alpha, SURROGATE: tl.constexpr):
+    """sg'(u): 0 arctan, 1 sigmoid, 2 fast_sigmoid (the spec's table)."""
+    if SURROGATE == 0:
+        z = (1.5707963267948966 * alpha) * u
+        return (0.5 * alpha) / (1.0 + z * z)
+    elif SURROGATE == 1:
+        sig = tl.sigmoid(alpha * u)
+        return alpha * sig * (1.0 - sig)
+    else:
+        d = 1.0 + alpha * tl.abs(u)
+        return 1.0 / (d * d)
+
+
+@triton.jit
+def _param(ptr, value, offs, mask, C, IS_TENSOR: tl.constexpr):
+    """A decay / threshold: the float itself, or [BLOCK] values read at channel offs % C."""
+    if IS_TENSOR:
+        return tl.load(ptr + offs % C, mask=mask, other=1.0)
+    else:
+        return value
+
+
+@triton.jit
+def _tile(ptr, t0, T, N, offs, mask, CHUNK: tl.constexpr):
+    """Rows t0 .. t0+CHUNK-1 of a [T, N] tensor as a [CHUNK, BLOCK] tile (rows outside [0, T) read 0)."""
+    rows = t0 + tl.arange(0, CHUNK)
+    ptrs = ptr + rows.to(tl.int64)[:, None] * N + offs[None, :]
+    return tl.load(ptrs, mask=(rows[:, None] >= 0) & (rows[:, None] < T) & mask[None, :], other=0)
+
+
+@triton.jit
+def _row(tile, k, CHUNK: tl.constexpr):
+    """Row k (a compile-time constant) of a [CHUNK, BLOCK] tile; the rows sit in one thread, so this folds."""
+    return tl.sum(tl.where(tl.arange(0, CHUNK)[:, None] == k, tile, 0), axis=0)
+
+
+@triton.jit
+def _reset(h, fire, theta, v_reset, HARD: tl.constexpr):
+    """v_t from h_t: hard reset to v_reset, or soft reset (subtract theta)."""
+    if HARD:
+        return tl.where(fire, v_reset, h)
+    else:
+        return h - tl.where(fire, theta, 0.0)
+
+
+@triton.jit
+def _fwd_step(x, t, v, bits, beta, theta, alpha, v_reset, inv_sg_peak, N, offs, mask,
+              spikes_ptr, saved_ptr,
+              SURROGATE: tl.constexpr, HARD: tl.constexpr, SAVE: tl.constexpr):
+    h = beta * v + x
+    fire = h >= theta
+    row = tl.cast(t, tl.int64) * N + offs
+    tl.store(spikes_ptr + row, fire.to(tl.float32).to(spikes_ptr.dtype.element_ty), mask=mask)
+    if SAVE == 1:
+        sg = surrogate_grad(h - theta, alpha, SURROGATE)
+        q = tl.minimum(tl.sqrt(sg * inv_sg_peak) * 65535.0 + 0.5, 65535.0).to(tl.int32)
+        tl.store(saved_ptr + row, q.to(tl.int16), mask=mask)  # low 16 bits: the uint16 value
+        bits = bits | (fire.to(tl.int32) << (t % 32))
+    elif SAVE == 2:
+        tl.store(saved_ptr + row, h.to(tl.int32, bitcast=True), mask=mask)
+    return _reset(h, fire, theta, v_reset, HARD), bits
+
+
+@triton.jit
+def _fwd_chunk(tile, t0, T, N, offs, mask, v, bits, beta, theta, alpha, v_reset, inv_sg_peak,
+               spikes_ptr, saved_ptr, bits_ptr,
+               SURROGATE: tl.constexpr, HARD: tl.constexpr, SAVE: tl.constexpr,
+               CHUNK: tl.constexpr, FULL: tl.constexpr):
+    """Steps t0 .. t0+CHUNK-1 (FULL) or those below T (the last, partial chunk)."""
+    for k in tl.static_range(CHUNK):
+        x = _row(tile, k, CHUNK).to(tl.float32)
+        if FULL:
+            v, bits = _fwd_step(x, t0 + k, v, bits, beta, theta, alpha, v_reset, inv_sg_peak, N, offs, mask,
+                                spikes_ptr, saved_ptr, SURROGATE, HARD, SAVE)
+        else:
+            if t0 + k < T:
+                v, bits = _fwd_step(x, t0 + k, v, bits, beta, theta, alpha, v_reset, inv_sg_peak, N, offs, mask,
+                                    spikes_ptr, saved_ptr, SURROGATE, HARD, SAVE)
+    if SAVE == 1 and FULL:
+        # CHUNK divides 32, so a word is complete exactly when a chunk ends on a multiple of 32
+        if (t0 + CHUNK) % 32 == 0:
+            tl.store(bits_ptr + tl.cast((t0 + CHUNK) // 32 - 1, tl.int64) * N + offs, bits, mask=mask)
+            bits = tl.zeros_like(bits)
+    return v, bits
+
+
+@triton.jit
+def lif_fwd_kernel(x_ptr, v_init_ptr, decay_ptr, threshold_ptr,
+                   spikes_ptr, v_final_ptr, saved_ptr, bits_ptr,
+                   T, N, C_decay, C_threshold, decay, threshold, alpha, v_reset, inv_sg_peak,
+                   SURROGATE: tl.constexpr, HARD: tl.constexpr, DECAY_TENSOR: tl.constexpr,
+                   THRESHOLD_TENSOR: tl.constexpr, SAVE: tl.constexpr,
+                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """spikes[t] = H(h_t - theta), h_t = beta v_{t-1} + x[t], v reset; v_final = v_{T-1}; saved per SAVE."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    beta = _param(decay_ptr, decay, offs, mask, C_decay, DECAY_TENSOR)
+    theta = _param(threshold_ptr, threshold, offs, mask, C_threshold, THRESHOLD_TENSOR)
+    v = tl.load(v_init_ptr + offs, mask=mask, other=0.0)
+    bits = tl.zeros([BLOCK], dtype=tl.int32)
+    n_full = T // CHUNK * CHUNK
+    tile = _tile(x_ptr, 0, T, N, offs, mask, CHUNK)
+    for t0 in range(0, n_full, CHUNK):
+        ahead = _tile(x_ptr, t0 + CHUNK, T, N, offs, mask, CHUNK)
+        v, bits = _fwd_chunk(tile, t0, T, N, offs, mask, v, bits, beta, theta, alpha, v_reset, inv_sg_peak,
+                             spikes_ptr, saved_ptr, bits_ptr, SURROGATE, HARD, SAVE, CHUNK, True)
+        tile = ahead
+    if n_full < T:
+        v, bits = _fwd_chunk(tile, n_full, T, N, offs, mask, v, bits, beta, theta, alpha, v_reset, inv_sg_peak,
+                             spikes_ptr, saved_ptr, bits_ptr, SURROGATE, HARD, SAVE, CHUNK, False)
+    if SAVE == 1:
+        if T % 32 != 0:
+            tl.store(bits_ptr + tl.cast((T - 1) // 32, tl.int64) * N + offs, bits, mask=mask)
+    tl.store(v_final_ptr + offs, v, mask=mask)
+
+
+@triton.jit
+def _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t0, T, N, offs, mask, sg_peak,
+               SAVE: tl.constexpr, CHUNK: tl.constexpr):
+    """fp32 tiles of dL/ds and of sg' (COMPACT) or h (MEMBRANE) for one chunk, and its spike word."""
+    grad_spikes = _tile(grad_spikes_ptr, t0, T, N, offs, mask, CHUNK).to(tl.float32)
+    saved = _tile(saved_ptr, t0, T, N, offs, mask, CHUNK)
+    if SAVE == 1:
+        code = (saved.to(tl.int32) & 0xFFFF).to(tl.float32) * (1.0 / 65535.0)
+        saved = code * code * sg_peak
+        word_row = tl.maximum(t0, 0) // 32  # t0 < 0 only for the look-ahead past step 0, which is never used
+        word = tl.load(bits_ptr + tl.cast(word_row, tl.int64) * N + offs, mask=mask, other=0)
+    else:
+        saved = saved.to(tl.float32, bitcast=True)
+        word = tl.zeros([saved.shape[1]], dtype=tl.int32)
+    return grad_spikes, saved, word
+
+
+@triton.jit
+def _bwd_step(grad_s, saved, word, t, gv, g_h_next, g_decay, g_threshold, beta, theta, alpha, v_reset,
+              N, offs, mask, grad_x_ptr,
+              SURROGATE: tl.constexpr, HARD: tl.constexpr, DETACH_RESET: tl.constexpr, SAVE: tl.constexpr,
+              GRAD_DECAY: tl.constexpr, GRAD_THRESHOLD: tl.constexpr):
+    """One reverse step: gv = dL/dv_t in, dL/dv_{t-1} out; writes dL/dx_t = dL/dh_t."""
+    if SAVE == 1:
+        sg = saved
+        fire = ((word >> (t % 32)) & 1) != 0  # COMPACT is never chosen when h itself is needed
+    else:
+        h = saved
+        fire = h >= theta
+        sg = surrogate_grad(h - theta, alpha, SURROGATE)
+        if GRAD_DECAY:
+            g_decay += g_h_next * _reset(h, fire, theta, v_reset, HARD)  # dL/dh_{t+1} * v_t
+    if not DETACH_RESET:
+        # the reset also depends on s_t: dv_t/ds_t = v_reset - h_t (hard) or -theta (soft)
+        if HARD:
+            grad_s += gv * (v_reset - h)
+        else:
+            grad_s -= gv * theta
+    g_u = grad_s * sg  # dL/du_t, u_t = h_t - theta
+    if HARD:
+        g_h = g_u + tl.where(fire, 0.0, gv)
+    else:
+        g_h = g_u + gv
+    if GRAD_THRESHOLD:
+        g_threshold -= g_u
+        if not HARD:
+            g_threshold -= tl.where(fire, gv, 0.0)  # v_t = h_t - theta s_t
+    tl.store(grad_x_ptr + tl.cast(t, tl.int64) * N + offs, g_h.to(grad_x_ptr.dtype.element_ty), mask=mask)
+    return beta * g_h, g_h, g_decay, g_threshold
+
+
+@triton.jit
+def _bwd_chunk(grad_s_tile, saved_tile, word, t0, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
+               beta, theta, alpha, v_reset, grad_x_ptr,
+               SURROGATE: tl.constexpr, HARD: tl.constexpr, DETACH_RESET: tl.constexpr, SAVE: tl.constexpr,
+               GRAD_DECAY: tl.constexpr, GRAD_THRESHOLD: tl.constexpr, CHUNK: tl.constexpr,
+               FULL: tl.constexpr):
+    """Steps t0+CHUNK-1 down to t0 (FULL), or only those below T (the last, partial chunk)."""
+    for j in tl.static_range(CHUNK):
+        k = CHUNK - 1 - j
+        grad_s = _row(grad_s_tile, k, CHUNK)
+        saved = _row(saved_tile, k, CHUNK)
+        if FULL:
+            gv, g_h_next, g_decay, g_threshold = _bwd_step(
+                grad_s, saved, word, t0 + k, gv, g_h_next, g_decay, g_threshold, beta, theta, alpha, v_reset,
+                N, offs, mask, grad_x_ptr, SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD)
+        else:
+            if t0 + k < T:
+                gv, g_h_next, g_decay, g_threshold = _bwd_step(
+                    grad_s, saved, word, t0 + k, gv, g_h_next, g_decay, g_threshold, beta, theta, alpha,
+                    v_reset, N, offs, mask, grad_x_ptr, SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY,
+                    GRAD_THRESHOLD)
+    return gv, g_h_next, g_decay, g_threshold
+
+
+@triton.jit
+def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_init_ptr, decay_ptr, threshold_ptr,
+                   grad_x_ptr, grad_v_init_ptr, grad_decay_ptr, grad_threshold_ptr,
+                   T, N, C_decay, C_threshold, decay, threshold, alpha, v_reset, sg_peak,
+                   SURROGATE: tl.constexpr, HARD: tl.constexpr, DETACH_RESET: tl.constexpr,
+                   DECAY_TENSOR: tl.constexpr, THRESHOLD_TENSOR: tl.constexpr, SAVE: tl.constexpr,
+                   GRAD_DECAY: tl.constexpr, GRAD_THRESHOLD: tl.constexpr,
+                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Reverse time: dL/dx [T, N], dL/dv_init [N], per-neuron dL/ddecay and dL/dthreshold [N] (summed over t)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    beta = _param(decay_ptr, decay, offs, mask, C_decay, DECAY_TENSOR)
+    theta = _param(threshold_ptr, threshold, offs, mask, C_threshold, THRESHOLD_TENSOR)
+    gv = tl.load(grad_v_final_ptr + offs, mask=mask, other=0.0)
+    g_h_next = tl.zeros([BLOCK], dtype=tl.float32)
+    g_decay = tl.zeros([BLOCK], dtype=tl.float32)
+    g_threshold = tl.zeros([BLOCK], dtype=tl.float32)
+    n_full = T // CHUNK * CHUNK
+    t_top = n_full - CHUNK
+    if n_full < T:
+        t_top = n_full
+    grad_s_tile, saved_tile, word = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t_top, T, N, offs, mask,
+                                               sg_peak, SAVE, CHUNK)
+    if n_full < T:
+        ahead_g, ahead_s, ahead_w = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, n_full - CHUNK, T, N, offs,
+                                               mask, sg_peak, SAVE, CHUNK)
+        gv, g_h_next, g_decay, g_threshold = _bwd_chunk(
+            grad_s_tile, saved_tile, word, n_full, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
+            beta, theta, alpha, v_reset, grad_x_ptr,
+            SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD, CHUNK, False)
+        grad_s_tile, saved_tile, word = ahead_g, ahead_s, ahead_w
+    for i in range(0, n_full // CHUNK):
+        t0 = n_full - CHUNK - i * CHUNK
+        ahead_g, ahead_s, ahead_w = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t0 - CHUNK, T, N, offs,
+                                               mask, sg_peak, SAVE, CHUNK)
+        gv, g_h_next, g_decay, g_threshold = _bwd_chunk(
+            grad_s_tile, saved_tile, word, t0, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
+            beta, theta, alpha, v_reset, grad_x_ptr,
+            SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD, CHUNK, True)
+        grad_s_tile, saved_tile, word = ahead_g, ahead_s, ahead_w
+    tl.store(grad_v_init_ptr + offs, gv, mask=mask)
+    if GRAD_DECAY:
+        g_decay += g_h_next * tl.load(v_init_ptr + offs, mask=mask, other=0.0)  # dL/dh_0 * v_init
+        tl.store(grad_decay_ptr + offs, g_decay, mask=mask)
+    if GRAD_THRESHOLD:
+        tl.store(grad_threshold_ptr + offs, g_threshold, mask=mask)
+
+
+def launch_config(N: int, dtype_bytes: int):
+    """(BLOCK, CHUNK, num_warps): small blocks so several programs share an SM; see .notes/lif.md."""
+    return 128, 16, 4
+
+
+def _param_args(p):
+    """(pointer, float value, channel count, is-tensor) for a decay / threshold given as float or [C] fp32."""
+    if isinstance(p, float):
+        return None, p, 1, False
+    return p, 0.0, p.numel(), True
+
+
+def saved_buffers(T: int, N: int, save: int, device):
+    """Empty (saved, bits) tensors the forward fills for backward (also the fake impl's shapes)."""
+    import torch
+
+    if save == SAVE_COMPACT:
+        saved = torch.empty(T, N, device=device, dtype=torch.int16)  # [T, N] uint16 sg' codes
+        bits = torch.empty(triton.cdiv(T, 32), N, device=device, dtype=torch.int32)  # [T/32, N] 32 steps a word
+    elif save == SAVE_MEMBRANE:
+        saved = torch.empty(T, N, device=device, dtype=torch.int32)  # [T, N] fp32 h_t, bit for bit
+        bits = torch.empty(0, device=device, dtype=torch.int32)
+    else:
+        saved = torch.empty(0, device=device, dtype=torch.int16)
+        bits = torch.empty(0, device=device, dtype=torch.int32)
+    return saved, bits
+
+
+def lif_forward(x, v_init, decay, threshold, *, surrogate: int, alpha: float, hard: bool, v_reset: float,
+                save: int, inv_sg_peak: float):
+    """x [T, N] contiguous (fp32/bf16/fp16), v_init [N] fp32 -> spikes [T, N], v_final [N], saved, bits."""
+    import torch
+
+    T, N = x.shape
+    spikes = torch.empty_like(x)  # [T, N]
+    v_final = torch.empty(N, device=x.device, dtype=torch.float32)  # [N]
+    saved, bits = saved_buffers(T, N, save, x.device)
+    decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
+    threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
+    block, chunk, warps = launch_config(N, x.element_size())
+    lif_fwd_kernel[(triton.cdiv(N, block),)](
+        x, v_init, decay_ptr, threshold_ptr, spikes, v_final, saved, bits,
+        T, N, c_decay, c_threshold, decay_val, threshold_val, alpha, v_reset, inv_sg_peak,
+        SURROGATE=surrogate, HARD=hard, DECAY_TENSOR=decay_tensor, THRESHOLD_TENSOR=threshold_tensor,
+        SAVE=save, BLOCK=block, CHUNK=chunk, num_warps=warps)
+    return spikes, v_final, saved, bits
+
+
+def lif_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshold, *, surrogate: int, alpha: float,
+                 hard: bool, v_reset: float, detach_reset: bool, save: int, sg_peak: float,
+                 grad_decay: bool, grad_threshold: bool):
+    """grad_spikes [T, N] contiguous, grad_v_final [N] fp32 -> grad_x [T, N] (grad_spikes' dtype),
+    grad_v_init [N], per-neuron grad_decay [N] and grad_threshold [N] (empty when not asked for)."""
+    import torch
+
+    T, N = grad_spikes.shape
+    grad_x = torch.empty_like(grad_spikes)  # [T, N]
+    grad_v_init = torch.empty(N, device=grad_spikes.device, dtype=torch.float32)  # [N]
+    g_decay = torch.empty(N if grad_decay else 0, device=grad_spikes.device, dtype=torch.float32)  # [N]
+    g_threshold = torch.empty(N if grad_threshold else 0, device=grad_spikes.device, dtype=torch.float32)  # [N]
+    decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
+    threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
+    block, chunk, warps = launch_config(N, grad_spikes.element_size())
+    lif_bwd_kernel[(triton.cdiv(N, block),)](
+        grad_spikes, grad_v_final, saved, bits, v_init, decay_ptr, threshold_ptr,
+        grad_x, grad_v_init, g_decay, g_threshold,
+        T, N, c_decay, c_threshold, decay_val, threshold_val, alpha, v_reset, sg_peak,
+        SURROGATE=surrogate, HARD=hard, DETACH_RESET=detach_reset, DECAY_TENSOR=decay_tensor,
+        THRESHOLD_TENSOR=threshold_tensor, SAVE=save, GRAD_DECAY=grad_decay, GRAD_THRESHOLD=grad_threshold,
+        BLOCK=block, CHUNK=chunk, num_warps=warps)
+    return grad_x, grad_v_init, g_decay, g_threshold
