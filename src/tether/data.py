@@ -105,14 +105,16 @@ class CharCorpus:
               rows: slice = slice(None)):
         """Random windows: (x, y) [batch_size, block_size] long, y = x shifted by one.
 
-        The window starts are drawn on the CPU generator for the whole batch, then ``rows`` picks this
+        The window starts are drawn for the whole batch on the generator's device (a generator on the
+        corpus's GPU needs no host-to-device copy, which would stall the step), then ``rows`` picks this
         process's share, so data-parallel ranks see disjoint parts of the same global batch.
         """
         data = self.splits[split]
         if len(data) <= block_size:
             raise ValueError(f"block_size: expected fewer than {len(data)} (the {split} split's length), "
                              f"got {block_size}")
-        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)[rows]  # [b]
-        offsets = torch.arange(block_size + 1)  # [block_size + 1]
+        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator,
+                               device=generator.device)[rows]  # [b]
+        offsets = torch.arange(block_size + 1, device=starts.device)  # [block_size + 1]
         windows = data[(starts[:, None] + offsets).to(data.device)]  # [b, block_size + 1]
         return windows[:, :-1], windows[:, 1:]

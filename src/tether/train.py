@@ -144,9 +144,9 @@ def learning_rate(args, step: int, elapsed_s: float) -> float:
     return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """The training batch of a step depends only on (seed, step): a resumed run sees the same data."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
 
 def make_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch.optim.AdamW:
@@ -164,7 +164,7 @@ def autocast(device: torch.device):
 def evaluate(model, corpus: CharCorpus, args, world: Distributed, batches: int) -> float:
     """Mean validation loss over a fixed set of windows (same seed every call: a smooth curve)."""
     model.eval()
-    generator = torch.Generator().manual_seed(args.seed + 1)
+    generator = torch.Generator(device=world.device).manual_seed(args.seed + 1)
     total = torch.zeros((), device=world.device)
     for _ in range(batches):
         x, y = corpus.batch("val", args.batch_size, args.block_size, generator, world.rows(args.batch_size))
@@ -318,7 +318,7 @@ def train(args: argparse.Namespace) -> dict:
             lr = learning_rate(args, step, synced_elapsed)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = corpus.batch("train", args.batch_size, args.block_size, step_generator(args.seed, step),
+            x, y = corpus.batch("train", args.batch_size, args.block_size, step_generator(args.seed, step, device),
                                 world.rows(args.batch_size))
             with autocast(device):
                 _, loss = model(x, y)
