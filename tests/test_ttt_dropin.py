@@ -3,7 +3,7 @@ import importlib.util
 
 import pytest
 import torch
-from test_ttt_reference import make_inputs
+from test_ttt_reference import force_reference_path, make_inputs
 
 import tether.ttt as ttt_tk
 from tether.functional.ttt_mlp import _kernels
@@ -92,7 +92,7 @@ def check_against_reference(path, B, NH, NC, CS, F, G, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_dropin_reference_path(shape, dtype, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    force_reference_path(monkeypatch)
     if torch.cuda.is_available():
         pytest.skip("the reference path is the CPU path")
     check_against_reference("reference", *shape, dtype)
@@ -107,7 +107,7 @@ def test_dropin_kernel_path(shape, dtype):
 
 
 def test_non_contiguous_inputs_are_accepted(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    force_reference_path(monkeypatch)
     acts, ln_w, ln_b, state = ttt_tk_inputs(2, 2, 3, 4, 4, torch.float32, "cpu")
     out, ckpts = run_forward(acts, ln_w, ln_b, state, 2)
     # the same values laid out transposed in memory
@@ -158,7 +158,7 @@ def test_forward_bad_inputs_name_the_argument(name, change, match):
     ("W2_checkpoints", lambda t: t[:, :, :1], r"W2_checkpoints: expected shape \(1, 2, 2, 16, 4\)"),
 ])
 def test_backward_bad_inputs_name_the_argument(name, change, match, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    force_reference_path(monkeypatch)
     acts, ln_w, ln_b, state = ttt_tk_inputs(1, 2, 3, 4, 4, torch.float32, "cpu")
     out, ckpts = run_forward(acts, ln_w, ln_b, state, 2)
     grad_last = [torch.zeros_like(s) for s in state]
