@@ -120,6 +120,22 @@ def test_non_contiguous_inputs_are_accepted(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
+def test_last_eta_without_its_trailing_unit_dim(monkeypatch):
+    """ttt-tk's own forward test passes last_eta as [B, NH, NC, CS]; grad_L_last_eta then has that shape."""
+    force_reference_path(monkeypatch)
+    acts, ln_w, ln_b, state = ttt_tk_inputs(1, 2, 3, 4, 4, torch.float32, "cpu")
+    acts_4d = acts[:3] + [acts[3].squeeze(-1)]
+    out, ckpts = run_forward(acts, ln_w, ln_b, state, 2)
+    out_4d, ckpts_4d = run_forward(acts_4d, ln_w, ln_b, state, 2)
+    torch.testing.assert_close(out_4d, out, rtol=0, atol=0)
+    grad_out, grad_last = torch.randn_like(out), [torch.randn_like(s) for s in state]
+    grads = run_backward(acts, ln_w, ln_b, ckpts, out, grad_last, grad_out, 2)
+    grads_4d = run_backward(acts_4d, ln_w, ln_b, ckpts_4d, out_4d, grad_last, grad_out, 2)
+    assert grads_4d["lr"].shape == (1, 2, 3, 4)
+    for key in grads:
+        torch.testing.assert_close(grads_4d[key].view(grads[key].shape), grads[key], rtol=0, atol=0)
+
+
 def forward_args(**change):
     acts, ln_w, ln_b, state = ttt_tk_inputs(1, 2, 3, 4, 4, torch.float32, "cpu")
     B, NH, NC, CS, F = acts[0].shape

@@ -1,5 +1,6 @@
 """The autograd op tether.functional.ttt_mlp vs the reference, and tether.nn.TTTMLP: shapes, gradients to
 every parameter, no leak from the future in causal mode."""
+import copy
 import importlib.util
 
 import pytest
@@ -122,6 +123,23 @@ def test_non_causal_padding_writes_nothing():
     x8 = torch.cat([x, torch.randn(1, 2, 16, dtype=torch.float64)], dim=1)
     layer.lr_gate.register_forward_hook(lambda mod, inp, logit: logit.index_fill(1, torch.tensor([6, 7]), -torch.inf))
     torch.testing.assert_close(layer(x8)[:, :6], y)
+
+
+def test_layer_kernel_path_matches_reference_path(device, monkeypatch):
+    if not HAS_KERNELS:
+        pytest.skip("tether.kernels.ttt_mlp is not there yet")
+    layer = TTTMLP(32, 2, mini_batch=16, causal=True, checkpoint_group_size=2).to(device)  # head dim 16
+    x = torch.randn(1, 40, 32, device=device, requires_grad=True)
+    assert _kernels(x.new_empty(1, 2, 3, 16, 16), layer.w1) is not None
+    y = layer(x)
+    grads = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+    force_reference_path(monkeypatch)
+    layer_ref, x_ref = copy.deepcopy(layer).cpu(), x.detach().cpu().requires_grad_()
+    y_ref = layer_ref(x_ref)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x_ref, *layer_ref.parameters()])
+    torch.testing.assert_close(y.cpu(), y_ref, atol=1e-4, rtol=1e-4)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g.cpu(), g_ref, atol=1e-4, rtol=1e-4)
 
 
 def test_layer_gradcheck_float64():

@@ -30,13 +30,17 @@ def _check_group(XQ, checkpoint_group_size) -> int:
 
 
 def _inputs(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, W1, b1, W2, b2):
-    """Check ttt-tk's inputs; returns the LN params as the op's [NH, F]."""
+    """Check ttt-tk's inputs; returns the op's lr [B, NH, NC, CS, 1] and LN params [NH, F].
+
+    last_eta may also come as [B, NH, NC, CS] (ttt-tk's own forward test passes it so; same memory)."""
     NH, F = XQ.shape[1], XQ.shape[4]
+    if isinstance(last_eta, torch.Tensor) and last_eta.shape == XQ.shape[:4]:
+        last_eta = last_eta.unsqueeze(-1)
     for name, t in (("ttt_norm_weight", ttt_norm_weight), ("ttt_norm_bias", ttt_norm_bias)):
         check_tensor(name, t, shape=(1, NH, 1, F))
     ln_weight, ln_bias = ttt_norm_weight.reshape(NH, F), ttt_norm_bias.reshape(NH, F)
     check_inputs(XQ, XK, XV, last_eta, ln_weight, ln_bias, W1, b1, W2, b2, names=_NAMES)
-    return ln_weight, ln_bias
+    return last_eta, ln_weight, ln_bias
 
 
 def _state_shapes(XQ, n_ckpt):
@@ -50,8 +54,8 @@ def ttt_forward(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, W1_init, b
     """Writes the outputs into XQW_batch [B, NH, NC, CS, F] and the state at the start of every
     checkpoint_group_size-th mini-batch into W1/b1/W2/b2_checkpoints [B, NH, NK, ...]."""
     n_ckpt = _check_group(XQ, checkpoint_group_size)
-    ln_weight, ln_bias = _inputs(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, W1_init, b1_init, W2_init,
-                                 b2_init)
+    lr, ln_weight, ln_bias = _inputs(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, W1_init, b1_init,
+                                     W2_init, b2_init)
     ckpts = (W1_checkpoints, b1_checkpoints, W2_checkpoints, b2_checkpoints)
     for name, t, shape in zip(("W1_checkpoints", "b1_checkpoints", "W2_checkpoints", "b2_checkpoints"), ckpts,
                               _state_shapes(XQ, n_ckpt)):
@@ -59,9 +63,9 @@ def ttt_forward(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, W1_init, b
     _check_buffer("XQW_batch", XQW_batch, XQ.shape, XQ.dtype, XQ.device)
     token_scale = default_token_scale(XQ.shape[3], XQ.device).to(W1_init.dtype)  # unused: non-causal
     with torch.no_grad():
-        forward(XQ, XK, XV, last_eta, token_scale, ln_weight, ln_bias, W1_init, b1_init, W2_init, b2_init,
-                   causal=False, checkpoint_group_size=checkpoint_group_size, out=XQW_batch, w1_ckpt=W1_checkpoints,
-                   b1_ckpt=b1_checkpoints, w2_ckpt=W2_checkpoints, b2_ckpt=b2_checkpoints)
+        forward(XQ, XK, XV, lr, token_scale, ln_weight, ln_bias, W1_init, b1_init, W2_init, b2_init,
+                causal=False, checkpoint_group_size=checkpoint_group_size, out=XQW_batch, w1_ckpt=W1_checkpoints,
+                b1_ckpt=b1_checkpoints, w2_ckpt=W2_checkpoints, b2_ckpt=b2_checkpoints)
 
 
 def ttt_backward(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, W1_checkpoints, b1_checkpoints,
@@ -84,7 +88,8 @@ def ttt_backward(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, W1_checkp
     for name, t, shape in zip(ckpt_names, ckpts, _state_shapes(XQ, n_ckpt)):
         check_tensor(name, t, shape=shape, dtypes=(state_dtype,), device=dev)
     # the checkpoints hold the initial state too, so the shared input checks run on checkpoint 0
-    ln_weight, ln_bias = _inputs(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, *(c[:, :, 0] for c in ckpts))
+    lr, ln_weight, ln_bias = _inputs(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias,
+                                     *(c[:, :, 0] for c in ckpts))
     grad_last = (grad_L_W1_last, grad_L_b1_last, grad_L_W2_last, grad_L_b2_last)
     state_shapes = [s[:2] + s[3:] for s in _state_shapes(XQ, 1)]
     for name, t, shape in zip(("grad_L_W1_last", "grad_L_b1_last", "grad_L_W2_last", "grad_L_b2_last"),
@@ -102,12 +107,14 @@ def ttt_backward(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, W1_checkp
                                    "grad_L_b2_init"), (grad_L_W1_init, grad_L_b1_init, grad_L_W2_init,
                                                        grad_L_b2_init), state_shapes):
         outputs[key] = (name, t, shape, state_dtype)
+    # the op writes LN grads as [B, NH, F] and lr grads as [B, NH, NC, CS, 1]: views of the caller's buffers
+    views = {"ln_weight": (B, NH, F), "ln_bias": (B, NH, F), "lr": lr.shape}
     grads = {}
     for key, (name, t, shape, dtype) in outputs.items():
         _check_buffer(name, t, shape, dtype, dev)
-        grads[key] = t.view(B, NH, F) if key in ("ln_weight", "ln_bias") else t  # the op's LN grads: [B, NH, F]
+        grads[key] = t.view(views[key]) if key in views else t
 
     token_scale = default_token_scale(CS, dev).to(state_dtype)  # unused: non-causal
     with torch.no_grad():
-        backward(XQ, XK, XV, last_eta, token_scale, ln_weight, ln_bias, *ckpts, grad_L_XQW_batch, *grad_last,
-                    causal=False, checkpoint_group_size=checkpoint_group_size, grads=grads)
+        backward(XQ, XK, XV, lr, token_scale, ln_weight, ln_bias, *ckpts, grad_L_XQW_batch, *grad_last,
+                 causal=False, checkpoint_group_size=checkpoint_group_size, grads=grads)
