@@ -1,0 +1,221 @@
+"""Character language models: the spiking transformer (default) and same-size non-spiking baselines.
+
+One class, ``SpikingLM``, for every mixer so the trainer and the generator see one API:
+- ``mixer="spiking"``: ``SpikingTransformerBlock`` stacks on ``[T, B, C]``; tokens are time steps and
+  every state is carried, so ``step`` costs O(1) per token.
+- ``mixer="softmax"``: pre-norm GPT block with causal SDPA and a GELU MLP (learned positions).
+- ``mixer="ttt-mlp"``: the same block with ``tether.nn.TTTMLP`` as the mixer.
+"""
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tether.nn.attention import NormLIF
+from tether.nn.transformer import SpikingTransformerBlock
+
+MIXERS = ("spiking", "softmax", "ttt-mlp")
+BACKENDS = ("fused", "eager")
+SURROGATES = ("arctan", "sigmoid", "fast_sigmoid")
+PJ_PER_MAC, PJ_PER_AC = 4.6, 0.9  # 32-bit float multiply-accumulate / accumulate, 45 nm (Horowitz 2014)
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 65
+    n_layer: int = 4
+    n_head: int = 8
+    d_model: int = 384
+    block_size: int = 256
+    mixer: str = "spiking"
+    surrogate: str = "arctan"
+    backend: str = "fused"
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+    decay: float = 0.5  # LIF membrane decay
+    threshold: float = 1.0  # LIF firing threshold
+
+    def __post_init__(self):
+        for name, allowed in (("mixer", MIXERS), ("backend", BACKENDS), ("surrogate", SURROGATES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model: expected a multiple of n_head={self.n_head}, got {self.d_model}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LMConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"config: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        return cls(**d)
+
+
+class CausalSelfAttention(nn.Module):
+    """Softmax baseline mixer: ``[B, T, C] -> [B, T, C]`` with PyTorch SDPA (causal)."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # [B, H, T, D]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-norm non-spiking block ``[B, T, C]``: ``x + mixer(ln(x))``, ``x + mlp(ln(x))``."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        C = cfg.d_model
+        self.norm1, self.norm2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        if cfg.mixer == "softmax":
+            self.mixer = CausalSelfAttention(C, cfg.n_head, cfg.dropout)
+        else:
+            from tether.nn import TTTMLP
+            self.mixer = TTTMLP(C, cfg.n_head)
+        self.mlp = nn.Sequential(nn.Linear(C, cfg.mlp_ratio * C), nn.GELU(), nn.Linear(cfg.mlp_ratio * C, C))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        x = x + self.dropout(self.mixer(self.norm1(x)))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class SpikingLM(nn.Module):
+    """Embedding, blocks, final LayerNorm, linear head. See the module docstring."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, C)
+        self.spiking = cfg.mixer == "spiking"
+        if self.spiking:  # order comes from the recurrence: no position embedding
+            self.blocks = nn.ModuleList(
+                SpikingTransformerBlock(C, cfg.n_head, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, decay=cfg.decay,
+                                        threshold=cfg.threshold, surrogate=cfg.surrogate, backend=cfg.backend)
+                for _ in range(cfg.n_layer))
+        else:
+            self.pos_emb = nn.Embedding(cfg.block_size, C)
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.LayerNorm(C)
+        self.head = nn.Linear(C, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.head.weight, std=0.02)
+        if self.spiking:
+            # unit-scale embedding, head untied: a std-0.02 residual stream would make the first block's
+            # norm multiply gradients by ~50 (the spiking blocks init themselves, see nn.attention)
+            nn.init.normal_(self.tok_emb.weight, std=1.0)
+        else:  # nanoGPT: GPT-2 init, tied head
+            self.apply(self._gpt_init)
+            self.head.weight = self.tok_emb.weight
+
+    @staticmethod
+    def _gpt_init(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _logits(self, x):
+        return self.head(self.norm(x))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor = None):
+        """idx ``[B, T]`` long -> (logits ``[B, T, V]``, mean cross-entropy or None); every state starts at 0."""
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(f"idx: expected a [B, T] long tensor, got shape {tuple(idx.shape)} {idx.dtype}")
+        B, T = idx.shape
+        if self.spiking:
+            x = self.tok_emb(idx).transpose(0, 1)  # [T, B, C]
+            for block in self.blocks:
+                x, _ = block(x)
+            x = x.transpose(0, 1)  # [B, T, C]
+        else:
+            if T > self.cfg.block_size:
+                raise ValueError(f"idx: expected at most block_size={self.cfg.block_size} tokens, got {T}")
+            x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))  # [B, T, C]
+            for block in self.blocks:
+                x = block(x)
+        logits = self._logits(x)  # [B, T, V]
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
+
+    def init_state(self, batch_size: int, device):
+        """Spiking: every block's membranes and attention memory (zeros). Others: the token context ``[B, 0]``."""
+        if self.spiking:
+            return [block.init_state(batch_size, device) for block in self.blocks]
+        return torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+
+    def step(self, idx: torch.Tensor, state):
+        """One token ``idx [B]`` -> (logits ``[B, V]``, state). Spiking: O(1) per token. Others: a rerun of the
+        last ``block_size`` tokens (correct, not O(1))."""
+        if idx.dim() != 1 or idx.dtype != torch.long:
+            raise ValueError(f"idx: expected a [B] long tensor, got shape {tuple(idx.shape)} {idx.dtype}")
+        return self.prefill(idx[:, None], state)
+
+    def prefill(self, idx: torch.Tensor, state):
+        """Tokens ``idx [B, T]`` continuing ``state`` -> (logits of the last token ``[B, V]``, state): a prompt
+        in one call, the same as T calls of ``step``."""
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(f"idx: expected a [B, T] long tensor, got shape {tuple(idx.shape)} {idx.dtype}")
+        if not self.spiking:
+            context = torch.cat([state, idx], dim=1)[:, -self.cfg.block_size:]  # [B, <= block_size]
+            logits, _ = self(context)
+            return logits[:, -1], context
+        x = self.tok_emb(idx).transpose(0, 1)  # [T, B, C]
+        new_state = []
+        for block, block_state in zip(self.blocks, state):
+            x, block_state = block(x, block_state)
+            new_state.append(block_state)
+        return self._logits(x[-1]), new_state
+
+    def _neurons(self):
+        return [m for m in self.modules() if isinstance(m, NormLIF)]
+
+    def firing_rate(self):
+        """Mean firing rate over the neuron groups in the last forward (0-d device tensor), None if not spiking."""
+        rates = [m.rate for m in self._neurons() if m.rate is not None]
+        if not self.spiking or not rates:
+            return None
+        return torch.stack(rates).mean()
+
+    def energy_per_token(self) -> dict:
+        """Synaptic operations per token of the linear layers, from the last forward's firing rates.
+
+        A spike-fed layer does ``rate * in * out`` accumulates (AC); a layer with real input ``in * out``
+        multiply-accumulates (MAC). ``mac_ann``: the MACs of the same network without spikes (every layer
+        dense). Joules with 4.6 pJ per MAC and 0.9 pJ per AC. Syncs (reads the rates).
+        """
+        mac = ac = mac_ann = 0.0
+        synapses = [(self.head, False)]
+        if self.spiking:
+            synapses += [s for block in self.blocks for s in block.synapses()]
+        else:
+            synapses += [(m, False) for m in self.blocks.modules() if isinstance(m, nn.Linear)]
+        for layer, spike_fed in synapses:
+            n = layer.in_features * layer.out_features
+            mac_ann += n
+            if spike_fed and layer.input_rate is not None:
+                ac += float(layer.input_rate) * n
+            else:
+                mac += n
+        return dict(mac=mac, ac=ac, mac_ann=mac_ann, energy_ann_j=mac_ann * PJ_PER_MAC * 1e-12,
+                    energy_spiking_j=(mac * PJ_PER_MAC + ac * PJ_PER_AC) * 1e-12)
+
+
+def build_model(cfg: LMConfig) -> SpikingLM:
+    return SpikingLM(cfg)

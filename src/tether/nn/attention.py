@@ -1,0 +1,147 @@
+"""Spiking self-attention over the token axis: LIF neurons, linear spike-driven attention, O(1) state per token."""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from tether.nn.spike_linear import SpikeLinear
+
+BACKENDS = ("fused", "eager")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+class NormLIF(nn.Module):
+    """LayerNorm, then LIF neurons over time: turns a real signal into spikes at a rate the norm keeps steady.
+
+    Every group of neurons sits behind a norm so that its input has unit scale whatever the firing rates and
+    weights upstream (a fixed threshold of 1 then fires at a useful rate from the first step on).
+    ``backend="fused"``: ``tether.functional.lif`` (Triton kernels); ``"eager"``: the reference Python loop.
+    forward(x ``[T, B, channels]``, membrane ``[B, channels]`` or None) -> (spikes like x, membrane fp32).
+    ``rate``: mean of the last spikes (0-d device tensor, no sync).
+    """
+
+    def __init__(self, channels: int, *, decay: float = 0.5, threshold: float = 1.0,
+                 surrogate: str = "arctan", backend: str = "fused"):
+        super().__init__()
+        _check_backend(backend)
+        self.norm = nn.LayerNorm(channels)
+        self.decay, self.threshold, self.surrogate, self.backend = decay, threshold, surrogate, backend
+        self.rate = None
+
+    def forward(self, x: torch.Tensor, membrane: Optional[torch.Tensor] = None):
+        if self.backend == "fused":
+            from tether.functional.lif import lif
+        else:
+            from tether.reference.lif import lif
+        spikes, membrane = lif(self.norm(x), self.decay, self.threshold, membrane, surrogate=self.surrogate)
+        self.rate = spikes.detach().mean(dtype=torch.float32)
+        return spikes, membrane
+
+    def extra_repr(self) -> str:
+        return f"decay={self.decay}, threshold={self.threshold}, surrogate={self.surrogate!r}, backend={self.backend!r}"
+
+
+# Expected share of firing inputs at init (a LayerNorm'd input crossing threshold 1 fires ~15% of the time).
+INIT_RATE = 0.15
+
+
+def init_spike_fed(layer: nn.Linear) -> None:
+    """Spike-fed layer that feeds a NormLIF: weights sized so its output has about unit scale.
+
+    The norm behind it would fix the forward scale anyway, but its backward multiplies gradients by
+    1 / (input scale): with GPT's std 0.02 that is ~10x per norm, ~100x per block (gradients explode towards
+    the input). Unit scale keeps that gain near 1.
+    """
+    nn.init.normal_(layer.weight, std=(INIT_RATE * layer.in_features) ** -0.5)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def init_residual_out(layer: nn.Linear) -> None:
+    """Last layer of a residual branch: small (GPT-2's std 0.02), so each block starts near the identity."""
+    nn.init.normal_(layer.weight, std=0.02)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def default_gammas(n_heads: int) -> torch.Tensor:
+    """Per-head memory decays 1 - 2^-(1..8) spread over the heads: time scales from 2 to 256 tokens."""
+    return 1.0 - torch.exp2(-torch.linspace(1.0, 8.0, n_heads))  # [H]
+
+
+class SpikingSelfAttention(nn.Module):
+    """Causal spiking self-attention; tokens are time steps.
+
+    ``x [T, B, d_model]`` (real) -> LayerNorm + LIF -> spikes -> Q, K, V projection (``SpikeLinear``, input
+    kept as bits) -> LayerNorm + LIF -> spikes ``q, k, v [T, B, H, D]`` -> linear spike-driven attention
+    ``C_t = gamma C_{t-1} + k_t v_t``, ``o_t = q_t C_t`` (elementwise form) -> times ``1 - gamma`` (the
+    counts in ``C`` grow up to ``1 / (1 - gamma)``: this keeps ``o`` in [0, 1] for any T) -> output
+    projection (real input).
+
+    ``gamma``: None (per-head spread, ``default_gammas``), a float for every head, or ``[H]``; learnable
+    (kept in (0, 1) as ``sigmoid(logit)``) unless ``learnable_gamma=False``.
+    forward(x, state=None) -> (y ``[T, B, d_model]``, state); state = (input membrane ``[B, C]``,
+    q/k/v membrane ``[B, 3C]``, attention memory ``[B, H, D]``), all fp32; None starts from zeros.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, gamma=None, learnable_gamma: bool = True,
+                 decay: float = 0.5, threshold: float = 1.0, surrogate: str = "arctan", backend: str = "fused"):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model: expected a multiple of n_heads={n_heads}, got {d_model}")
+        _check_backend(backend)
+        self.d_model, self.n_heads, self.backend = d_model, n_heads, backend
+        neurons = dict(decay=decay, threshold=threshold, surrogate=surrogate, backend=backend)
+        self.input_neurons = NormLIF(d_model, **neurons)
+        self.qkv = SpikeLinear(d_model, 3 * d_model, bias=False, pack=backend == "fused")
+        self.qkv_neurons = NormLIF(3 * d_model, **neurons)
+        self.proj = nn.Linear(d_model, d_model)
+        init_spike_fed(self.qkv)
+        init_residual_out(self.proj)
+
+        if gamma is None:
+            gamma = default_gammas(n_heads)
+        gamma = torch.as_tensor(gamma, dtype=torch.float32).expand(n_heads).clone()  # [H]
+        if not ((gamma > 0) & (gamma < 1)).all():
+            raise ValueError(f"gamma: expected values in (0, 1), got {gamma.tolist()}")
+        logit = torch.log(gamma) - torch.log1p(-gamma)
+        if learnable_gamma:
+            self.gamma_logit = nn.Parameter(logit)
+        else:
+            self.register_buffer("gamma_logit", logit)
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return torch.sigmoid(self.gamma_logit)  # [H]
+
+    def forward(self, x: torch.Tensor, state: Optional[Tuple[torch.Tensor, ...]] = None):
+        T, B, C = x.shape
+        H, D = self.n_heads, C // self.n_heads
+        v_input, v_qkv, memory = state if state is not None else (None, None, None)
+        spikes, v_input = self.input_neurons(x, v_input)  # [T, B, C]
+        qkv, v_qkv = self.qkv_neurons(self.qkv(spikes), v_qkv)  # [T, B, 3C] spikes
+        q, k, v = qkv.view(T, B, 3, H, D).unbind(2)  # each [T, B, H, D]
+        if self.backend == "fused":
+            from tether.functional.spike_attention import spike_attention
+            out, memory = spike_attention(q, k, v, self.gamma, memory)
+        else:
+            from tether.reference.spike_attention import spike_attention_cumsum
+            out, memory = spike_attention_cumsum(q, k, v, self.gamma, memory)
+        out = out * (1 - self.gamma)[:, None]  # [T, B, H, D], in [0, 1]
+        return self.proj(out.reshape(T, B, C)), (v_input, v_qkv, memory)
+
+    def init_state(self, batch_size: int, device) -> Tuple[torch.Tensor, ...]:
+        C, H = self.d_model, self.n_heads
+        zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float32)  # noqa: E731
+        return zeros(batch_size, C), zeros(batch_size, 3 * C), zeros(batch_size, H, C // H)
+
+    def synapses(self):
+        """(layer, spike-fed) for each linear layer, for the energy estimate."""
+        return [(self.qkv, True), (self.proj, False)]
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, backend={self.backend!r}"
