@@ -45,9 +45,7 @@ def _eta(lr: torch.Tensor, token_scale: torch.Tensor, causal: bool) -> torch.Ten
     cs = lr.shape[-2]
     if not causal:
         return lr_row.expand(*lr.shape[:-2], cs, cs)
-    mask = torch.ones(cs, cs, dtype=torch.bool, device=lr.device).tril()
-    return torch.where(mask, token_scale.to(lr.dtype)[:, None] * lr_row, torch.zeros((), dtype=lr.dtype,
-                                                                                      device=lr.device))
+    return (token_scale.to(lr.dtype)[:, None] * lr_row).tril()
 
 
 def ttt_mlp_step(xq, xk, xv, lr, ln_weight, ln_bias, state: State, *, causal: bool,
