@@ -106,8 +106,9 @@ def test_fused_matches_eager(kernel_calls):
     torch.testing.assert_close(fused.firing_rate(), eager.firing_rate())
 
 
-def test_softmax_mixer():
-    model = build_model(LMConfig(**TINY, mixer="softmax", block_size=16)).eval()
+@pytest.mark.parametrize("mixer", ["softmax", "ttt-mlp"])
+def test_non_spiking_mixers(mixer):
+    model = build_model(LMConfig(**TINY, mixer=mixer, block_size=16)).eval()
     idx = _idx(2, 7)
     logits, loss = model(idx, idx)
     assert logits.shape == (2, 7, 65) and torch.isfinite(loss)
