@@ -1,0 +1,123 @@
+"""`tether train --device cpu` end to end on the shared corpus: loss goes down, checkpoint files, Ctrl-C then
+--resume continues the same loss curve, generation from the checkpoint, DDP (gloo) == one process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tether import train
+from tether.data import CharCorpus
+
+CORPUS = Path(os.environ.get("TETHER_DATA") or Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
+pytestmark = pytest.mark.skipif(not CORPUS.is_file(), reason=f"corpus not at {CORPUS}; set TETHER_DATA")
+
+# A tiny model and run: 30 steps, validation + checkpoint every 10.
+TINY = ["--device", "cpu", "--data", str(CORPUS), "--d-model", "64", "--n-layer", "2", "--batch-size", "8",
+        "--block-size", "16", "--lr", "3e-3", "--warmup-iters", "5", "--max-iters", "30", "--eval-interval", "10",
+        "--eval-iters", "2", "--log-interval", "5", "--sample-tokens", "20", "--seed", "7"]
+FILES = ["model.safetensors", "config.json", "state.pt", "metrics.jsonl", "loss.png", "sample.txt", "summary.json"]
+
+
+def cli_env():
+    # The CLI on a CPU runs the PyTorch path, as a user's would (tests elsewhere cover the interpreter).
+    # One thread: these tensors are tiny, and threads only fight the other processes for the cores.
+    return {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """The same settings as cli_env for a run inside this process."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def records(out: Path, split: str) -> dict:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r["split"] == split}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One uninterrupted CLI run; its directory."""
+    out = tmp_path_factory.mktemp("run") / "full"
+    proc = subprocess.run([sys.executable, "-m", "tether.cli", "train", *TINY, "--out", str(out)],
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_cli_train_loss_goes_down_and_writes_everything(trained):
+    for name in FILES:
+        assert (trained / name).is_file(), name
+    train_loss = records(trained, "train")
+    assert sorted(train_loss) == list(range(5, 35, 5))
+    assert train_loss[30]["loss"] < train_loss[5]["loss"] - 0.4
+    val = records(trained, "val")
+    assert sorted(val) == [10, 20, 30] and val[30]["loss"] < val[10]["loss"]
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["val_loss"] == val[30]["loss"]
+    assert summary["firing_rate"] is not None and 0 < summary["firing_rate"] < 1
+    assert summary["energy_per_token"]["energy_spiking_j"] > 0
+    config = json.loads((trained / "config.json").read_text())
+    assert config["model"]["d_model"] == 64 and len(config["vocab"]) == 65
+    assert torch.load(trained / "state.pt", weights_only=False)["step"] == 30
+
+
+def test_interrupt_then_resume_continues_the_curve(trained, tmp_path, monkeypatch, in_process):
+    out = tmp_path / "interrupted"
+    batch = CharCorpus.batch
+    train_batches = []
+
+    def ctrl_c_at_step_13(self, split, *args, **kwargs):
+        if split == "train":
+            train_batches.append(1)
+            if len(train_batches) == 14:  # Ctrl-C arrives while step 13 starts
+                raise KeyboardInterrupt
+        return batch(self, split, *args, **kwargs)
+
+    monkeypatch.setattr(CharCorpus, "batch", ctrl_c_at_step_13)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.build_parser().parse_args([*TINY, "--out", str(out)]))
+    assert torch.load(out / "state.pt", weights_only=False)["step"] == 13
+    monkeypatch.setattr(CharCorpus, "batch", batch)
+
+    train.train(train.build_parser().parse_args(["--resume", "--out", str(out)]))
+    resumed, full = records(out, "train"), records(trained, "train")
+    assert sorted(resumed) == [5, 10, 15, 20, 25, 30]
+    # Same steps, data and RNG streams after the resume: the curve is the uninterrupted one.
+    for step in (20, 25, 30):
+        assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-4, abs=1e-5), step
+    assert records(out, "val")[30]["loss"] == pytest.approx(records(trained, "val")[30]["loss"], rel=1e-4)
+
+
+def test_generate_from_the_checkpoint(trained):
+    proc = subprocess.run([sys.executable, "-m", "tether.cli", "generate", "--checkpoint", str(trained),
+                           "--prompt", "ROMEO:", "--tokens", "120", "--device", "cpu", "--seed", "1"],
+                          env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout[:-1]  # the trailing newline
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 120
+
+
+def test_ddp_gloo_two_processes_match_one(tmp_path, in_process):
+    # Dropout off: the ranks' dropout masks cannot match one process's.
+    args = [*TINY, "--max-iters", "4", "--log-interval", "1", "--eval-interval", "100", "--dropout", "0",
+            "--sample-tokens", "5"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m",
+                           "tether.train", *args, "--out", str(tmp_path / "ddp")],
+                          env=cli_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = train.train(train.build_parser().parse_args([*args, "--out", str(tmp_path / "one")]))
+    ddp, one = records(tmp_path / "ddp", "train"), records(tmp_path / "one", "train")
+    assert sorted(ddp) == sorted(one) == [1, 2, 3, 4]
+    for step in one:
+        assert ddp[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-4), step
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
