@@ -14,7 +14,11 @@ GRAD_NAMES = ("xq", "xk", "xv", "lr", "ln_weight", "ln_bias", "w1", "b1", "w2", 
 # (B, NH, NC, CS, F, G): ttt-tk's CS = F = 64 case, G not dividing NC, CS 16, F 32, several heads and batches
 SHAPES = [(1, 1, 2, 64, 64, 1), (1, 2, 5, 16, 32, 2), (2, 1, 3, 32, 16, 2), (1, 1, 2, 16, 128, 2)]
 # relative error (norm-wise) allowed vs fp64; fp16 rounds the matmul operands of a chain of ~30 matmuls
-TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 2e-2), torch.bfloat16: (6e-3, 2e-2)}
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 2e-2), torch.bfloat16: (1e-2, 4e-2)}
+# bf16 only where tl.dot on bf16 is trustworthy: compiled, on the GPU
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+if torch.cuda.is_available():
+    DTYPES.append(pytest.param(torch.bfloat16, id="bf16"))
 
 
 def make_inputs(B, NH, NC, CS, F, dtype, device):
@@ -51,8 +55,8 @@ def kernel_args(inp):
     return [inp[k] for k in ("xq", "xk", "xv", "lr", "token_scale", "ln_weight", "ln_bias")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_and_backward_match_reference(shape, causal, dtype, device):
     B, NH, NC, CS, F, G = shape

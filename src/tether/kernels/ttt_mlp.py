@@ -48,8 +48,8 @@ def _gelu_grads(z):
 
 
 @triton.jit
-def _dot(a, b, DT: tl.constexpr, PREC: tl.constexpr):
-    return tl.dot(a.to(DT), b.to(DT), input_precision=PREC)
+def _dot(a, b, DT: tl.constexpr, PREC: tl.constexpr, acc=None):
+    return tl.dot(a.to(DT), b.to(DT), acc=acc, input_precision=PREC)
 
 
 @triton.jit
@@ -142,7 +142,7 @@ def _reconstruction_grad(xk, xv, gamma, beta, w1_p, b1_p, w2_p, b2, DT: tl.const
     z2 = tl.zeros([CS, F], tl.float32)
     for k0 in range(0, K, BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        z2 += _dot(_gelu(_dot(xk, w1, DT, PREC) + b1[None, :]), w2, DT, PREC)
+        z2 = _dot(_gelu(_dot(xk, w1, DT, PREC) + b1[None, :]), w2, DT, PREC, z2)
     xh, rstd = _ln_stats(z2 + b2[None, :], F)
     target = xv.to(tl.float32) - xk.to(tl.float32)
     gz2 = _ln_bwd((gamma[None, :] * xh + beta[None, :] - target) * gamma[None, :], xh, rstd, F)
@@ -151,13 +151,12 @@ def _reconstruction_grad(xk, xv, gamma, beta, w1_p, b1_p, w2_p, b2, DT: tl.const
 
 @triton.jit
 def _hidden_block(xq, xk, a1, gz2, w1, b1, w2, DT: tl.constexpr, PREC: tl.constexpr):
-    """One K block of a mini-batch: Z1, gelu and its derivatives, gZ1's pre-activation gZ2 W2^T, gZ1 and
-    the output's hidden pre-activation Zq1 (dual form)."""
-    z1 = _dot(xk, w1, DT, PREC) + b1[None, :]
-    x2, gp, gpp = _gelu_grads(z1)
+    """One K block of a mini-batch: Z1's gelu and its derivatives, gZ2 W2^T (gZ1 before the gelu
+    derivative), gZ1 and the output's hidden pre-activation Zq1 (dual form)."""
+    x2, gp, gpp = _gelu_grads(_dot(xk, w1, DT, PREC) + b1[None, :])
     g1pre = _dot(gz2, tl.trans(w2), DT, PREC)
     gz1 = g1pre * gp
-    zq1 = _dot(xq, w1, DT, PREC) + b1[None, :] - _dot(a1, gz1, DT, PREC)
+    zq1 = _dot(a1, -gz1, DT, PREC, _dot(xq, w1, DT, PREC) + b1[None, :])
     return x2, gp, gpp, g1pre, gz1, zq1
 
 
@@ -171,15 +170,17 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta,
     fc = tl.arange(0, F)
     xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
     xk = _load_tokens(xk_p, CS, F)
-    xv = _load_tokens(xv_p, CS, F)
     eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
     b2 = tl.load(b2_s + fc)
     if save_ckpt:
         _copy_state(w1_s, b1_s, w2_s, b2_s, w1_c, b1_c, w2_c, b2_c, F, K, BK)
-    gz2, xh, rstd, target = _reconstruction_grad(xk, xv, gamma, beta, w1_s, b1_s, w2_s, b2, DT, PREC,
-                                                 CS, F, K, BK)
-    egz2 = e[:, None] * gz2
-    a1 = eta * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)  # [CS, CS]
+    gz2, xh, rstd, target = _reconstruction_grad(xk, _load_tokens(xv_p, CS, F), gamma, beta,
+                                                 w1_s, b1_s, w2_s, b2, DT, PREC, CS, F, K, BK)
+    b2_next = b2 - tl.sum(e[:, None] * gz2, 0)
+    # matmul operands live through the K loop in the input dtype: half the registers of fp32
+    egz2 = (e[:, None] * gz2).to(DT)
+    gz2 = gz2.to(DT)
+    a1 = (eta * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)).to(DT)  # [CS, CS]
     zq2 = tl.zeros([CS, F], tl.float32)
     a2raw = tl.zeros([CS, CS], tl.float32)  # Xq2 X2^T, summed over K blocks
     for k0 in range(0, K, BK):
@@ -187,15 +188,17 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta,
         x2, gp, gpp, g1pre, gz1, zq1 = _hidden_block(xq, xk, a1, gz2, w1, b1, w2, DT, PREC)
         if WITH_OUTPUT:
             xq2 = _gelu(zq1)
-            zq2 += _dot(xq2, w2, DT, PREC)
-            a2raw += _dot(xq2, tl.trans(x2), DT, PREC)
+            zq2 = _dot(xq2, w2, DT, PREC, zq2)
+            a2raw = _dot(xq2, tl.trans(x2), DT, PREC, a2raw)
         egz1 = e[:, None] * gz1
         tl.debug_barrier()  # every thread has read the block before it is overwritten in place
-        _store_block(w1_d, b1_d, w2_d, k0, w1 - _dot(tl.trans(xk), egz1, DT, PREC), b1 - tl.sum(egz1, 0),
-                     w2 - _dot(tl.trans(x2), egz2, DT, PREC), F, K, BK)
-    tl.store(b2_d + fc, b2 - tl.sum(egz2, 0))
+        w1, b1, w2 = _load_block(w1_s, b1_s, w2_s, k0, F, K, BK)  # fp32 again: not held through the block
+        _store_block(w1_d, b1_d, w2_d, k0, _dot(tl.trans(xk), -egz1, DT, PREC, w1), b1 - tl.sum(egz1, 0),
+                     _dot(tl.trans(x2), -egz2, DT, PREC, w2), F, K, BK)
+    tl.store(b2_d + fc, b2_next)
     if WITH_OUTPUT:
-        zq2 = zq2 + b2[None, :] - _dot(eta * (a2raw + 1.0), gz2, DT, PREC)
+        eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
+        zq2 = _dot(eta * (a2raw + 1.0), -gz2, DT, PREC, zq2 + b2[None, :])
         xhq, _ = _ln_stats(zq2, F)
         _store_tokens(out_p, xq.to(tl.float32) + gamma[None, :] * xhq + beta[None, :], CS, F)
 
@@ -226,101 +229,112 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
 
 
 @triton.jit
+def _tile_ptrs(p, R: tl.constexpr, C: tl.constexpr):
+    return p + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+
+
+@triton.jit
 def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dlr_p, gamma, beta,
-                   w1_p, b1_p, w2_p, b2_p, dw1_p, db1_p, dw2_p, db2_p, dz1_p, dgamma, dbeta, dts,
+                   w1_p, b1_p, w2_p, b2_p, dw1_p, db1_p, dw2_p, db2_p, work_p, dgamma, dbeta, dts,
                    CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                    CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
     """Reverse of one mini-batch from its start state (w1_p..b2_p): writes the token and learning-rate
     gradients, turns the carried gradient of the next state (dw1_p..db2_p) in place into that of the start
     state, and returns the running sums of the gamma, beta and token_scale gradients.
-    dz1_p: [CS, K] fp32 scratch for the part of dL/dZ1 known before dL/dZ2 is."""
+    work_p: fp32 scratch of the program, [CS, K] (the part of dL/dZ1 known before dL/dZ2 is), then
+    xh, gZ2, target [CS, F] and dL/deta [CS, CS], parked in L1/L2 while the K loop needs the registers."""
     rows = tl.arange(0, CS)
     fc = tl.arange(0, F)
+    dz1_p = work_p
+    xh_p = work_p + CS * K
+    gz2_p = xh_p + CS * F
+    target_p = gz2_p + CS * F
+    deta_p = target_p + CS * F
     xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
     xk = _load_tokens(xk_p, CS, F)
-    xv = _load_tokens(xv_p, CS, F)
     eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
     b2 = tl.load(b2_p + fc)
 
     # recompute the step's forward: gZ2, then the output pre-norm Zq2 (second pass over K)
-    gz2, xh, rstd, target = _reconstruction_grad(xk, xv, gamma, beta, w1_p, b1_p, w2_p, b2, DT, PREC,
-                                                 CS, F, K, BK)
-    a1raw = _dot(xq, tl.trans(xk), DT, PREC)  # [CS, CS]
-    a1 = eta * (a1raw + 1.0)
+    gz2, xh, rstd, target = _reconstruction_grad(xk, _load_tokens(xv_p, CS, F), gamma, beta,
+                                                 w1_p, b1_p, w2_p, b2, DT, PREC, CS, F, K, BK)
+    tl.store(_tile_ptrs(xh_p, CS, F), xh)
+    tl.store(_tile_ptrs(target_p, CS, F), target)
+    tl.store(_tile_ptrs(gz2_p, CS, F), gz2)
+    a1 = (eta * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)).to(DT)  # [CS, CS]
+    gz2_dt = gz2.to(DT)
     zq2 = tl.zeros([CS, F], tl.float32)
     a2raw = tl.zeros([CS, CS], tl.float32)
     for k0 in range(0, K, BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        x2, gp, gpp, g1pre, gz1, zq1 = _hidden_block(xq, xk, a1, gz2, w1, b1, w2, DT, PREC)
+        x2, gp, gpp, g1pre, gz1, zq1 = _hidden_block(xq, xk, a1, gz2_dt, w1, b1, w2, DT, PREC)
         xq2 = _gelu(zq1)
-        zq2 += _dot(xq2, w2, DT, PREC)
-        a2raw += _dot(xq2, tl.trans(x2), DT, PREC)
+        zq2 = _dot(xq2, w2, DT, PREC, zq2)
+        a2raw = _dot(xq2, tl.trans(x2), DT, PREC, a2raw)
     a2 = eta * (a2raw + 1.0)
-    xhq, rstdq = _ln_stats(zq2 + b2[None, :] - _dot(a2, gz2, DT, PREC), F)
+    xhq, rstdq = _ln_stats(_dot(a2, -gz2_dt, DT, PREC, zq2 + b2[None, :]), F)
 
     # output LayerNorm and the dual-form product A2 gZ2
     dout = _load_tokens(dout_p, CS, F).to(tl.float32)
     dgamma += tl.sum(dout * xhq, 0)
     dbeta += tl.sum(dout, 0)
     dzq2 = _ln_bwd(dout * gamma[None, :], xhq, rstdq, F)
-    da2 = -_dot(dzq2, tl.trans(gz2), DT, PREC)  # [CS, CS]
-    da2raw = da2 * eta
-    deta = da2 * (a2raw + 1.0)
+    da2 = -_dot(dzq2, tl.trans(gz2_dt), DT, PREC)  # [CS, CS]
+    tl.store(_tile_ptrs(deta_p, CS, CS), da2 * (a2raw + 1.0))
+    da2raw = (da2 * eta).to(DT)
     db2n = tl.load(db2_p + fc)  # gradient of the next state's b2
     dgz2 = -_dot(tl.trans(a2), dzq2, DT, PREC) - e[:, None] * db2n[None, :]
     de = -tl.sum(gz2 * db2n[None, :], 1)  # d L / d e, e = last row of eta
-    egz2 = e[:, None] * gz2
+    db2n += tl.sum(dzq2, 0)
+    egz2 = (e[:, None] * gz2).to(DT)
+    dzq2 = dzq2.to(DT)
     dxq = dout
     dxk = tl.zeros([CS, F], tl.float32)
     da1 = tl.zeros([CS, CS], tl.float32)
+    h2 = tl.zeros([CS, F], tl.float32)  # X2 dW2', summed over K blocks
+    tl.debug_barrier()
 
     # third pass over K: everything but the dL/dZ2 terms, which need dgZ2 summed over all of K
     for k0 in range(0, K, BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
         dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
-        x2, gp, gpp, g1pre, gz1, zq1 = _hidden_block(xq, xk, a1, gz2, w1, b1, w2, DT, PREC)
+        x2, gp, gpp, g1pre, gz1, zq1 = _hidden_block(xq, xk, a1, gz2_dt, w1, b1, w2, DT, PREC)
         xq2, gqp, _ = _gelu_grads(zq1)
-        dzq1 = (_dot(dzq2, tl.trans(w2), DT, PREC) + _dot(da2raw, x2, DT, PREC)) * gqp
-        dxq += _dot(dzq1, tl.trans(w1), DT, PREC)
-        da1 -= _dot(dzq1, tl.trans(gz1), DT, PREC)
+        dzq1 = _dot(da2raw, x2, DT, PREC, _dot(dzq2, tl.trans(w2), DT, PREC)) * gqp
+        dxq = _dot(dzq1, tl.trans(w1), DT, PREC, dxq)
+        da1 = _dot(-dzq1, tl.trans(gz1), DT, PREC, da1)
         h1 = _dot(xk, dw1, DT, PREC) + db1[None, :]  # through W1' = W1 - XK^T (e gZ1)
-        h2 = _dot(x2, dw2, DT, PREC)  # through W2' = W2 - X2^T (e gZ2)
-        de -= tl.sum(h1 * gz1, 1) + tl.sum(h2 * gz2, 1)
-        dgz1 = -_dot(tl.trans(a1), dzq1, DT, PREC) - e[:, None] * h1
-        dxk -= _dot(e[:, None] * gz1, tl.trans(dw1), DT, PREC)
+        de -= tl.sum(h1 * gz1, 1)
+        dxk = _dot(e[:, None] * gz1, tl.trans(-dw1), DT, PREC, dxk)
+        h2 = _dot(x2, dw2, DT, PREC, h2)  # through W2' = W2 - X2^T (e gZ2)
+        dgz1 = _dot(tl.trans(a1), -dzq1, DT, PREC) - e[:, None] * h1
         dg1pre = dgz1 * gp
-        dgz2 += _dot(dg1pre, w2, DT, PREC) - e[:, None] * h2
-        dx2 = _dot(tl.trans(da2raw), xq2, DT, PREC) - _dot(egz2, tl.trans(dw2), DT, PREC)
+        dgz2 = _dot(dg1pre, w2, DT, PREC, dgz2)
+        dx2 = _dot(egz2, tl.trans(-dw2), DT, PREC, _dot(tl.trans(da2raw), xq2, DT, PREC))
         k = k0 + tl.arange(0, BK)
         tl.store(dz1_p + rows[:, None] * K + k[None, :], dgz1 * g1pre * gpp + dx2 * gp)
         tl.debug_barrier()  # every thread has read the carried block before it is overwritten
-        _store_block(dw1_p, db1_p, dw2_p, k0, dw1 + _dot(tl.trans(xq), dzq1, DT, PREC), db1 + tl.sum(dzq1, 0),
-                     dw2 + _dot(tl.trans(xq2), dzq2, DT, PREC) + _dot(tl.trans(dg1pre), gz2, DT, PREC),
+        dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
+        _store_block(dw1_p, db1_p, dw2_p, k0, _dot(tl.trans(xq), dzq1, DT, PREC, dw1), db1 + tl.sum(dzq1, 0),
+                     _dot(tl.trans(xq2), dzq2, DT, PREC, _dot(tl.trans(dg1pre), gz2_dt, DT, PREC, dw2)),
                      F, K, BK)
 
-    dz2, dgm, dbt, dtarget = _inner_loss_grad_bwd(dgz2, xh, rstd, gz2, gamma, beta, target, F)
+    gz2 = tl.load(_tile_ptrs(gz2_p, CS, F))
+    de -= tl.sum(h2 * gz2, 1)
+    dgz2 -= e[:, None] * h2
+    dz2, dgm, dbt, dtarget = _inner_loss_grad_bwd(dgz2, tl.load(_tile_ptrs(xh_p, CS, F)), rstd, gz2, gamma,
+                                                  beta, tl.load(_tile_ptrs(target_p, CS, F)), F)
     dgamma += dgm
     dbeta += dbt
     dxk -= dtarget
+    _store_tokens(dxv_p, dtarget, CS, F)
+    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
+    a1raw = _dot(xq, tl.trans(xk), DT, PREC)
+    deta = tl.load(_tile_ptrs(deta_p, CS, CS)) + da1 * (a1raw + 1.0)
     da1raw = da1 * eta
-    deta += da1 * (a1raw + 1.0)
-    dxq += _dot(da1raw, xk, DT, PREC)
-    dxk += _dot(tl.trans(da1raw), xq, DT, PREC)
-    tl.store(db2_p + fc, db2n + tl.sum(dzq2, 0) + tl.sum(dz2, 0))
-    tl.debug_barrier()  # the dz1 scratch and carried blocks are visible to every thread
-
-    # fourth pass over K: the dL/dZ2 terms
-    for k0 in range(0, K, BK):
-        w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
-        x2, gp, _ = _gelu_grads(_dot(xk, w1, DT, PREC) + b1[None, :])
-        k = k0 + tl.arange(0, BK)
-        dz1 = tl.load(dz1_p + rows[:, None] * K + k[None, :]) + _dot(dz2, tl.trans(w2), DT, PREC) * gp
-        dxk += _dot(dz1, tl.trans(w1), DT, PREC)
-        tl.debug_barrier()
-        _store_block(dw1_p, db1_p, dw2_p, k0, dw1 + _dot(tl.trans(xk), dz1, DT, PREC), db1 + tl.sum(dz1, 0),
-                     dw2 + _dot(tl.trans(x2), dz2, DT, PREC), F, K, BK)
-
+    _store_tokens(dxq_p, _dot(da1raw, xk, DT, PREC, dxq), CS, F)
+    dxk = _dot(tl.trans(da1raw), xq, DT, PREC, dxk)
+    tl.store(db2_p + fc, db2n + tl.sum(dz2, 0))
     if CAUSAL:  # eta[i, j] = ts[i] lr[j] (j <= i), e = ts[CS-1] lr
         ts = tl.load(ts_p + rows)
         deta = tl.where(rows[None, :] <= rows[:, None], deta, 0.0)
@@ -329,15 +343,27 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     else:  # eta[i, j] = e[j] = lr[j]
         dlr = tl.sum(deta, 0) + de
     tl.store(dlr_p + rows, dlr.to(dlr_p.dtype.element_ty))
-    _store_tokens(dxq_p, dxq, CS, F)
+    tl.debug_barrier()  # the dz1 scratch and carried blocks are visible to every thread
+
+    # fourth pass over K: the dL/dZ2 terms
+    dz2 = dz2.to(DT)
+    for k0 in range(0, K, BK):
+        w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
+        x2, gp, _ = _gelu_grads(_dot(xk, w1, DT, PREC) + b1[None, :])
+        k = k0 + tl.arange(0, BK)
+        dz1 = tl.load(dz1_p + rows[:, None] * K + k[None, :]) + _dot(dz2, tl.trans(w2), DT, PREC) * gp
+        dxk = _dot(dz1, tl.trans(w1), DT, PREC, dxk)
+        tl.debug_barrier()
+        dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
+        _store_block(dw1_p, db1_p, dw2_p, k0, _dot(tl.trans(xk), dz1, DT, PREC, dw1), db1 + tl.sum(dz1, 0),
+                     _dot(tl.trans(x2), dz2, DT, PREC, dw2), F, K, BK)
     _store_tokens(dxk_p, dxk, CS, F)
-    _store_tokens(dxv_p, dtarget, CS, F)
     return dgamma, dbeta, dts
 
 
 @triton.jit
 def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout,
-                    w1_s, b1_s, w2_s, b2_s, dz1_s, dw1, db1, dw2, db2,
+                    w1_s, b1_s, w2_s, b2_s, work, dw1, db1, dw2, db2,
                     dxq, dxk, dxv, dlr, dts, dln_w, dln_b,
                     NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
                     CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
@@ -348,14 +374,13 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
     bh = tl.program_id(0).to(tl.int64)
     h = bh % NH
     NK = tl.cdiv(NC, G)
-    DT: tl.constexpr = xq.dtype.element_ty
     gamma = tl.load(ln_w + h * F + tl.arange(0, F))
     beta = tl.load(ln_b + h * F + tl.arange(0, F))
     w1_s += bh * G * F * K
     b1_s += bh * G * K
     w2_s += bh * G * K * F
     b2_s += bh * G * F
-    dz1_s += bh * CS * K
+    work += bh * CS * (K + 3 * F + CS)
     dw1 += bh * F * K
     db1 += bh * K
     dw2 += bh * K * F
@@ -378,7 +403,7 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
                           w1_s + (t - 1) * F * K, b1_s + (t - 1) * K, w2_s + (t - 1) * K * F, b2_s + (t - 1) * F,
                           w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F,
                           w1_c, b1_c, w2_c, b2_c, False,
-                          False, CAUSAL, DT, PREC, CS, F, K, BK)
+                          False, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK)
         for tt in range(glen):
             t = glen - 1 - tt
             tok = (bh * NC + n0 + t) * CS * F
@@ -386,8 +411,8 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
             dgamma, dbeta, dts_acc = _backward_step(
                 xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t) * CS, ts, dout + tok,
                 dxq + tok, dxk + tok, dxv + tok, dlr + (bh * NC + n0 + t) * CS, gamma, beta,
-                w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F, dw1, db1, dw2, db2, dz1_s,
-                dgamma, dbeta, dts_acc, CAUSAL, DT, PREC, CS, F, K, BK)
+                w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F, dw1, db1, dw2, db2, work,
+                dgamma, dbeta, dts_acc, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK)
     tl.store(dln_w + bh * F + tl.arange(0, F), dgamma)
     tl.store(dln_b + bh * F + tl.arange(0, F), dbeta)
     tl.store(dts + bh * CS + tl.arange(0, CS), dts_acc)
@@ -400,9 +425,12 @@ def supports(F: int, CS: int, dtype: torch.dtype) -> bool:
     return dtype in _DTYPES and F in (16, 32, 64, 128) and CS in (16, 32, 64)
 
 
-def _config(F: int, CS: int):
-    """K block and warps per program."""
-    return min(4 * F, 64), 8
+def _config(F: int, CS: int, block_k, num_warps):
+    """K block and warps per program (defaults, or the caller's, e.g. a benchmark's sweep)."""
+    block_k = block_k or min(4 * F, 64)
+    if block_k < 16 or (4 * F) % block_k:
+        raise ValueError(f"block_k: expected a multiple of 16 dividing K = {4 * F}, got {block_k}")
+    return block_k, num_warps or 8
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -451,7 +479,8 @@ def _state_in(names, tensors, shapes, device):
 
 
 def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, *, causal,
-                checkpoint_group_size, out=None, w1_ckpt=None, b1_ckpt=None, w2_ckpt=None, b2_ckpt=None):
+                checkpoint_group_size, out=None, w1_ckpt=None, b1_ckpt=None, w2_ckpt=None, b2_ckpt=None,
+                block_k=None, num_warps=None):
     """Forward scan. Returns (out, (w1, b1, w2, b2) checkpoints [B, NH, NK, ...], final state)."""
     B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal,
                                      checkpoint_group_size)
@@ -467,7 +496,7 @@ def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
                 _state_shapes(B, NH, F, (NK,)))]
     xq, xk, xv, lr = (t.contiguous() for t in (xq, xk, xv, lr))
     ts = token_scale.contiguous() if causal else lr  # not read when non-causal
-    BK, warps = _config(F, CS)
+    BK, warps = _config(F, CS, block_k, num_warps)
     _ttt_fwd_kernel[(B * NH,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *last, *ckpt, out,
                                NH, NC, G, CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=4 * F, BK=BK,
                                num_warps=warps)
@@ -476,7 +505,7 @@ def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
 
 def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out,
                 grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last, *, causal, checkpoint_group_size,
-                grads=None):
+                grads=None, block_k=None, num_warps=None):
     """Backward scan with rematerialisation from the checkpoints. Returns a dict of gradients (see module
     tether.functional.ttt_mlp); ln_weight/ln_bias gradients are per batch element, [B, NH, F]."""
     B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal,
@@ -501,13 +530,13 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
     for name, g in zip(("w1", "b1", "w2", "b2"), grad_last):
         grads[name].copy_(g)  # the carried state gradient starts as that of the final state
     scratch = [torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, F, (G,))]
-    dz1 = torch.empty(B * NH, CS, K, dtype=torch.float32, device=dev)  # per program, one mini-batch
+    work = torch.empty(B * NH, CS * (K + 3 * F + CS), dtype=torch.float32, device=dev)  # per program
     dts = torch.empty(B * NH, CS, dtype=torch.float32, device=dev)
     xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
     ts = token_scale.contiguous() if causal else lr
-    BK, warps = _config(F, CS)
+    BK, warps = _config(F, CS, block_k, num_warps)
     _ttt_bwd_kernel[(B * NH,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *ckpt, grad_out,
-                               *scratch, dz1, grads["w1"], grads["b1"], grads["w2"], grads["b2"],
+                               *scratch, work, grads["w1"], grads["b1"], grads["w2"], grads["b2"],
                                grads["xq"], grads["xk"], grads["xv"], grads["lr"], dts,
                                grads["ln_weight"], grads["ln_bias"],
                                NH, NC, G, CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=K, BK=BK,

@@ -1,0 +1,183 @@
+"""TTT-MLP kernels vs peers on ttt-tk's test shape (B=1, NH=48, L=2048, CS=64, F=64, G=8, bf16) and B=8.
+
+Measures (protocol: ../shared/BENCHMARKS.md) forward and forward+backward time of the Triton launchers
+(tether.kernels.ttt_mlp), the peak memory of forward+backward, the relative error (norm-wise) of the bf16
+output and of every gradient vs an fp32 reference computed on the GPU with tether.reference, and, in the
+same run on the same inputs, torch.compile of the reference's per-mini-batch step and the eager fp32
+reference (the latter with and without remat: its peak memory is the bar for ours).
+
+GPU: PYTHONPATH=src python3 benchmarks/bench_ttt.py [--configs BK:WARPS,...] [--no-peers]
+Several configs (K block, warps) are compiled in parallel processes first, then timed; the best is reported.
+"""
+import argparse
+import os
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bench_ms, ceilings, environment, markdown_table, peak_extra_bytes, write_results  # noqa: E402
+
+from tether.kernels import ttt_mlp as kernels  # noqa: E402
+from tether.reference import ttt_mlp as ref  # noqa: E402
+
+NH, L, CS, F, G = 48, 2048, 64, 64, 8
+NC, K = L // CS, 4 * F
+GRADS = ("xq", "xk", "xv", "lr", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2")
+
+
+def make_inputs(B, seed=0):
+    """Activations bf16, state fp32, scaled as a TTT layer starts: unit tokens, lr = sigmoid(.) / F,
+    inner weights N(0, 0.02). Upstream gradients random (outputs bf16, final state fp32)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape, scale=1.0, dtype=torch.float32):
+        return (scale * torch.randn(*shape, device="cuda", generator=g)).to(dtype)
+
+    x = {n: randn(B, NH, NC, CS, F, dtype=torch.bfloat16) for n in ("xq", "xk", "xv")}  # [B, NH, NC, CS, F]
+    x["lr"] = (torch.sigmoid(randn(B, NH, NC, CS, 1)) / F).to(torch.bfloat16)
+    x["ln_weight"] = 1.0 + randn(NH, F, scale=0.1)
+    x["ln_bias"] = randn(NH, F, scale=0.1)
+    x.update(w1=randn(B, NH, F, K, scale=0.02), b1=randn(B, NH, 1, K, scale=0.02),
+             w2=randn(B, NH, K, F, scale=0.02), b2=randn(B, NH, 1, F, scale=0.02))
+    upstream = {"out": randn(B, NH, NC, CS, F, dtype=torch.bfloat16),
+                "last": [randn(*x[n].shape, scale=0.01) for n in ("w1", "b1", "w2", "b2")]}
+    return x, upstream
+
+
+def kernel_fwd(x, cfg):
+    return kernels.ttt_mlp_fwd(x["xq"], x["xk"], x["xv"], x["lr"], None, x["ln_weight"], x["ln_bias"],
+                               x["w1"], x["b1"], x["w2"], x["b2"], causal=False, checkpoint_group_size=G,
+                               block_k=cfg[0], num_warps=cfg[1])
+
+
+def kernel_fwd_bwd(x, up, cfg):
+    out, ckpts, last = kernel_fwd(x, cfg)
+    grads = kernels.ttt_mlp_bwd(x["xq"], x["xk"], x["xv"], x["lr"], None, x["ln_weight"], x["ln_bias"], *ckpts,
+                                up["out"], *up["last"], causal=False, checkpoint_group_size=G,
+                                block_k=cfg[0], num_warps=cfg[1])
+    return out, last, grads
+
+
+def reference_fwd_bwd(x, up, group=None, dtype=torch.float32):
+    """Eager reference in `dtype` (inputs upcast); returns (out, final state, grads)."""
+    leaves = {n: x[n].detach().to(dtype).requires_grad_() for n in GRADS}
+    out, last, _ = ref.ttt_mlp(*(leaves[n] for n in GRADS), causal=False, checkpoint_group_size=group)
+    torch.autograd.backward([out, *last], [up["out"].to(dtype), *up["last"]])
+    return out, last, {n: leaves[n].grad for n in GRADS}
+
+
+def compiled_step_scan():
+    """torch.compile of the reference's per-mini-batch step, scanned over NC in Python (fp32)."""
+    step = torch.compile(ref.ttt_mlp_step, dynamic=False)
+
+    def scan(leaves):
+        state = tuple(leaves[n] for n in ("w1", "b1", "w2", "b2"))
+        outs = []
+        for c in range(NC):
+            out, state = step(leaves["xq"][:, :, c], leaves["xk"][:, :, c], leaves["xv"][:, :, c],
+                              leaves["lr"][:, :, c], leaves["ln_weight"], leaves["ln_bias"], state,
+                              causal=False, token_scale=None)
+            outs.append(out)
+        return torch.stack(outs, 2), state
+    return scan
+
+
+def rel_err(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def compile_only(cfg):
+    x, up = make_inputs(1)
+    kernel_fwd_bwd(x, up, cfg)
+    torch.cuda.synchronize()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", default="32:8,64:8", help="K block:warps, comma separated")
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--compile-only", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    parse = lambda c: tuple(int(v) for v in c.split(":"))  # noqa: E731
+    if args.compile_only:
+        return compile_only(parse(args.compile_only))
+    configs = [parse(c) for c in args.configs.split(",")]
+    # Triton caches compiled kernels on disk: compile every config at once in parallel processes
+    procs = [subprocess.Popen([sys.executable, __file__, "--compile-only", f"{c[0]}:{c[1]}"]) for c in configs]
+    failed = [c for c, p in zip(configs, procs) if p.wait() != 0]
+    if failed:
+        print(f"configs that failed to compile or run, dropped: {failed}")
+    configs = [c for c in configs if c not in failed]
+
+    env = environment()
+    peaks = ceilings()
+    rows, payload = [], {"environment": env, "ceilings": peaks, "shape": dict(NH=NH, L=L, CS=CS, F=F, G=G),
+                         "results": []}
+    for B in (1, 8):
+        x, up = make_inputs(B)
+        res = {"B": B}
+        # correctness first: bf16 kernels vs the fp32 reference on the same inputs
+        ref_out, ref_last, ref_grads = reference_fwd_bwd(x, up)
+        errs = {}
+        times = {}
+        for cfg in configs:
+            out, last, grads = kernel_fwd_bwd(x, up, cfg)
+            e = {"out": rel_err(out, ref_out)}
+            e.update({f"last_{n}": rel_err(a, b) for n, a, b in zip(("w1", "b1", "w2", "b2"), last, ref_last)})
+            e.update({f"d{n}": rel_err(grads[n].sum(0) if n.startswith("ln") else grads[n], ref_grads[n])
+                      for n in GRADS})
+            errs[cfg] = e
+            times[cfg] = (bench_ms(lambda: kernel_fwd(x, cfg)), bench_ms(lambda: kernel_fwd_bwd(x, up, cfg)))
+            print(f"B={B} config {cfg}: fwd {times[cfg][0]:.3f} ms, fwd+bwd {times[cfg][1]:.3f} ms, "
+                  f"max grad err {max(v for k, v in e.items() if k.startswith('d')):.2e}, out err {e['out']:.2e}",
+                  flush=True)
+        del ref_out, ref_last, ref_grads
+        best = min(configs, key=lambda c: times[c][1])
+        res.update(config=f"BK={best[0]} warps={best[1]}", fwd_ms=times[best][0], fwd_bwd_ms=times[best][1],
+                   errors=errs[best], sweep={f"{c[0]}:{c[1]}": times[c] for c in configs})
+        res["fwd_tflops"] = 14 * CS * F * K * NC * B * NH / res["fwd_ms"] / 1e9
+        res["peak_gb"] = peak_extra_bytes(lambda: kernel_fwd_bwd(x, up, best)) / 1e9
+        row = {"implementation": f"tether Triton, bf16 ({res['config']})", "B": B, "fwd ms": res["fwd_ms"],
+               "fwd+bwd ms": res["fwd_bwd_ms"], "peak GB": res["peak_gb"], "out err": errs[best]["out"],
+               "max grad err": max(v for k, v in errs[best].items() if k.startswith("d"))}
+        rows.append(row)
+        if not args.no_peers:
+            leaves = {n: x[n].detach().float().requires_grad_() for n in GRADS}
+            up32 = [up["out"].float(), *up["last"]]
+            scan = compiled_step_scan()
+
+            def compiled_fwd_bwd():
+                out, last = scan(leaves)
+                torch.autograd.backward([out, *last], up32)
+            with torch.no_grad():
+                res["compile_fwd_ms"] = bench_ms(lambda: scan(leaves), warmup=3, rep=10)
+            res["compile_fwd_bwd_ms"] = bench_ms(compiled_fwd_bwd, warmup=3, rep=10)
+            with torch.no_grad():
+                res["eager_fwd_ms"] = bench_ms(lambda: ref.ttt_mlp(*(leaves[n] for n in GRADS)), warmup=2, rep=5)
+            res["eager_fwd_bwd_ms"] = bench_ms(lambda: reference_fwd_bwd(x, up), warmup=2, rep=5)
+            res["eager_remat_peak_gb"] = peak_extra_bytes(lambda: reference_fwd_bwd(x, up, group=G)) / 1e9
+            res["eager_peak_gb"] = peak_extra_bytes(lambda: reference_fwd_bwd(x, up)) / 1e9
+            rows.append({"implementation": "torch.compile per mini-batch step, fp32", "B": B,
+                         "fwd ms": res["compile_fwd_ms"], "fwd+bwd ms": res["compile_fwd_bwd_ms"]})
+            rows.append({"implementation": "PyTorch eager reference, fp32 (remat G=8 for peak)", "B": B,
+                         "fwd ms": res["eager_fwd_ms"], "fwd+bwd ms": res["eager_fwd_bwd_ms"],
+                         "peak GB": res["eager_remat_peak_gb"]})
+            for r in rows[-2:]:
+                r["ratio fwd"] = r["fwd ms"] / res["fwd_ms"]
+                r["ratio fwd+bwd"] = r["fwd+bwd ms"] / res["fwd_bwd_ms"]
+        payload["results"].append(res)
+    columns = ["implementation", "B", "fwd ms", "fwd+bwd ms", "ratio fwd", "ratio fwd+bwd", "peak GB",
+               "out err", "max grad err"]
+    table = markdown_table(rows, columns)
+    table += ("\n\nratio = peer time / tether time. Errors: relative (norm-wise) vs the fp32 reference on the "
+              "same inputs; per-gradient errors in ttt.json. ttt-tk anchors (BENCHMARKS.md, B=1): fwd 1.08 ms, "
+              f"fwd+bwd 9.89 ms. Ceilings here: copy {peaks['copy_gbs']:.0f} GB/s, bf16 matmul "
+              f"{peaks['bf16_matmul_tflops']:.0f} TFLOP/s.")
+    print(table)
+    write_results("ttt", payload, table)
+
+
+if __name__ == "__main__":
+    main()
