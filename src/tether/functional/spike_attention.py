@@ -15,53 +15,50 @@ MATRIX_CHUNK = 64
 
 
 @torch.library.custom_op("tether::spike_attention_elementwise", mutates_args=())
-def _elementwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, state: torch.Tensor,
-                 save_checkpoints: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _elementwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
+                 state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> out, final state, state entering each chunk (kept for the backward)."""
     from tether.kernels.spike_attention import spike_attention_forward
 
-    return spike_attention_forward(q, k, v, gamma, state, save_checkpoints)
+    return spike_attention_forward(q, k, v, gamma, state)
 
 
 @_elementwise.register_fake
-def _(q, k, v, gamma, state, save_checkpoints):
+def _(q, k, v, gamma, state):
     from tether.kernels.spike_attention import CHUNK
 
     T, B, H, D = q.shape
-    n_checkpoints = -(-T // CHUNK) if save_checkpoints else 0
     return (q.new_empty(T, B, H, D, dtype=torch.float32), q.new_empty(B, H, D, dtype=torch.float32),
-            q.new_empty(n_checkpoints, B, H, D, dtype=torch.float32))
+            q.new_empty(-(-T // CHUNK), B, H, D, dtype=torch.float32))
 
 
 @torch.library.custom_op("tether::spike_attention_elementwise_backward", mutates_args=())
 def _elementwise_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
-                          checkpoints: torch.Tensor, dout: torch.Tensor, dfinal: torch.Tensor,
+                          entering: torch.Tensor, dout: torch.Tensor, dfinal: torch.Tensor,
                           need_dgamma: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                       torch.Tensor]:
     from tether.kernels.spike_attention import spike_attention_backward
 
-    return spike_attention_backward(q, k, v, gamma, checkpoints, dout, dfinal, need_dgamma)
+    return spike_attention_backward(q, k, v, gamma, entering, dout, dfinal, need_dgamma)
 
 
 @_elementwise_backward.register_fake
-def _(q, k, v, gamma, checkpoints, dout, dfinal, need_dgamma):
+def _(q, k, v, gamma, entering, dout, dfinal, need_dgamma):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(dfinal),
             torch.empty_like(gamma))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, gamma, state, _ = inputs
+    q, k, v, gamma, state = inputs
     # saved: q, k, v as they came (2 B/elem each in bf16) + fp32 chunk-entry states (4 / CHUNK B/elem)
     ctx.save_for_backward(q, k, v, gamma, output[2])
 
 
-def _backward(ctx, dout, dfinal, _dcheckpoints):
-    q, k, v, gamma, checkpoints = ctx.saved_tensors
-    if checkpoints.shape[0] == 0:
-        raise RuntimeError("spike_attention: backward through a forward run without grad "
-                           "(the op was called with no input requiring grad)")
-    dq, dk, dv, dstate, dgamma = _elementwise_backward(q, k, v, gamma, checkpoints, dout, dfinal,
+def _backward(ctx, dout, dfinal, _dentering):
+    q, k, v, gamma, entering = ctx.saved_tensors
+    dq, dk, dv, dstate, dgamma = _elementwise_backward(q, k, v, gamma, entering, dout, dfinal,
                                                        ctx.needs_input_grad[3])
-    return dq, dk, dv, dgamma if ctx.needs_input_grad[3] else None, dstate, None
+    return dq, dk, dv, dgamma if ctx.needs_input_grad[3] else None, dstate
 
 
 _elementwise.register_autograd(_backward, setup_context=_setup_context)
@@ -101,6 +98,5 @@ def spike_attention(q, k, v, gamma=1.0, state=None, *, form="elementwise"):
     T, B, H, D = q.shape
     gamma = gamma_per_head(gamma, H, torch.float32, q.device)  # [H]
     state = torch.zeros(B, H, D, device=q.device, dtype=torch.float32) if state is None else state.float()
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gamma, state))
-    out, final, _ = _elementwise(q, k, v, gamma, state, save)
+    out, final, _ = _elementwise(q, k, v, gamma, state)
     return out, final

@@ -2,28 +2,24 @@
 
     C_t = gamma_h * C_{t-1} + k_t * v_t,   o_t = q_t * C_t        per (b, h, d) channel
 
-Layout: q, k, v, out, grads are contiguous [T, B, H, D] (any float dtype in, fp32 math); state and
-checkpoints are [B, H, D] / [n_chunks, B, H, D] fp32; gamma is [H] fp32.
-Grid: (B * H, cdiv(D, BLOCK_D)); a program owns one head (so one decay) and a block of channels and walks
-time in chunks of CHUNK steps. Inside a chunk the scan is a decay-masked matmul (fp32, ieee: tf32 would
-round the decays), so all the chunk's loads are in flight at once; across chunks one state row is carried.
+Layout: q, k, v, out and their grads are contiguous [T, B, H, D] (any float dtype in, fp32 math); state and
+per-chunk states are [B, H, D] / [n_chunks, B, H, D] fp32; gamma is [H] fp32.
 
-Backward (a reverse scan of the adjoint G_t = dout_t * q_t + gamma * G_{t+1}) walks the chunks in reverse
-and recomputes C from the states that entered each chunk, saved by the forward (4 / CHUNK bytes per element).
+Time is cut into chunks of CHUNK steps and every pass but one runs all chunks in parallel:
+  1. `_chunk_sums_kernel`, grid (n_chunks, B*H, D blocks): what each chunk adds to the state it hands on;
+  2. `_carry_kernel`, grid (channel blocks,): the short scan over chunks -> the state entering each chunk;
+  3. `_chunk_forward_kernel` / `_chunk_backward_kernel`, grid as 1: inside a chunk the scan is a parallel
+     prefix scan (tl.associative_scan on (decay, value) pairs, fp32) plus the entering state.
+The backward is the same three passes on the adjoint G_t = dout_t * q_t + gamma * G_{t+1}, run from the
+end; it recomputes C from the entering states that the forward saved (4 / CHUNK bytes per element).
 Nothing divides by gamma: every decay factor is gamma^n with n >= 0.
 """
 import torch
 import triton
 import triton.language as tl
 
-CHUNK = 64
-
-
-@triton.jit
-def _decays(first, second, log2_gamma, strict: tl.constexpr):
-    """[len(first), len(second)] matrix gamma^(first_i - second_j - strict) where first_i - second_j >= strict, else 0."""
-    steps = first[:, None] - second[None, :] - strict
-    return tl.where(steps >= 0, tl.exp2(tl.maximum(steps, 0).to(tl.float32) * log2_gamma), 0.0)
+CHUNK = 32
+CARRY_BLOCK = 128
 
 
 @triton.jit
@@ -33,128 +29,157 @@ def _powers(exponent, log2_gamma):
 
 
 @triton.jit
-def _scan(decays, x, powers, carry):
-    """decays @ x + powers * carry: a chunk of the scan, [CHUNK, BLOCK_D] fp32."""
-    return tl.dot(decays, x, input_precision="ieee") + powers[:, None] * carry[None, :]
+def _decay_then_add(decay_a, value_a, decay_b, value_b):
+    """Composition of two stretches of C -> gamma^n C + value: first a, then b."""
+    return decay_a * decay_b, value_a * decay_b + value_b
 
 
 @triton.jit
-def _row(tile, rows, index):
-    """Row `index` of a [CHUNK, BLOCK_D] tile."""
-    return tl.sum(tl.where(rows[:, None] == index, tile, 0.0), axis=0)
+def _scan(x, gamma, powers, carry, REVERSE: tl.constexpr):
+    """One chunk of the scan along rows, [CHUNK, BLOCK_D] fp32: sum_{j<=i} gamma^(i-j) x_j (j >= i when
+    REVERSE) by a parallel prefix scan, plus powers * carry (the state carried in from the other chunks)."""
+    _, local = tl.associative_scan((tl.zeros_like(x) + gamma, x), 0, _decay_then_add, reverse=REVERSE)
+    return local + powers[:, None] * carry[None, :]
 
 
 @triton.jit
-def _spike_attention_fwd_kernel(q_ptr, k_ptr, v_ptr, gamma_ptr, state_ptr, out_ptr, final_ptr, checkpoint_ptr,
-                                T, H, D, N,  # N = B * H * D, the stride of one time step
-                                CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, SAVE_CHECKPOINTS: tl.constexpr):
-    bh = tl.program_id(0)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+def _chunk_tile(T, D, N, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's chunk c, channels [BLOCK_D], [CHUNK, BLOCK_D] offsets and mask, index of its last row."""
+    c = tl.program_id(0)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     rows = tl.arange(0, CHUNK)
-    channel = bh * D + d  # [BLOCK_D]
+    channel = tl.program_id(1) * D + d  # program_id(1) = b * H + h
+    t = c * CHUNK + rows
+    offs = t.to(tl.int64)[:, None] * N + channel[None, :]
     d_mask = d < D
-    log2_gamma = tl.log2(tl.load(gamma_ptr + bh % H))
-    decays = _decays(rows, rows, log2_gamma, 0)  # [CHUNK, CHUNK]: gamma^(i-j), j <= i
-    powers = _powers(rows + 1, log2_gamma)  # [CHUNK]: gamma^(i+1), how the entering state reaches row i
-    carry = tl.load(state_ptr + channel, mask=d_mask, other=0.0)  # [BLOCK_D] fp32
-    for c in range(0, tl.cdiv(T, CHUNK)):
-        if SAVE_CHECKPOINTS:
-            tl.store(checkpoint_ptr + c * N + channel, carry, mask=d_mask)
-        t = c * CHUNK + rows
-        offs = t.to(tl.int64)[:, None] * N + channel[None, :]
-        mask = (t < T)[:, None] & d_mask[None, :]
-        q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        C = _scan(decays, k * v, powers, carry)
-        tl.store(out_ptr + offs, q * C, mask=mask)
-        carry = _row(C, rows, tl.minimum(T - c * CHUNK, CHUNK) - 1)
-    tl.store(final_ptr + channel, carry, mask=d_mask)
+    mask = (t < T)[:, None] & d_mask[None, :]
+    last = tl.minimum(T - c * CHUNK, CHUNK) - 1
+    return c, rows, channel, d_mask, offs, mask, last
 
 
 @triton.jit
-def _spike_attention_bwd_kernel(q_ptr, k_ptr, v_ptr, gamma_ptr, checkpoint_ptr, dout_ptr, dfinal_ptr,
-                                dq_ptr, dk_ptr, dv_ptr, dstate_ptr, dgamma_ptr,
-                                T, H, D, N,
-                                CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, NEED_DGAMMA: tl.constexpr):
-    bh = tl.program_id(0)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    rows = tl.arange(0, CHUNK)
-    channel = bh * D + d
-    d_mask = d < D
-    gamma = tl.load(gamma_ptr + bh % H)
-    log2_gamma = tl.log2(gamma)
-    decays = _decays(rows, rows, log2_gamma, 0)  # [CHUNK, CHUNK]: forward, gamma^(i-j), j <= i
-    powers = _powers(rows + 1, log2_gamma)
-    # adjoint flowing into the chunk's last state from the future (starts as the final state's gradient)
-    adjoint = tl.load(dfinal_ptr + channel, mask=d_mask, other=0.0)  # [BLOCK_D]
-    dgamma = tl.zeros([BLOCK_D], dtype=tl.float32)
+def _load(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chunk_sums_kernel(a_ptr, b_ptr, gamma_ptr, sums_ptr, T, H, D, N,
+                       CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, TO_START: tl.constexpr):
+    """sums[c] = sum_i w_i a_i b_i over the chunk's rows: w_i = gamma^(last - i) (forward, x = k v, what the
+    chunk adds to the state at its end) or gamma^(i + 1) (backward, g = dout q, what it adds to the
+    adjoint of the state before it)."""
+    c, rows, channel, d_mask, offs, mask, last = _chunk_tile(T, D, N, CHUNK, BLOCK_D)
+    log2_gamma = tl.log2(tl.load(gamma_ptr + tl.program_id(1) % H))
+    x = _load(a_ptr, offs, mask) * _load(b_ptr, offs, mask)
+    weights = _powers(rows + 1 if TO_START else last - rows, log2_gamma)
+    tl.store(sums_ptr + c.to(tl.int64) * N + channel, tl.sum(weights[:, None] * x, axis=0), mask=d_mask)
+
+
+@triton.jit
+def _carry_kernel(sums_ptr, gamma_ptr, init_ptr, entering_ptr, final_ptr, T, H, D, N,
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """Scan over chunks, per channel: entering[c] = carry; carry = gamma^len(c) * carry + sums[c].
+    Forward: carry is the state (init = initial state, final = final state). Backward (REVERSE):
+    carry is the adjoint of a chunk's last state (init = grad of the final state, final = grad of the
+    initial state)."""
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # channel (b * H + h) * D + d
+    mask = n < N
+    log2_gamma = tl.log2(tl.load(gamma_ptr + (n // D) % H, mask=mask, other=1.0))
+    carry = tl.load(init_ptr + n, mask=mask, other=0.0)
     n_chunks = tl.cdiv(T, CHUNK)
     for r in range(0, n_chunks):
-        c = n_chunks - 1 - r
-        t = c * CHUNK + rows
-        offs = t.to(tl.int64)[:, None] * N + channel[None, :]
-        mask = (t < T)[:, None] & d_mask[None, :]
-        q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        entering = tl.load(checkpoint_ptr + c * N + channel, mask=d_mask, other=0.0)
-        C = _scan(decays, k * v, powers, entering)  # recomputed forward states
-        last = tl.minimum(T - c * CHUNK, CHUNK) - 1
-        # G_i = sum_{j >= i} gamma^(j-i) dout_j q_j + gamma^(last-i) adjoint: the reverse scan, same code
-        G = _scan(tl.trans(decays), dout * q, _powers(last - rows, log2_gamma), adjoint)
-        tl.store(dq_ptr + offs, (dout * C).to(dq_ptr.dtype.element_ty), mask=mask)
-        tl.store(dk_ptr + offs, (G * v).to(dk_ptr.dtype.element_ty), mask=mask)
-        tl.store(dv_ptr + offs, (G * k).to(dv_ptr.dtype.element_ty), mask=mask)
-        if NEED_DGAMMA:
-            # dL/dgamma = sum_t G_t * C_{t-1}; C_{t-1} from the strictly causal decays, not (C_t - x_t) / gamma
-            C_prev = _scan(_decays(rows, rows, log2_gamma, 1), k * v, _powers(rows, log2_gamma), entering)
-            dgamma += tl.sum(G * C_prev, axis=0)  # padded rows and channels have G = 0
-        adjoint = gamma * _row(G, rows, 0)
-    tl.store(dstate_ptr + channel, adjoint, mask=d_mask)
+        c = n_chunks - 1 - r if REVERSE else r
+        offs = c.to(tl.int64) * N + n
+        tl.store(entering_ptr + offs, carry, mask=mask)
+        length = tl.minimum(T - c * CHUNK, CHUNK)
+        carry = tl.exp2(length.to(tl.float32) * log2_gamma) * carry + tl.load(sums_ptr + offs, mask=mask)
+    tl.store(final_ptr + n, carry, mask=mask)
+
+
+@triton.jit
+def _chunk_forward_kernel(q_ptr, k_ptr, v_ptr, gamma_ptr, entering_ptr, out_ptr, T, H, D, N,
+                          CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = q * C over one chunk, C = scan of k v + gamma^(i+1) * entering state."""
+    c, rows, channel, d_mask, offs, mask, last = _chunk_tile(T, D, N, CHUNK, BLOCK_D)
+    gamma = tl.load(gamma_ptr + tl.program_id(1) % H)
+    entering = tl.load(entering_ptr + c.to(tl.int64) * N + channel, mask=d_mask, other=0.0)
+    x = _load(k_ptr, offs, mask) * _load(v_ptr, offs, mask)
+    C = _scan(x, gamma, _powers(rows + 1, tl.log2(gamma)), entering, False)
+    tl.store(out_ptr + offs, _load(q_ptr, offs, mask) * C, mask=mask)
+
+
+@triton.jit
+def _chunk_backward_kernel(q_ptr, k_ptr, v_ptr, gamma_ptr, entering_ptr, adjoint_ptr, dout_ptr,
+                           dq_ptr, dk_ptr, dv_ptr, dgamma_ptr, T, H, D, N,
+                           CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, NEED_DGAMMA: tl.constexpr):
+    """dq = dout C, dk = G v, dv = G k over one chunk, with G = reverse scan of dout q + gamma^(last-i) * adjoint
+    (same code as the forward scan); per-program partial sums of dgamma = sum_t G_t C_{t-1}."""
+    c, rows, channel, d_mask, offs, mask, last = _chunk_tile(T, D, N, CHUNK, BLOCK_D)
+    gamma = tl.load(gamma_ptr + tl.program_id(1) % H)
+    log2_gamma = tl.log2(gamma)
+    entering = tl.load(entering_ptr + c.to(tl.int64) * N + channel, mask=d_mask, other=0.0)
+    adjoint = tl.load(adjoint_ptr + c.to(tl.int64) * N + channel, mask=d_mask, other=0.0)
+    q, k, v, dout = _load(q_ptr, offs, mask), _load(k_ptr, offs, mask), _load(v_ptr, offs, mask), \
+        _load(dout_ptr, offs, mask)
+    C = _scan(k * v, gamma, _powers(rows + 1, log2_gamma), entering, False)  # recomputed states
+    G = _scan(dout * q, gamma, _powers(last - rows, log2_gamma), adjoint, True)  # padded rows: G = 0
+    tl.store(dq_ptr + offs, (dout * C).to(dq_ptr.dtype.element_ty), mask=mask)
+    tl.store(dk_ptr + offs, (G * v).to(dk_ptr.dtype.element_ty), mask=mask)
+    tl.store(dv_ptr + offs, (G * k).to(dv_ptr.dtype.element_ty), mask=mask)
     if NEED_DGAMMA:
-        tl.store(dgamma_ptr + bh * tl.num_programs(1) + tl.program_id(1), tl.sum(dgamma, axis=0))
+        # C_{t-1}: the same scan over k v shifted down one row (rows come from cache), not (C_t - k_t v_t) / gamma
+        shifted = mask & (rows > 0)[:, None]
+        C_prev = _scan(_load(k_ptr, offs - N, shifted) * _load(v_ptr, offs - N, shifted), gamma,
+                       _powers(rows, log2_gamma), entering, False)
+        program = (c * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        tl.store(dgamma_ptr + program, tl.sum(tl.sum(G * C_prev, axis=0), axis=0))
 
 
-def _block_d(D: int) -> int:
-    # tl.dot needs >= 16 columns; 32 gives B*H*2 programs at D=64, enough to fill an H100
-    return max(16, min(32, triton.next_power_of_2(D)))
+def _grids(T: int, B: int, H: int, D: int):
+    # 32 keeps the [CHUNK, BLOCK_D] tiles in registers and the grid large (4096 programs at the bench shape)
+    block_d = min(32, triton.next_power_of_2(D))
+    n_chunks = triton.cdiv(T, CHUNK)
+    return block_d, (n_chunks, B * H, triton.cdiv(D, block_d)), (triton.cdiv(B * H * D, CARRY_BLOCK),)
 
 
-def spike_attention_forward(q, k, v, gamma, state, save_checkpoints: bool):
+def spike_attention_forward(q, k, v, gamma, state):
     """q, k, v [T, B, H, D]; gamma [H] fp32; state [B, H, D] fp32.
 
-    Returns out [T, B, H, D] fp32, final state [B, H, D] fp32 and the states entering each chunk
-    [cdiv(T, CHUNK), B, H, D] fp32 (empty unless save_checkpoints), which the backward needs.
+    Returns out [T, B, H, D] fp32, final state [B, H, D] fp32 and the state entering each chunk
+    [cdiv(T, CHUNK), B, H, D] fp32 (what the backward recomputes from).
     """
     T, B, H, D = q.shape
     q, k, v, gamma, state = (t.contiguous() for t in (q, k, v, gamma, state))
-    out = torch.empty(T, B, H, D, device=q.device, dtype=torch.float32)
+    N = B * H * D
+    block_d, chunk_grid, carry_grid = _grids(T, B, H, D)
+    sums = torch.empty(chunk_grid[0], B, H, D, device=q.device, dtype=torch.float32)
+    entering = torch.empty_like(sums)
     final = torch.empty(B, H, D, device=q.device, dtype=torch.float32)
-    n_checkpoints = triton.cdiv(T, CHUNK) if save_checkpoints else 0
-    checkpoints = torch.empty(n_checkpoints, B, H, D, device=q.device, dtype=torch.float32)
-    block_d = _block_d(D)
-    _spike_attention_fwd_kernel[(B * H, triton.cdiv(D, block_d))](
-        q, k, v, gamma, state, out, final, checkpoints, T, H, D, B * H * D,
-        CHUNK=CHUNK, BLOCK_D=block_d, SAVE_CHECKPOINTS=save_checkpoints)
-    return out, final, checkpoints
+    out = torch.empty(T, B, H, D, device=q.device, dtype=torch.float32)
+    _chunk_sums_kernel[chunk_grid](k, v, gamma, sums, T, H, D, N, CHUNK=CHUNK, BLOCK_D=block_d, TO_START=False)
+    _carry_kernel[carry_grid](sums, gamma, state, entering, final, T, H, D, N,
+                              CHUNK=CHUNK, BLOCK=CARRY_BLOCK, REVERSE=False)
+    _chunk_forward_kernel[chunk_grid](q, k, v, gamma, entering, out, T, H, D, N, CHUNK=CHUNK, BLOCK_D=block_d)
+    return out, final, entering
 
 
-def spike_attention_backward(q, k, v, gamma, checkpoints, dout, dfinal, need_dgamma: bool):
+def spike_attention_backward(q, k, v, gamma, entering, dout, dfinal, need_dgamma: bool):
     """Gradients of (out, final state) -> dq, dk, dv (dtypes of q, k, v), dstate [B, H, D] fp32, dgamma [H] fp32.
 
-    dgamma is zeros unless need_dgamma (its reduction costs a third matmul per chunk).
+    dgamma is zeros unless need_dgamma (its partial sums cost a third scan per chunk).
     """
     T, B, H, D = q.shape
-    q, k, v, gamma, checkpoints, dout, dfinal = (
-        t.contiguous() for t in (q, k, v, gamma, checkpoints, dout, dfinal))
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    q, k, v, gamma, entering, dout, dfinal = (t.contiguous() for t in (q, k, v, gamma, entering, dout, dfinal))
+    N = B * H * D
+    block_d, chunk_grid, carry_grid = _grids(T, B, H, D)
+    sums = torch.empty_like(entering)
+    adjoint = torch.empty_like(entering)  # adjoint of each chunk's last state, from the chunks after it
     dstate = torch.empty(B, H, D, device=q.device, dtype=torch.float32)
-    block_d = _block_d(D)
-    n_blocks = triton.cdiv(D, block_d)
-    dgamma_parts = torch.zeros(B, H, n_blocks, device=q.device, dtype=torch.float32)  # one per program
-    _spike_attention_bwd_kernel[(B * H, n_blocks)](
-        q, k, v, gamma, checkpoints, dout, dfinal, dq, dk, dv, dstate, dgamma_parts, T, H, D, B * H * D,
-        CHUNK=CHUNK, BLOCK_D=block_d, NEED_DGAMMA=need_dgamma)
-    return dq, dk, dv, dstate, dgamma_parts.sum(dim=(0, 2))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dgamma_parts = torch.zeros(chunk_grid[0], B, H, chunk_grid[2], device=q.device, dtype=torch.float32)
+    _chunk_sums_kernel[chunk_grid](q, dout, gamma, sums, T, H, D, N, CHUNK=CHUNK, BLOCK_D=block_d, TO_START=True)
+    _carry_kernel[carry_grid](sums, gamma, dfinal, adjoint, dstate, T, H, D, N,
+                              CHUNK=CHUNK, BLOCK=CARRY_BLOCK, REVERSE=True)
+    _chunk_backward_kernel[chunk_grid](q, k, v, gamma, entering, adjoint, dout, dq, dk, dv, dgamma_parts,
+                                       T, H, D, N, CHUNK=CHUNK, BLOCK_D=block_d, NEED_DGAMMA=need_dgamma)
+    return dq, dk, dv, dstate, dgamma_parts.sum(dim=(0, 1, 3))
