@@ -58,13 +58,20 @@ def test_op_kernel_path_matches_reference(causal):
     op_vs_reference(1, 1, 3, 16, 16, 2, causal, torch.float32, dict(atol=1e-4, rtol=1e-4))
 
 
-def test_op_registration_opcheck(monkeypatch):
-    """Schema, fake (meta) implementation and autograd registration agree with the real op
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_op_registration_opcheck(layout, monkeypatch):
+    """Schema, fake (meta) implementation and autograd registration agree with the real op, also for
+    inputs laid out as the layer passes them (heads permuted, initial state expanded over the batch)
     (test_aot_dispatch_dynamic left out: 40 s on the CI CPU)."""
     force_reference_path(monkeypatch)
-    xq, xk, xv, lr, ln_w, ln_b, w1, b1, w2, b2 = make_inputs(1, 2, 3, 2, 4, dtype=torch.float32)
-    args = (xq, xk, xv, lr, default_token_scale(2), ln_w, ln_b, w1, b1, w2, b2, True, 2)
-    args = [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
+    xq, xk, xv, lr, ln_w, ln_b, w1, b1, w2, b2 = make_inputs(2, 2, 3, 2, 4, dtype=torch.float32)
+    acts, state = [xq, xk, xv, lr], [w1, b1, w2, b2]
+    if layout == "strided":
+        acts = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in acts]  # [B, NH, NC, ..] over [B, NC, NH, ..]
+        state = [s[:1].expand_as(s) for s in state]
+    args = [*acts, default_token_scale(2), ln_w, ln_b, *state]
+    args = [t.detach().clone() if layout == "contiguous" else t for t in args]
+    args = [t.requires_grad_() if t.is_leaf else t for t in args] + [True, 2]
     result = torch.library.opcheck(_ttt_mlp_op, args, test_utils=("test_schema", "test_autograd_registration",
                                                                   "test_faketensor"))
     assert set(result.values()) == {"SUCCESS"}
@@ -156,3 +163,17 @@ def test_bad_input_names_the_argument():
         layer(torch.randn(4, 16))
     with pytest.raises(ValueError, match="n_heads: expected a divisor of d_model=16, got 3"):
         TTTMLP(16, 3)
+
+
+def test_layer_compiles_with_fullgraph(monkeypatch):
+    """torch.compile traces through the custom op (fake impl with the real op's strides) in one graph."""
+    force_reference_path(monkeypatch)
+    layer = TTTMLP(16, 2, mini_batch=4, causal=True, checkpoint_group_size=2)
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    y = layer(x)
+    grads = torch.autograd.grad(y.sum(), [x, *layer.parameters()])
+    y_c = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    grads_c = torch.autograd.grad(y_c.sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(y_c, y)
+    for g, g_c in zip(grads, grads_c):
+        torch.testing.assert_close(g_c, g)

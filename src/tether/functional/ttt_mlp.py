@@ -144,7 +144,8 @@ def _(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, causal, c
     B, NH, NC = xq.shape[:3]
     n_ckpt = -(-NC // checkpoint_group_size)
     ckpts = [s.new_empty(B, NH, n_ckpt, *s.shape[2:]) for s in (w1, b1, w2, b2)]  # [B, NH, NK, ...]
-    return (torch.empty_like(xq), *(torch.empty_like(s) for s in (w1, b1, w2, b2)), *ckpts)
+    # new_empty, not empty_like: the real op returns contiguous tensors whatever the inputs' strides
+    return (xq.new_empty(xq.shape), *(s.new_empty(s.shape) for s in (w1, b1, w2, b2)), *ckpts)
 
 
 def _setup_context(ctx, inputs, output):
