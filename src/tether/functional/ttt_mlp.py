@@ -51,15 +51,6 @@ def _kernels(xq: torch.Tensor, state: torch.Tensor):
     return kernels if kernels.supports(F, CS, xq.dtype) else None
 
 
-def _into(buffers, values):
-    """Copy values into caller-given buffers (the reference path of the buffer-writing API)."""
-    if buffers is None:
-        return tuple(values)
-    for buf, v in zip(buffers, values):
-        buf.copy_(v)
-    return tuple(buffers)
-
-
 def forward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, *, causal: bool,
             checkpoint_group_size: int, out=None, w1_ckpt=None, b1_ckpt=None, w2_ckpt=None, b2_ckpt=None):
     """Same contract as tether.kernels.ttt_mlp.ttt_mlp_fwd: returns (out, checkpoints, final state)."""
@@ -71,17 +62,18 @@ def forward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, *, 
     xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2 = args
     with torch.no_grad():
         o, final, ckpts = reference_ttt_mlp(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, causal=causal,
-                                    token_scale=token_scale, checkpoint_group_size=checkpoint_group_size)
-    (o,) = _into(None if out is None else [out], [o])
-    ckpt_bufs = (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt)
-    return o, _into(None if w1_ckpt is None else ckpt_bufs, ckpts), final
+                                            token_scale=token_scale, checkpoint_group_size=checkpoint_group_size)
+    # the reference allocates its own results: copy them into the caller's buffers where given
+    o = o if out is None else out.copy_(o)
+    ckpts = tuple(c if buf is None else buf.copy_(c) for c, buf in zip(ckpts, (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt)))
+    return o, ckpts, final
 
 
 def backward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out,
              grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last, *, causal: bool, checkpoint_group_size: int,
              grads: Optional[dict] = None) -> dict:
     """Same contract as tether.kernels.ttt_mlp.ttt_mlp_bwd: a dict of gradients keyed like GRAD_KEYS,
-    ln_weight/ln_bias per batch element [B, NH, F], token_scale [CS]."""
+    ln_weight/ln_bias per batch element [B, NH, F], token_scale [CS] (None when not causal)."""
     args = [t.contiguous() for t in (xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt,
                                      b2_ckpt, grad_out, grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last)]
     kernels = _kernels(xq, w1_ckpt)
@@ -124,9 +116,9 @@ def _reference_backward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt
         g_state = list(g[6:10])
         if causal:
             g_ts += g[10]
-    state_dtype = w1_ckpt.dtype
-    return dict(zip(GRAD_KEYS, (*g_acts, g_ts.to(token_scale.dtype), g_ln_w.to(ln_weight.dtype),
-                                g_ln_b.to(ln_bias.dtype), *(s.to(state_dtype) for s in g_state))))
+    g_ts = g_ts.to(token_scale.dtype) if causal else None
+    return dict(zip(GRAD_KEYS, (*g_acts, g_ts, g_ln_w.to(ln_weight.dtype), g_ln_b.to(ln_bias.dtype),
+                                *(s.to(w1_ckpt.dtype) for s in g_state))))
 
 
 @torch.library.custom_op("tether::ttt_mlp", mutates_args=())
