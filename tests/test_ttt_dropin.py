@@ -60,8 +60,8 @@ def run_backward(acts, ln_w, ln_b, ckpts, out, grad_last, grad_out, G, **change)
     return dict(zip(("ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "lr", "xq", "xk", "xv"), outputs.values()))
 
 
-SHAPES = [  # (B, NH, NC, CS, F, G): G dividing NC, G not dividing NC, G > NC, one mini-batch per group
-    (2, 2, 4, 4, 4, 2), (1, 2, 5, 3, 8, 2), (2, 1, 3, 4, 4, 4), (1, 1, 3, 2, 4, 1)]
+SHAPES = [  # (B, NH, NC, CS, F, G): G dividing NC, G not dividing NC, G > NC, one mini-batch per group, F=32
+    (2, 2, 4, 4, 4, 2), (1, 2, 5, 3, 8, 2), (2, 1, 3, 4, 4, 4), (1, 1, 3, 2, 4, 1), (1, 1, 3, 2, 32, 2)]
 KERNEL_SHAPES = [(1, 1, 3, 16, 16, 2), (1, 2, 4, 32, 16, 3)]
 # the interpreter's tl.dot on bf16 operands is wrong, so bf16 kernels are checked on the GPU only
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
