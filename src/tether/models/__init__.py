@@ -1,11 +1,4 @@
 """Language models built from tether.nn."""
-import importlib
+from tether.models.lm import LMConfig, SpikingLM, build_model
 
-_EXPORTS = {"LMConfig": "lm", "SpikingLM": "lm", "build_model": "lm"}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["LMConfig", "SpikingLM", "build_model"]

@@ -1,23 +1,10 @@
 """Modules built on tether.functional."""
-import importlib
+from tether.nn.surrogate import Arctan, FastSigmoid, Sigmoid, Surrogate
+from tether.nn.lif import LIF
+from tether.nn.spike_linear import SpikeLinear
+from tether.nn.attention import SpikingSelfAttention
+from tether.nn.transformer import SpikingMLP, SpikingTransformerBlock
+from tether.nn.ttt import TTTMLP
 
-# public name -> submodule of tether.nn that defines it (imported on first use)
-_EXPORTS = {
-    "Surrogate": "surrogate",
-    "Arctan": "surrogate",
-    "Sigmoid": "surrogate",
-    "FastSigmoid": "surrogate",
-    "LIF": "lif",
-    "SpikeLinear": "spike_linear",
-    "SpikingSelfAttention": "attention",
-    "SpikingMLP": "transformer",
-    "SpikingTransformerBlock": "transformer",
-    "TTTMLP": "ttt",
-}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["Surrogate", "Arctan", "Sigmoid", "FastSigmoid", "LIF", "SpikeLinear", "SpikingSelfAttention",
+           "SpikingMLP", "SpikingTransformerBlock", "TTTMLP"]
