@@ -21,7 +21,7 @@ class _SpikeLinear(torch.autograd.Function):
         ctx.in_features = spikes.shape[-1]
         ctx.spikes_dtype = spikes.dtype
         ctx.has_bias = bias is not None
-        packed = pack_spikes(spikes) if weight.requires_grad else None  # [..., ceil(in / 8)] uint8
+        packed = pack_spikes(spikes) if ctx.needs_input_grad[1] else None  # [..., ceil(in / 8)] uint8
         ctx.save_for_backward(packed, weight)
         return out
 
@@ -52,4 +52,6 @@ def spike_linear(spikes: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                          f"got {tuple(weight.shape)}")
     if bias is not None:
         check_tensor("bias", bias, shape=(weight.shape[0],), dtypes=FLOAT_DTYPES, device=spikes.device)
+    if not torch.is_grad_enabled():  # inference (generation): nothing to save
+        return F.linear(spikes, weight, bias)
     return _SpikeLinear.apply(spikes, weight, bias)

@@ -32,7 +32,7 @@ class LMConfig:
     surrogate: str = "arctan"
     backend: str = "fused"
     mlp_ratio: int = 4
-    dropout: float = 0.1
+    dropout: float = 0.2
     decay: float = 0.5  # LIF membrane decay
     threshold: float = 1.0  # LIF firing threshold
 

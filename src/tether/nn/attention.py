@@ -37,7 +37,11 @@ class NormLIF(nn.Module):
             from tether.functional.lif import lif
         else:
             from tether.reference.lif import lif
-        spikes, membrane = lif(self.norm(x), self.decay, self.threshold, membrane, surrogate=self.surrogate)
+        x = self.norm(x)  # fp32 even under autocast
+        if torch.is_autocast_enabled(x.device.type):
+            # spikes in the autocast dtype: half the traffic, and what the next layer reads or saves is half too
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        spikes, membrane = lif(x, self.decay, self.threshold, membrane, surrogate=self.surrogate)
         self.rate = spikes.detach().mean(dtype=torch.float32)
         return spikes, membrane
 
@@ -125,13 +129,14 @@ class SpikingSelfAttention(nn.Module):
         spikes, v_input = self.input_neurons(x, v_input)  # [T, B, C]
         qkv, v_qkv = self.qkv_neurons(self.qkv(spikes), v_qkv)  # [T, B, 3C] spikes
         q, k, v = qkv.view(T, B, 3, H, D).unbind(2)  # each [T, B, H, D]
+        gamma = self.gamma  # [H]
         if self.backend == "fused":
             from tether.functional.spike_attention import spike_attention
-            out, memory = spike_attention(q, k, v, self.gamma, memory)
+            out, memory = spike_attention(q, k, v, gamma, memory)
         else:
             from tether.reference.spike_attention import spike_attention_cumsum
-            out, memory = spike_attention_cumsum(q, k, v, self.gamma, memory)
-        out = out * (1 - self.gamma)[:, None]  # [T, B, H, D], in [0, 1]
+            out, memory = spike_attention_cumsum(q, k, v, gamma, memory)
+        out = out * (1 - gamma)[:, None]  # [T, B, H, D], in [0, 1]
         return self.proj(out.reshape(T, B, C)), (v_input, v_qkv, memory)
 
     def init_state(self, batch_size: int, device) -> Tuple[torch.Tensor, ...]:
