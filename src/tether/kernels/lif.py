@@ -9,8 +9,9 @@ of loads are in flight while the serial recurrence runs; stores are issued per s
 
 What the forward saves for backward (SAVE):
   NONE    inference: nothing is written.
-  COMPACT sqrt(sg'(h_t - theta) / peak) as uint16 fixed point (peak: the surrogate's maximum; the square
-          root spends the code's precision on the tails; bits kept in an int16 tensor) [T, N] + the spikes as bits, 32 steps per int32 word [ceil(T/32), N]: 2.125 B/elem.
+  COMPACT sqrt(sg'(h_t - theta) / peak) as uint16 fixed point [T, N] (peak: the surrogate's maximum; the
+          square root spends the code's precision on the tails) + the spikes as bits, 32 steps per int32
+          word [ceil(T/32), N]: 2.125 B/elem.
   MEMBRANE h_t in fp32 (bits kept in an int32 tensor so autograd never builds a gradient for it) [T, N]:
           4 B/elem. Needed when dL/ddecay = sum_t g_h_t v_{t-1} is asked for (v_{t-1} = reset(h_{t-1})),
           or for the hard reset differentiated through the spike (needs h_t - v_reset).
@@ -46,6 +47,14 @@ def _param(ptr, value, offs, mask, C, IS_TENSOR: tl.constexpr):
 
 
 @triton.jit
+def _neurons(BLOCK: tl.constexpr):
+    """This program's BLOCK neuron indices. The programs run one warp, so each thread holds BLOCK // 32
+    neurons; the contiguity hint makes every dtype (fp32, bf16, uint16) use exactly that vector width, so all
+    tiles share one register layout with the time rows inside each thread (no shuffles between them)."""
+    return tl.max_contiguous(tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), BLOCK // 32)
+
+
+@triton.jit
 def _tile(ptr, t0, T, N, offs, mask, CHUNK: tl.constexpr):
     """Rows t0 .. t0+CHUNK-1 of a [T, N] tensor as a [CHUNK, BLOCK] tile (rows outside [0, T) read 0)."""
     rows = t0 + tl.arange(0, CHUNK)
@@ -78,8 +87,8 @@ def _fwd_step(x, t, v, bits, beta, theta, alpha, v_reset, inv_sg_peak, N, offs, 
     tl.store(spikes_ptr + row, fire.to(tl.float32).to(spikes_ptr.dtype.element_ty), mask=mask)
     if SAVE == 1:
         sg = surrogate_grad(h - theta, alpha, SURROGATE)
-        q = tl.minimum(tl.sqrt(sg * inv_sg_peak) * 65535.0 + 0.5, 65535.0).to(tl.int32)
-        tl.store(saved_ptr + row, q.to(tl.int16), mask=mask)  # low 16 bits: the uint16 value
+        code = tl.minimum(tl.sqrt(sg * inv_sg_peak) * 65535.0 + 0.5, 65535.0)
+        tl.store(saved_ptr + row, code.to(tl.uint16), mask=mask)
         bits = bits | (fire.to(tl.int32) << (t % 32))
     elif SAVE == 2:
         tl.store(saved_ptr + row, h.to(tl.int32, bitcast=True), mask=mask)
@@ -117,7 +126,7 @@ def lif_fwd_kernel(x_ptr, v_init_ptr, decay_ptr, threshold_ptr,
                    THRESHOLD_TENSOR: tl.constexpr, SAVE: tl.constexpr,
                    BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """spikes[t] = H(h_t - theta), h_t = beta v_{t-1} + x[t], v reset; v_final = v_{T-1}; saved per SAVE."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = _neurons(BLOCK)
     mask = offs < N
     beta = _param(decay_ptr, decay, offs, mask, C_decay, DECAY_TENSOR)
     theta = _param(threshold_ptr, threshold, offs, mask, C_threshold, THRESHOLD_TENSOR)
@@ -141,43 +150,51 @@ def lif_fwd_kernel(x_ptr, v_init_ptr, decay_ptr, threshold_ptr,
 
 @triton.jit
 def _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t0, T, N, offs, mask, sg_peak,
-               SAVE: tl.constexpr, CHUNK: tl.constexpr):
-    """fp32 tiles of dL/ds and of sg' (COMPACT) or h (MEMBRANE) for one chunk, and its spike word."""
+               SAVE: tl.constexpr, DETACH_RESET: tl.constexpr, CHUNK: tl.constexpr):
+    """One chunk's [CHUNK, BLOCK] fp32 tiles (a, aux) and its spike word:
+    COMPACT: a = dL/ds * sg' (all a detached reset needs), aux = sg' (soft reset through the spike) or unused;
+    MEMBRANE: a = dL/ds, aux = h."""
     grad_spikes = _tile(grad_spikes_ptr, t0, T, N, offs, mask, CHUNK).to(tl.float32)
     saved = _tile(saved_ptr, t0, T, N, offs, mask, CHUNK)
     if SAVE == 1:
-        code = (saved.to(tl.int32) & 0xFFFF).to(tl.float32) * (1.0 / 65535.0)
-        saved = code * code * sg_peak
+        code = saved.to(tl.float32)  # sqrt(sg' / peak) * 65535
+        sg = code * code * (sg_peak / (65535.0 * 65535.0))
         word_row = tl.maximum(t0, 0) // 32  # t0 < 0 only for the look-ahead past step 0, which is never used
         word = tl.load(bits_ptr + tl.cast(word_row, tl.int64) * N + offs, mask=mask, other=0)
+        if DETACH_RESET:
+            return grad_spikes * sg, 0.0, word
+        else:
+            return grad_spikes * sg, sg, word
     else:
-        saved = saved.to(tl.float32, bitcast=True)
-        word = tl.zeros([saved.shape[1]], dtype=tl.int32)
-    return grad_spikes, saved, word
+        return grad_spikes, saved.to(tl.float32, bitcast=True), 0
 
 
 @triton.jit
-def _bwd_step(grad_s, saved, word, t, gv, g_h_next, g_decay, g_threshold, beta, theta, alpha, v_reset,
+def _bwd_step(a, aux, word, t, gv, g_h_next, g_decay, g_threshold, beta, theta, alpha, v_reset,
               N, offs, mask, grad_x_ptr,
               SURROGATE: tl.constexpr, HARD: tl.constexpr, DETACH_RESET: tl.constexpr, SAVE: tl.constexpr,
               GRAD_DECAY: tl.constexpr, GRAD_THRESHOLD: tl.constexpr):
-    """One reverse step: gv = dL/dv_t in, dL/dv_{t-1} out; writes dL/dx_t = dL/dh_t."""
+    """One reverse step (a, aux: rows of _bwd_tiles): gv = dL/dv_t in, dL/dv_{t-1} out; writes dL/dx_t."""
     if SAVE == 1:
-        sg = saved
-        fire = ((word >> (t % 32)) & 1) != 0  # COMPACT is never chosen when h itself is needed
+        fire = ((word >> (t % 32)) & 1) != 0
+        g_u = a  # dL/du_t, u_t = h_t - theta
+        if not DETACH_RESET:
+            # soft reset through the spike: dv_t/ds_t = -theta (COMPACT is never chosen for the hard one)
+            g_u -= gv * theta * aux
     else:
-        h = saved
+        h = aux
         fire = h >= theta
         sg = surrogate_grad(h - theta, alpha, SURROGATE)
         if GRAD_DECAY:
             g_decay += g_h_next * _reset(h, fire, theta, v_reset, HARD)  # dL/dh_{t+1} * v_t
-    if not DETACH_RESET:
-        # the reset also depends on s_t: dv_t/ds_t = v_reset - h_t (hard) or -theta (soft)
-        if HARD:
-            grad_s += gv * (v_reset - h)
-        else:
-            grad_s -= gv * theta
-    g_u = grad_s * sg  # dL/du_t, u_t = h_t - theta
+        grad_s = a
+        if not DETACH_RESET:
+            # the reset also depends on s_t: dv_t/ds_t = v_reset - h_t (hard) or -theta (soft)
+            if HARD:
+                grad_s += gv * (v_reset - h)
+            else:
+                grad_s -= gv * theta
+        g_u = grad_s * sg
     if HARD:
         g_h = g_u + tl.where(fire, 0.0, gv)
     else:
@@ -191,7 +208,7 @@ def _bwd_step(grad_s, saved, word, t, gv, g_h_next, g_decay, g_threshold, beta, 
 
 
 @triton.jit
-def _bwd_chunk(grad_s_tile, saved_tile, word, t0, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
+def _bwd_chunk(a_tile, aux_tile, word, t0, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
                beta, theta, alpha, v_reset, grad_x_ptr,
                SURROGATE: tl.constexpr, HARD: tl.constexpr, DETACH_RESET: tl.constexpr, SAVE: tl.constexpr,
                GRAD_DECAY: tl.constexpr, GRAD_THRESHOLD: tl.constexpr, CHUNK: tl.constexpr,
@@ -199,16 +216,18 @@ def _bwd_chunk(grad_s_tile, saved_tile, word, t0, T, N, offs, mask, gv, g_h_next
     """Steps t0+CHUNK-1 down to t0 (FULL), or only those below T (the last, partial chunk)."""
     for j in tl.static_range(CHUNK):
         k = CHUNK - 1 - j
-        grad_s = _row(grad_s_tile, k, CHUNK)
-        saved = _row(saved_tile, k, CHUNK)
+        a = _row(a_tile, k, CHUNK)
+        aux = aux_tile
+        if SAVE == 2 or not DETACH_RESET:
+            aux = _row(aux_tile, k, CHUNK)
         if FULL:
             gv, g_h_next, g_decay, g_threshold = _bwd_step(
-                grad_s, saved, word, t0 + k, gv, g_h_next, g_decay, g_threshold, beta, theta, alpha, v_reset,
+                a, aux, word, t0 + k, gv, g_h_next, g_decay, g_threshold, beta, theta, alpha, v_reset,
                 N, offs, mask, grad_x_ptr, SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD)
         else:
             if t0 + k < T:
                 gv, g_h_next, g_decay, g_threshold = _bwd_step(
-                    grad_s, saved, word, t0 + k, gv, g_h_next, g_decay, g_threshold, beta, theta, alpha,
+                    a, aux, word, t0 + k, gv, g_h_next, g_decay, g_threshold, beta, theta, alpha,
                     v_reset, N, offs, mask, grad_x_ptr, SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY,
                     GRAD_THRESHOLD)
     return gv, g_h_next, g_decay, g_threshold
@@ -223,7 +242,7 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
                    GRAD_DECAY: tl.constexpr, GRAD_THRESHOLD: tl.constexpr,
                    BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """Reverse time: dL/dx [T, N], dL/dv_init [N], per-neuron dL/ddecay and dL/dthreshold [N] (summed over t)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = _neurons(BLOCK)
     mask = offs < N
     beta = _param(decay_ptr, decay, offs, mask, C_decay, DECAY_TENSOR)
     theta = _param(threshold_ptr, threshold, offs, mask, C_threshold, THRESHOLD_TENSOR)
@@ -235,25 +254,25 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
     t_top = n_full - CHUNK
     if n_full < T:
         t_top = n_full
-    grad_s_tile, saved_tile, word = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t_top, T, N, offs, mask,
-                                               sg_peak, SAVE, CHUNK)
+    a_tile, aux_tile, word = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t_top, T, N, offs, mask,
+                                               sg_peak, SAVE, DETACH_RESET, CHUNK)
     if n_full < T:
         ahead_g, ahead_s, ahead_w = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, n_full - CHUNK, T, N, offs,
-                                               mask, sg_peak, SAVE, CHUNK)
+                                               mask, sg_peak, SAVE, DETACH_RESET, CHUNK)
         gv, g_h_next, g_decay, g_threshold = _bwd_chunk(
-            grad_s_tile, saved_tile, word, n_full, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
+            a_tile, aux_tile, word, n_full, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
             beta, theta, alpha, v_reset, grad_x_ptr,
             SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD, CHUNK, False)
-        grad_s_tile, saved_tile, word = ahead_g, ahead_s, ahead_w
+        a_tile, aux_tile, word = ahead_g, ahead_s, ahead_w
     for i in range(0, n_full // CHUNK):
         t0 = n_full - CHUNK - i * CHUNK
         ahead_g, ahead_s, ahead_w = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t0 - CHUNK, T, N, offs,
-                                               mask, sg_peak, SAVE, CHUNK)
+                                               mask, sg_peak, SAVE, DETACH_RESET, CHUNK)
         gv, g_h_next, g_decay, g_threshold = _bwd_chunk(
-            grad_s_tile, saved_tile, word, t0, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
+            a_tile, aux_tile, word, t0, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
             beta, theta, alpha, v_reset, grad_x_ptr,
             SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD, CHUNK, True)
-        grad_s_tile, saved_tile, word = ahead_g, ahead_s, ahead_w
+        a_tile, aux_tile, word = ahead_g, ahead_s, ahead_w
     tl.store(grad_v_init_ptr + offs, gv, mask=mask)
     if GRAD_DECAY:
         g_decay += g_h_next * tl.load(v_init_ptr + offs, mask=mask, other=0.0)  # dL/dh_0 * v_init
@@ -262,9 +281,18 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
         tl.store(grad_threshold_ptr + offs, g_threshold, mask=mask)
 
 
-def launch_config(N: int, dtype_bytes: int):
-    """(BLOCK, CHUNK, num_warps): small blocks so several programs share an SM; see .notes/lif.md."""
-    return 128, 16, 4
+# (min N, BLOCK, CHUNK) per kernel, first match wins. BLOCK = 32 x neurons per thread (one warp per program):
+# small enough that several programs share an SM; CHUNK rows in flight per tile, bounded by registers.
+# Chosen from the sweep in benchmarks/bench_lif.py on an H100 (benchmarks/results/lif.json, "launch").
+LAUNCH = {
+    "forward": [(50_000, 128, 16), (25_000, 64, 16), (0, 32, 32)],
+    "backward": [(50_000, 128, 16), (25_000, 64, 16), (0, 32, 32)],
+}
+
+
+def launch_config(kernel: str, N: int):
+    """(BLOCK, CHUNK) for kernel "forward" or "backward" on N neurons."""
+    return next((block, chunk) for min_n, block, chunk in LAUNCH[kernel] if N >= min_n)
 
 
 def _param_args(p):
@@ -279,13 +307,13 @@ def saved_buffers(T: int, N: int, save: int, device):
     import torch
 
     if save == SAVE_COMPACT:
-        saved = torch.empty(T, N, device=device, dtype=torch.int16)  # [T, N] uint16 sg' codes
+        saved = torch.empty(T, N, device=device, dtype=torch.uint16)  # [T, N] sqrt(sg' / peak) codes
         bits = torch.empty(triton.cdiv(T, 32), N, device=device, dtype=torch.int32)  # [T/32, N] 32 steps a word
     elif save == SAVE_MEMBRANE:
         saved = torch.empty(T, N, device=device, dtype=torch.int32)  # [T, N] fp32 h_t, bit for bit
         bits = torch.empty(0, device=device, dtype=torch.int32)
     else:
-        saved = torch.empty(0, device=device, dtype=torch.int16)
+        saved = torch.empty(0, device=device, dtype=torch.uint16)
         bits = torch.empty(0, device=device, dtype=torch.int32)
     return saved, bits
 
@@ -301,12 +329,13 @@ def lif_forward(x, v_init, decay, threshold, *, surrogate: int, alpha: float, ha
     saved, bits = saved_buffers(T, N, save, x.device)
     decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
     threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
-    block, chunk, warps = launch_config(N, x.element_size())
+    block, chunk = launch_config("forward", N)
     lif_fwd_kernel[(triton.cdiv(N, block),)](
         x, v_init, decay_ptr, threshold_ptr, spikes, v_final, saved, bits,
         T, N, c_decay, c_threshold, decay_val, threshold_val, alpha, v_reset, inv_sg_peak,
         SURROGATE=surrogate, HARD=hard, DECAY_TENSOR=decay_tensor, THRESHOLD_TENSOR=threshold_tensor,
-        SAVE=save, BLOCK=block, CHUNK=chunk, num_warps=warps)
+        SAVE=save, BLOCK=block, CHUNK=chunk, num_warps=1,
+        enable_fp_fusion=False)  # h = beta * v + x rounded as PyTorch does: spikes equal the reference's
     return spikes, v_final, saved, bits
 
 
@@ -324,12 +353,12 @@ def lif_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshol
     g_threshold = torch.empty(N if grad_threshold else 0, device=grad_spikes.device, dtype=torch.float32)  # [N]
     decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
     threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
-    block, chunk, warps = launch_config(N, grad_spikes.element_size())
+    block, chunk = launch_config("backward", N)
     lif_bwd_kernel[(triton.cdiv(N, block),)](
         grad_spikes, grad_v_final, saved, bits, v_init, decay_ptr, threshold_ptr,
         grad_x, grad_v_init, g_decay, g_threshold,
         T, N, c_decay, c_threshold, decay_val, threshold_val, alpha, v_reset, sg_peak,
         SURROGATE=surrogate, HARD=hard, DETACH_RESET=detach_reset, DECAY_TENSOR=decay_tensor,
         THRESHOLD_TENSOR=threshold_tensor, SAVE=save, GRAD_DECAY=grad_decay, GRAD_THRESHOLD=grad_threshold,
-        BLOCK=block, CHUNK=chunk, num_warps=warps)
+        BLOCK=block, CHUNK=chunk, num_warps=1)
     return grad_x, grad_v_init, g_decay, g_threshold
