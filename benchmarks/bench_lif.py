@@ -18,7 +18,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_ms, ceilings, environment, markdown_table, peak_extra_bytes, saved_bytes, write_results  # noqa: E402
+from common import (bench_ms, ceilings, environment, markdown_table, peak_extra_bytes,  # noqa: E402
+                    saved_bytes, write_results)
 
 from tether.functional.lif import lif  # noqa: E402
 from tether.kernels import lif as kernels  # noqa: E402

@@ -255,24 +255,24 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
     if n_full < T:
         t_top = n_full
     a_tile, aux_tile, word = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t_top, T, N, offs, mask,
-                                               sg_peak, SAVE, DETACH_RESET, CHUNK)
+                                        sg_peak, SAVE, DETACH_RESET, CHUNK)
     if n_full < T:
-        ahead_g, ahead_s, ahead_w = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, n_full - CHUNK, T, N, offs,
-                                               mask, sg_peak, SAVE, DETACH_RESET, CHUNK)
+        ahead_a, ahead_aux, ahead_word = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, n_full - CHUNK, T, N,
+                                                    offs, mask, sg_peak, SAVE, DETACH_RESET, CHUNK)
         gv, g_h_next, g_decay, g_threshold = _bwd_chunk(
             a_tile, aux_tile, word, n_full, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
             beta, theta, alpha, v_reset, grad_x_ptr,
             SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD, CHUNK, False)
-        a_tile, aux_tile, word = ahead_g, ahead_s, ahead_w
+        a_tile, aux_tile, word = ahead_a, ahead_aux, ahead_word
     for i in range(0, n_full // CHUNK):
         t0 = n_full - CHUNK - i * CHUNK
-        ahead_g, ahead_s, ahead_w = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t0 - CHUNK, T, N, offs,
-                                               mask, sg_peak, SAVE, DETACH_RESET, CHUNK)
+        ahead_a, ahead_aux, ahead_word = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t0 - CHUNK, T, N,
+                                                    offs, mask, sg_peak, SAVE, DETACH_RESET, CHUNK)
         gv, g_h_next, g_decay, g_threshold = _bwd_chunk(
             a_tile, aux_tile, word, t0, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
             beta, theta, alpha, v_reset, grad_x_ptr,
             SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD, CHUNK, True)
-        a_tile, aux_tile, word = ahead_g, ahead_s, ahead_w
+        a_tile, aux_tile, word = ahead_a, ahead_aux, ahead_word
     tl.store(grad_v_init_ptr + offs, gv, mask=mask)
     if GRAD_DECAY:
         g_decay += g_h_next * tl.load(v_init_ptr + offs, mask=mask, other=0.0)  # dL/dh_0 * v_init
