@@ -7,9 +7,10 @@ same run on the same inputs, torch.compile of the reference's per-mini-batch ste
 reference (the latter with and without remat: its peak memory is the bar for ours).
 
 GPU: PYTHONPATH=src python3 benchmarks/bench_ttt.py [--configs BK:WARPS,...] [--no-peers]
-Several configs (K block, warps) are compiled in parallel processes first, then timed; the best is reported.
+Each kernel config (K block, warps) is measured in its own process; the fastest at B=1 is reported.
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -88,80 +89,66 @@ def rel_err(got, want):
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
-def compile_only(cfg):
-    x, up = make_inputs(1)
-    kernel_fwd_bwd(x, up, cfg)
-    torch.cuda.synchronize()
+def measure_kernel(B, cfg):
+    """Errors vs the fp32 reference, then fwd and fwd+bwd time and peak memory of one config."""
+    x, up = make_inputs(B)
+    ref_out, ref_last, ref_grads = reference_fwd_bwd(x, up)
+    out, last, grads = kernel_fwd_bwd(x, up, cfg)
+    errors = {"out": rel_err(out, ref_out)}
+    errors.update({f"last_{n}": rel_err(a, b) for n, a, b in zip(("w1", "b1", "w2", "b2"), last, ref_last)})
+    errors.update({f"d{n}": rel_err(grads[n].sum(0) if n.startswith("ln") else grads[n], ref_grads[n])
+                   for n in GRADS})
+    del ref_out, ref_last, ref_grads, out, last, grads
+    res = {"B": B, "config": list(cfg), "errors": errors, "fwd_ms": bench_ms(lambda: kernel_fwd(x, cfg)),
+           "fwd_bwd_ms": bench_ms(lambda: kernel_fwd_bwd(x, up, cfg)),
+           "peak_gb": peak_extra_bytes(lambda: kernel_fwd_bwd(x, up, cfg)) / 1e9}
+    res["fwd_tflops"] = 14 * CS * F * K * NC * B * NH / res["fwd_ms"] / 1e9
+    res["max_grad_err"] = max(v for k, v in errors.items() if k.startswith("d"))
+    return res
+
+
+def measure_in_subprocess(B, cfg):
+    """One config in its own process: a config that fails to compile or run is reported, not fatal."""
+    run = subprocess.run([sys.executable, __file__, "--measure", f"{B}:{cfg[0]}:{cfg[1]}"], capture_output=True,
+                         text=True)
+    if run.returncode != 0:
+        print(f"B={B} config {cfg} failed:\n{run.stderr[-1500:]}", flush=True)
+        return None
+    res = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"B={B} config {cfg}: fwd {res['fwd_ms']:.3f} ms, fwd+bwd {res['fwd_bwd_ms']:.3f} ms, "
+          f"out err {res['errors']['out']:.2e}, max grad err {res['max_grad_err']:.2e}", flush=True)
+    return res
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--configs", default="32:8,64:8", help="K block:warps, comma separated")
+    parser.add_argument("--configs", default="64:8", help="K block:warps, comma separated; B=1 picks the best")
     parser.add_argument("--no-peers", action="store_true")
-    parser.add_argument("--compile-only", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    parse = lambda c: tuple(int(v) for v in c.split(":"))  # noqa: E731
-    if args.compile_only:
-        return compile_only(parse(args.compile_only))
-    configs = [parse(c) for c in args.configs.split(",")]
-    # Triton caches compiled kernels on disk: compile every config at once in parallel processes
-    procs = [subprocess.Popen([sys.executable, __file__, "--compile-only", f"{c[0]}:{c[1]}"]) for c in configs]
-    failed = [c for c, p in zip(configs, procs) if p.wait() != 0]
-    if failed:
-        print(f"configs that failed to compile or run, dropped: {failed}")
-    configs = [c for c in configs if c not in failed]
-
+    if args.measure:
+        B, bk, warps = (int(v) for v in args.measure.split(":"))
+        print(json.dumps(measure_kernel(B, (bk, warps))))
+        return
+    configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
     env = environment()
     peaks = ceilings()
-    rows, payload = [], {"environment": env, "ceilings": peaks, "shape": dict(NH=NH, L=L, CS=CS, F=F, G=G),
-                         "results": []}
+    payload = {"environment": env, "ceilings": peaks, "shape": dict(NH=NH, L=L, CS=CS, F=F, G=G), "results": []}
+    sweep = [r for r in (measure_in_subprocess(1, c) for c in configs) if r is not None]
+    best = min(sweep, key=lambda r: r["fwd_bwd_ms"])
+    payload["sweep_B1"] = sweep
+    rows = []
     for B in (1, 8):
-        x, up = make_inputs(B)
-        res = {"B": B}
-        # correctness first: bf16 kernels vs the fp32 reference on the same inputs
-        ref_out, ref_last, ref_grads = reference_fwd_bwd(x, up)
-        errs = {}
-        times = {}
-        for cfg in configs:
-            out, last, grads = kernel_fwd_bwd(x, up, cfg)
-            e = {"out": rel_err(out, ref_out)}
-            e.update({f"last_{n}": rel_err(a, b) for n, a, b in zip(("w1", "b1", "w2", "b2"), last, ref_last)})
-            e.update({f"d{n}": rel_err(grads[n].sum(0) if n.startswith("ln") else grads[n], ref_grads[n])
-                      for n in GRADS})
-            errs[cfg] = e
-            times[cfg] = (bench_ms(lambda: kernel_fwd(x, cfg)), bench_ms(lambda: kernel_fwd_bwd(x, up, cfg)))
-            print(f"B={B} config {cfg}: fwd {times[cfg][0]:.3f} ms, fwd+bwd {times[cfg][1]:.3f} ms, "
-                  f"max grad err {max(v for k, v in e.items() if k.startswith('d')):.2e}, out err {e['out']:.2e}",
-                  flush=True)
-        del ref_out, ref_last, ref_grads
-        best = min(configs, key=lambda c: times[c][1])
-        res.update(config=f"BK={best[0]} warps={best[1]}", fwd_ms=times[best][0], fwd_bwd_ms=times[best][1],
-                   errors=errs[best], sweep={f"{c[0]}:{c[1]}": times[c] for c in configs})
-        res["fwd_tflops"] = 14 * CS * F * K * NC * B * NH / res["fwd_ms"] / 1e9
-        res["peak_gb"] = peak_extra_bytes(lambda: kernel_fwd_bwd(x, up, best)) / 1e9
-        row = {"implementation": f"tether Triton, bf16 ({res['config']})", "B": B, "fwd ms": res["fwd_ms"],
-               "fwd+bwd ms": res["fwd_bwd_ms"], "peak GB": res["peak_gb"], "out err": errs[best]["out"],
-               "max grad err": max(v for k, v in errs[best].items() if k.startswith("d"))}
-        rows.append(row)
-        if not args.no_peers:
-            leaves = {n: x[n].detach().float().requires_grad_() for n in GRADS}
-            up32 = [up["out"].float(), *up["last"]]
-            scan = compiled_step_scan()
-
-            def compiled_fwd_bwd():
-                out, last = scan(leaves)
-                torch.autograd.backward([out, *last], up32)
-            with torch.no_grad():
-                res["compile_fwd_ms"] = bench_ms(lambda: scan(leaves), warmup=3, rep=10)
-            res["compile_fwd_bwd_ms"] = bench_ms(compiled_fwd_bwd, warmup=3, rep=10)
-            with torch.no_grad():
-                res["eager_fwd_ms"] = bench_ms(lambda: ref.ttt_mlp(*(leaves[n] for n in GRADS)), warmup=2, rep=5)
-            res["eager_fwd_bwd_ms"] = bench_ms(lambda: reference_fwd_bwd(x, up), warmup=2, rep=5)
-            res["eager_remat_peak_gb"] = peak_extra_bytes(lambda: reference_fwd_bwd(x, up, group=G)) / 1e9
-            res["eager_peak_gb"] = peak_extra_bytes(lambda: reference_fwd_bwd(x, up)) / 1e9
+        res = best if B == 1 else measure_in_subprocess(8, tuple(best["config"]))
+        cfg_name = "BK={} warps={}".format(*res["config"])
+        rows.append({"implementation": f"tether Triton, bf16 ({cfg_name})", "B": B, "fwd ms": res["fwd_ms"],
+                     "fwd+bwd ms": res["fwd_bwd_ms"], "peak GB": res["peak_gb"], "out err": res["errors"]["out"],
+                     "max grad err": res["max_grad_err"]})
+        if not args.no_peers and B == 1:
+            res.update(measure_peers(B))
             rows.append({"implementation": "torch.compile per mini-batch step, fp32", "B": B,
                          "fwd ms": res["compile_fwd_ms"], "fwd+bwd ms": res["compile_fwd_bwd_ms"]})
-            rows.append({"implementation": "PyTorch eager reference, fp32 (remat G=8 for peak)", "B": B,
+            rows.append({"implementation": "PyTorch eager reference, fp32 (peak: remat G=8)", "B": B,
                          "fwd ms": res["eager_fwd_ms"], "fwd+bwd ms": res["eager_fwd_bwd_ms"],
                          "peak GB": res["eager_remat_peak_gb"]})
             for r in rows[-2:]:
@@ -177,6 +164,28 @@ def main():
               f"{peaks['bf16_matmul_tflops']:.0f} TFLOP/s.")
     print(table)
     write_results("ttt", payload, table)
+
+
+def measure_peers(B):
+    """torch.compile of the reference step and the eager reference (fp32), on the same inputs."""
+    x, up = make_inputs(B)
+    leaves = {n: x[n].detach().float().requires_grad_() for n in GRADS}
+    up32 = [up["out"].float(), *up["last"]]
+    scan = compiled_step_scan()
+
+    def compiled_fwd_bwd():
+        out, last = scan(leaves)
+        torch.autograd.backward([out, *last], up32)
+    res = {}
+    with torch.no_grad():
+        res["compile_fwd_ms"] = bench_ms(lambda: scan(leaves), warmup=3, rep=10)
+    res["compile_fwd_bwd_ms"] = bench_ms(compiled_fwd_bwd, warmup=3, rep=10)
+    with torch.no_grad():
+        res["eager_fwd_ms"] = bench_ms(lambda: ref.ttt_mlp(*(leaves[n] for n in GRADS)), warmup=2, rep=5)
+    res["eager_fwd_bwd_ms"] = bench_ms(lambda: reference_fwd_bwd(x, up), warmup=2, rep=5)
+    res["eager_remat_peak_gb"] = peak_extra_bytes(lambda: reference_fwd_bwd(x, up, group=G)) / 1e9
+    res["eager_peak_gb"] = peak_extra_bytes(lambda: reference_fwd_bwd(x, up)) / 1e9
+    return res
 
 
 if __name__ == "__main__":

@@ -136,13 +136,23 @@ def _copy_state(w1_s, b1_s, w2_s, b2_s, w1_d, b1_d, w2_d, b2_d,
 
 
 @triton.jit
-def _reconstruction_grad(xk, xv, gamma, beta, w1_p, b1_p, w2_p, b2, DT: tl.constexpr, PREC: tl.constexpr,
+def _kblock(p, k0, CS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """Pointers to columns k0:k0+BK of a [CS, K] scratch tile."""
+    return p + tl.arange(0, CS)[:, None] * K + (k0 + tl.arange(0, BK))[None, :]
+
+
+@triton.jit
+def _reconstruction_grad(xk, xv, gamma, beta, w1_p, b1_p, w2_p, b2, z1_p, DT: tl.constexpr, PREC: tl.constexpr,
                          CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
-    """First pass over K: Z2 = gelu(XK W1 + b1) W2 + b2, then gZ2 = d loss / d Z2 and the LN values."""
+    """First pass over K: Z2 = gelu(XK W1 + b1) W2 + b2, then gZ2 = d loss / d Z2 and the LN values.
+    Z1 is kept in the scratch z1_p [CS, K] (L1/L2) for the later passes: a load instead of a matmul."""
     z2 = tl.zeros([CS, F], tl.float32)
     for k0 in range(0, K, BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        z2 = _dot(_gelu(_dot(xk, w1, DT, PREC) + b1[None, :]), w2, DT, PREC, z2)
+        z1 = _dot(xk, w1, DT, PREC) + b1[None, :]
+        tl.store(_kblock(z1_p, k0, CS, K, BK), z1)
+        z2 = _dot(_gelu(z1), w2, DT, PREC, z2)
+    tl.debug_barrier()  # Z1 visible to every thread
     xh, rstd = _ln_stats(z2 + b2[None, :], F)
     target = xv.to(tl.float32) - xk.to(tl.float32)
     gz2 = _ln_bwd((gamma[None, :] * xh + beta[None, :] - target) * gamma[None, :], xh, rstd, F)
@@ -150,23 +160,14 @@ def _reconstruction_grad(xk, xv, gamma, beta, w1_p, b1_p, w2_p, b2, DT: tl.const
 
 
 @triton.jit
-def _hidden_block(xq, xk, a1, gz2, w1, b1, w2, DT: tl.constexpr, PREC: tl.constexpr):
-    """One K block of a mini-batch: Z1's gelu and its derivatives, gZ2 W2^T (gZ1 before the gelu
-    derivative), gZ1 and the output's hidden pre-activation Zq1 (dual form)."""
-    x2, gp, gpp = _gelu_grads(_dot(xk, w1, DT, PREC) + b1[None, :])
-    g1pre = _dot(gz2, tl.trans(w2), DT, PREC)
-    gz1 = g1pre * gp
-    zq1 = _dot(a1, -gz1, DT, PREC, _dot(xq, w1, DT, PREC) + b1[None, :])
-    return x2, gp, gpp, g1pre, gz1, zq1
-
-
-@triton.jit
 def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta,
-                  w1_s, b1_s, w2_s, b2_s, w1_d, b1_d, w2_d, b2_d, w1_c, b1_c, w2_c, b2_c, save_ckpt,
+                  w1_s, b1_s, w2_s, b2_s, w1_d, b1_d, w2_d, b2_d, w1_c, b1_c, w2_c, b2_c, save_ckpt, z1_p,
                   WITH_OUTPUT: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                   CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
     """One mini-batch: state (w1_s..b2_s) -> next state (w1_d..b2_d, may alias the source), optionally the
-    outputs, and a copy of the start state into the checkpoint when save_ckpt."""
+    outputs, and a copy of the start state into the checkpoint when save_ckpt. z1_p: [CS, K] fp32 scratch.
+    Outputs: causal in the dual form; non-causal tokens read the updated state, so each updated block is
+    used right away (Zq1 = XQ W1' + b1', Zq2 = gelu(Zq1) W2' + b2': two matmuls a block instead of four)."""
     fc = tl.arange(0, F)
     xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
     xk = _load_tokens(xk_p, CS, F)
@@ -175,40 +176,50 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta,
     if save_ckpt:
         _copy_state(w1_s, b1_s, w2_s, b2_s, w1_c, b1_c, w2_c, b2_c, F, K, BK)
     gz2, xh, rstd, target = _reconstruction_grad(xk, _load_tokens(xv_p, CS, F), gamma, beta,
-                                                 w1_s, b1_s, w2_s, b2, DT, PREC, CS, F, K, BK)
+                                                 w1_s, b1_s, w2_s, b2, z1_p, DT, PREC, CS, F, K, BK)
     b2_next = b2 - tl.sum(e[:, None] * gz2, 0)
     # matmul operands live through the K loop in the input dtype: half the registers of fp32
     egz2 = (e[:, None] * gz2).to(DT)
     gz2 = gz2.to(DT)
-    a1 = (eta * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)).to(DT)  # [CS, CS]
+    if WITH_OUTPUT and CAUSAL:
+        a1 = (eta * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)).to(DT)  # [CS, CS]
+        a2raw = tl.zeros([CS, CS], tl.float32)  # Xq2 X2^T, summed over K blocks
     zq2 = tl.zeros([CS, F], tl.float32)
-    a2raw = tl.zeros([CS, CS], tl.float32)  # Xq2 X2^T, summed over K blocks
     for k0 in range(0, K, BK):
         w1, b1, w2 = _load_block(w1_s, b1_s, w2_s, k0, F, K, BK)
-        x2, gp, gpp, g1pre, gz1, zq1 = _hidden_block(xq, xk, a1, gz2, w1, b1, w2, DT, PREC)
-        if WITH_OUTPUT:
-            xq2 = _gelu(zq1)
+        x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
+        gz1 = _dot(gz2, tl.trans(w2), DT, PREC) * gp
+        if WITH_OUTPUT and CAUSAL:
+            xq2 = _gelu(_dot(a1, -gz1, DT, PREC, _dot(xq, w1, DT, PREC) + b1[None, :]))
             zq2 = _dot(xq2, w2, DT, PREC, zq2)
             a2raw = _dot(xq2, tl.trans(x2), DT, PREC, a2raw)
         egz1 = e[:, None] * gz1
         tl.debug_barrier()  # every thread has read the block before it is overwritten in place
         w1, b1, w2 = _load_block(w1_s, b1_s, w2_s, k0, F, K, BK)  # fp32 again: not held through the block
-        _store_block(w1_d, b1_d, w2_d, k0, _dot(tl.trans(xk), -egz1, DT, PREC, w1), b1 - tl.sum(egz1, 0),
-                     _dot(tl.trans(x2), -egz2, DT, PREC, w2), F, K, BK)
+        w1 = _dot(tl.trans(xk), -egz1, DT, PREC, w1)
+        b1 -= tl.sum(egz1, 0)
+        w2 = _dot(tl.trans(x2), -egz2, DT, PREC, w2)
+        _store_block(w1_d, b1_d, w2_d, k0, w1, b1, w2, F, K, BK)
+        if WITH_OUTPUT and not CAUSAL:
+            zq2 = _dot(_gelu(_dot(xq, w1, DT, PREC) + b1[None, :]), w2, DT, PREC, zq2)
     tl.store(b2_d + fc, b2_next)
     if WITH_OUTPUT:
-        eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
-        zq2 = _dot(eta * (a2raw + 1.0), -gz2, DT, PREC, zq2 + b2[None, :])
+        if CAUSAL:
+            eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
+            zq2 = _dot(eta * (a2raw + 1.0), -gz2, DT, PREC, zq2 + b2[None, :])
+        else:
+            zq2 += b2_next[None, :]
         xhq, _ = _ln_stats(zq2, F)
         _store_tokens(out_p, xq.to(tl.float32) + gamma[None, :] * xhq + beta[None, :], CS, F)
 
 
 @triton.jit
-def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, w2_c, b2_c, out,
+def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, w2_c, b2_c, out, work,
                     NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
                     CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
     """Forward scan. w1..b2 hold the initial state on entry and the final state on exit (updated in place);
-    checkpoint k (w1_c..b2_c [B*NH, NK, ...]) is the state at the start of mini-batch k*G."""
+    checkpoint k (w1_c..b2_c [B*NH, NK, ...]) is the state at the start of mini-batch k*G.
+    work: [B*NH, CS, K] fp32 scratch."""
     bh = tl.program_id(0).to(tl.int64)
     h = bh % NH
     NK = tl.cdiv(NC, G)
@@ -218,13 +229,14 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
     b1 += bh * K
     w2 += bh * K * F
     b2 += bh * F
+    work += bh * CS * K
     for n in range(NC):
         tok = (bh * NC + n) * CS * F
         ck = bh * NK + n // G
         tl.debug_barrier()  # the previous step's state stores are visible to every thread
         _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n) * CS, ts, out + tok, gamma, beta,
                       w1, b1, w2, b2, w1, b1, w2, b2,
-                      w1_c + ck * F * K, b1_c + ck * K, w2_c + ck * K * F, b2_c + ck * F, n % G == 0,
+                      w1_c + ck * F * K, b1_c + ck * K, w2_c + ck * K * F, b2_c + ck * F, n % G == 0, work,
                       True, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK)
 
 
@@ -241,12 +253,19 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     """Reverse of one mini-batch from its start state (w1_p..b2_p): writes the token and learning-rate
     gradients, turns the carried gradient of the next state (dw1_p..db2_p) in place into that of the start
     state, and returns the running sums of the gamma, beta and token_scale gradients.
-    work_p: fp32 scratch of the program, [CS, K] (the part of dL/dZ1 known before dL/dZ2 is), then
-    xh, gZ2, target [CS, F] and dL/deta [CS, CS], parked in L1/L2 while the K loop needs the registers."""
+    work_p: fp32 scratch of the program (L1/L2): [CS, K] tiles Z1, G1 = gZ2 W2^T and Zq1 of the forward
+    (loads instead of matmuls in the later passes), dL/dZq1, a part of dL/dgZ1 and the part of dL/dZ1
+    known before dL/dZ2 is, then xh, gZ2, target [CS, F] and dL/deta [CS, CS], parked while the K loop
+    needs the registers."""
     rows = tl.arange(0, CS)
     fc = tl.arange(0, F)
-    dz1_p = work_p
-    xh_p = work_p + CS * K
+    z1_p = work_p
+    g1_p = z1_p + CS * K
+    zq1_p = g1_p + CS * K
+    dzq1_p = zq1_p + CS * K
+    dgz1_p = dzq1_p + CS * K
+    dz1_p = dgz1_p + CS * K
+    xh_p = dz1_p + CS * K
     gz2_p = xh_p + CS * F
     target_p = gz2_p + CS * F
     deta_p = target_p + CS * F
@@ -257,7 +276,7 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
 
     # recompute the step's forward: gZ2, then the output pre-norm Zq2 (second pass over K)
     gz2, xh, rstd, target = _reconstruction_grad(xk, _load_tokens(xv_p, CS, F), gamma, beta,
-                                                 w1_p, b1_p, w2_p, b2, DT, PREC, CS, F, K, BK)
+                                                 w1_p, b1_p, w2_p, b2, z1_p, DT, PREC, CS, F, K, BK)
     tl.store(_tile_ptrs(xh_p, CS, F), xh)
     tl.store(_tile_ptrs(target_p, CS, F), target)
     tl.store(_tile_ptrs(gz2_p, CS, F), gz2)
@@ -267,11 +286,15 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     a2raw = tl.zeros([CS, CS], tl.float32)
     for k0 in range(0, K, BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        x2, gp, gpp, g1pre, gz1, zq1 = _hidden_block(xq, xk, a1, gz2_dt, w1, b1, w2, DT, PREC)
+        x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
+        g1pre = _dot(gz2_dt, tl.trans(w2), DT, PREC)
+        tl.store(_kblock(g1_p, k0, CS, K, BK), g1pre)
+        zq1 = _dot(a1, -(g1pre * gp), DT, PREC, _dot(xq, w1, DT, PREC) + b1[None, :])  # dual form
+        tl.store(_kblock(zq1_p, k0, CS, K, BK), zq1)
         xq2 = _gelu(zq1)
         zq2 = _dot(xq2, w2, DT, PREC, zq2)
         a2raw = _dot(xq2, tl.trans(x2), DT, PREC, a2raw)
-    a2 = eta * (a2raw + 1.0)
+    a2 = (eta * (a2raw + 1.0)).to(DT)
     xhq, rstdq = _ln_stats(_dot(a2, -gz2_dt, DT, PREC, zq2 + b2[None, :]), F)
 
     # output LayerNorm and the dual-form product A2 gZ2
@@ -283,37 +306,59 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     tl.store(_tile_ptrs(deta_p, CS, CS), da2 * (a2raw + 1.0))
     da2raw = (da2 * eta).to(DT)
     db2n = tl.load(db2_p + fc)  # gradient of the next state's b2
-    dgz2 = -_dot(tl.trans(a2), dzq2, DT, PREC) - e[:, None] * db2n[None, :]
     de = -tl.sum(gz2 * db2n[None, :], 1)  # d L / d e, e = last row of eta
-    db2n += tl.sum(dzq2, 0)
     egz2 = (e[:, None] * gz2).to(DT)
-    dzq2 = dzq2.to(DT)
+    dzq2_dt = dzq2.to(DT)
     dxq = dout
-    dxk = tl.zeros([CS, F], tl.float32)
     da1 = tl.zeros([CS, CS], tl.float32)
-    h2 = tl.zeros([CS, F], tl.float32)  # X2 dW2', summed over K blocks
     tl.debug_barrier()
 
-    # third pass over K: everything but the dL/dZ2 terms, which need dgZ2 summed over all of K
+    # third pass over K, in two halves so that fewer tiles are live at once (the forward values come from
+    # the scratch): everything but the dL/dZ2 terms, which need dgZ2 summed over all of K.
+    # (a) through the outputs: dZq1, dXQ, dA1, and the parts of dgZ1 and dZ1 that do not need the carry
+    for k0 in range(0, K, BK):
+        w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
+        x2, gp, gpp = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
+        g1pre = tl.load(_kblock(g1_p, k0, CS, K, BK))
+        xq2, gqp, _ = _gelu_grads(tl.load(_kblock(zq1_p, k0, CS, K, BK)))
+        dzq1 = _dot(da2raw, x2, DT, PREC, _dot(dzq2_dt, tl.trans(w2), DT, PREC)) * gqp
+        dxq = _dot(dzq1, tl.trans(w1), DT, PREC, dxq)
+        da1 = _dot(-dzq1, tl.trans(g1pre * gp), DT, PREC, da1)
+        dgz1 = _dot(tl.trans(a1), -dzq1, DT, PREC)
+        tl.store(_kblock(dzq1_p, k0, CS, K, BK), dzq1)
+        tl.store(_kblock(dgz1_p, k0, CS, K, BK), dgz1)
+        tl.store(_kblock(dz1_p, k0, CS, K, BK), dgz1 * g1pre * gpp + _dot(tl.trans(da2raw), xq2, DT, PREC) * gp)
+    # dA1 is complete: finish dXQ and dL/deta's A1 term now, so that their tiles are not live in (b)
+    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
+    deta_ptrs = _tile_ptrs(deta_p, CS, CS)
+    tl.store(deta_ptrs, tl.load(deta_ptrs) + da1 * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0))
+    da1raw = da1 * eta
+    _store_tokens(dxq_p, _dot(da1raw, xk, DT, PREC, dxq), CS, F)
+    dxk = _dot(tl.trans(da1raw), xq, DT, PREC)
+    dgz2 = -_dot(tl.trans(a2), dzq2, DT, PREC) - e[:, None] * db2n[None, :]
+    db2n += tl.sum(dzq2, 0)
+    dzq2 = dzq2_dt
+    h2 = tl.zeros([CS, F], tl.float32)  # X2 dW2', summed over K blocks
+    tl.debug_barrier()
+    # (b) through the state update (reads the carry dW1', dW2'), then the carry becomes dW of the start state
     for k0 in range(0, K, BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
         dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
-        x2, gp, gpp, g1pre, gz1, zq1 = _hidden_block(xq, xk, a1, gz2_dt, w1, b1, w2, DT, PREC)
-        xq2, gqp, _ = _gelu_grads(zq1)
-        dzq1 = _dot(da2raw, x2, DT, PREC, _dot(dzq2, tl.trans(w2), DT, PREC)) * gqp
-        dxq = _dot(dzq1, tl.trans(w1), DT, PREC, dxq)
-        da1 = _dot(-dzq1, tl.trans(gz1), DT, PREC, da1)
+        x2, gp, gpp = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
+        g1pre = tl.load(_kblock(g1_p, k0, CS, K, BK))
+        gz1 = g1pre * gp
         h1 = _dot(xk, dw1, DT, PREC) + db1[None, :]  # through W1' = W1 - XK^T (e gZ1)
         de -= tl.sum(h1 * gz1, 1)
         dxk = _dot(e[:, None] * gz1, tl.trans(-dw1), DT, PREC, dxk)
         h2 = _dot(x2, dw2, DT, PREC, h2)  # through W2' = W2 - X2^T (e gZ2)
-        dgz1 = _dot(tl.trans(a1), -dzq1, DT, PREC) - e[:, None] * h1
-        dg1pre = dgz1 * gp
+        eh1 = e[:, None] * h1
+        dg1pre = (tl.load(_kblock(dgz1_p, k0, CS, K, BK)) - eh1) * gp
         dgz2 = _dot(dg1pre, w2, DT, PREC, dgz2)
-        dx2 = _dot(egz2, tl.trans(-dw2), DT, PREC, _dot(tl.trans(da2raw), xq2, DT, PREC))
-        k = k0 + tl.arange(0, BK)
-        tl.store(dz1_p + rows[:, None] * K + k[None, :], dgz1 * g1pre * gpp + dx2 * gp)
-        tl.debug_barrier()  # every thread has read the carried block before it is overwritten
+        dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) - eh1 * g1pre * gpp + _dot(egz2, tl.trans(-dw2), DT, PREC) * gp
+        dzq1 = tl.load(_kblock(dzq1_p, k0, CS, K, BK))
+        xq2 = _gelu(tl.load(_kblock(zq1_p, k0, CS, K, BK)))
+        tl.debug_barrier()  # every thread has read the carried block and dz1 before they are overwritten
+        tl.store(_kblock(dz1_p, k0, CS, K, BK), dz1)
         dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
         _store_block(dw1_p, db1_p, dw2_p, k0, _dot(tl.trans(xq), dzq1, DT, PREC, dw1), db1 + tl.sum(dzq1, 0),
                      _dot(tl.trans(xq2), dzq2, DT, PREC, _dot(tl.trans(dg1pre), gz2_dt, DT, PREC, dw2)),
@@ -328,12 +373,7 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     dbeta += dbt
     dxk -= dtarget
     _store_tokens(dxv_p, dtarget, CS, F)
-    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
-    a1raw = _dot(xq, tl.trans(xk), DT, PREC)
-    deta = tl.load(_tile_ptrs(deta_p, CS, CS)) + da1 * (a1raw + 1.0)
-    da1raw = da1 * eta
-    _store_tokens(dxq_p, _dot(da1raw, xk, DT, PREC, dxq), CS, F)
-    dxk = _dot(tl.trans(da1raw), xq, DT, PREC, dxk)
+    deta = tl.load(deta_ptrs)
     tl.store(db2_p + fc, db2n + tl.sum(dz2, 0))
     if CAUSAL:  # eta[i, j] = ts[i] lr[j] (j <= i), e = ts[CS-1] lr
         ts = tl.load(ts_p + rows)
@@ -349,9 +389,8 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     dz2 = dz2.to(DT)
     for k0 in range(0, K, BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        x2, gp, _ = _gelu_grads(_dot(xk, w1, DT, PREC) + b1[None, :])
-        k = k0 + tl.arange(0, BK)
-        dz1 = tl.load(dz1_p + rows[:, None] * K + k[None, :]) + _dot(dz2, tl.trans(w2), DT, PREC) * gp
+        x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
+        dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) + _dot(dz2, tl.trans(w2), DT, PREC) * gp
         dxk = _dot(dz1, tl.trans(w1), DT, PREC, dxk)
         tl.debug_barrier()
         dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
@@ -380,7 +419,7 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
     b1_s += bh * G * K
     w2_s += bh * G * K * F
     b2_s += bh * G * F
-    work += bh * CS * (K + 3 * F + CS)
+    work += bh * CS * (6 * K + 3 * F + CS)
     dw1 += bh * F * K
     db1 += bh * K
     dw2 += bh * K * F
@@ -402,7 +441,7 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
             _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t - 1) * CS, ts, dout, gamma, beta,
                           w1_s + (t - 1) * F * K, b1_s + (t - 1) * K, w2_s + (t - 1) * K * F, b2_s + (t - 1) * F,
                           w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F,
-                          w1_c, b1_c, w2_c, b2_c, False,
+                          w1_c, b1_c, w2_c, b2_c, False, work,
                           False, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK)
         for tt in range(glen):
             t = glen - 1 - tt
@@ -497,7 +536,9 @@ def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
     xq, xk, xv, lr = (t.contiguous() for t in (xq, xk, xv, lr))
     ts = token_scale.contiguous() if causal else lr  # not read when non-causal
     BK, warps = _config(F, CS, block_k, num_warps)
+    work = torch.empty(B * NH, CS, 4 * F, dtype=torch.float32, device=dev)  # per program, Z1 of a mini-batch
     _ttt_fwd_kernel[(B * NH,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *last, *ckpt, out,
+                               work,
                                NH, NC, G, CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=4 * F, BK=BK,
                                num_warps=warps)
     return out, tuple(ckpt), tuple(last)
@@ -530,7 +571,7 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
     for name, g in zip(("w1", "b1", "w2", "b2"), grad_last):
         grads[name].copy_(g)  # the carried state gradient starts as that of the final state
     scratch = [torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, F, (G,))]
-    work = torch.empty(B * NH, CS * (K + 3 * F + CS), dtype=torch.float32, device=dev)  # per program
+    work = torch.empty(B * NH, CS * (6 * K + 3 * F + CS), dtype=torch.float32, device=dev)  # per program
     dts = torch.empty(B * NH, CS, dtype=torch.float32, device=dev)
     xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
     ts = token_scale.contiguous() if causal else lr
