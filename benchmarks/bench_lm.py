@@ -115,7 +115,9 @@ def main():
     print(fused, flush=True)
     eager = measure_training(replace(cfg, backend="eager"), args.batch, args.eager_iters)
     print(eager, flush=True)
-    for row in (fused, eager):
+    softmax = measure_training(replace(cfg, mixer="softmax"), args.batch, args.iters)  # context: the baseline
+    softmax["backend"] = "softmax mixer (SDPA)"
+    for row in (fused, eager, softmax):
         row["speedup_vs_eager"] = row["tokens_per_s"] / eager["tokens_per_s"]
         row["memory_vs_eager"] = row["peak_extra_mib"] / eager["peak_extra_mib"]
 
@@ -127,14 +129,14 @@ def main():
     table = ("Training step (AdamW, bf16 autocast), default model "
              f"(d_model {cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head} heads, T {cfg.block_size}), "
              f"batch {args.batch}:\n\n"
-             + markdown_table([fused, eager], ["backend", "ms_per_step", "tokens_per_s", "peak_extra_mib",
+             + markdown_table([fused, eager, softmax], ["backend", "ms_per_step", "tokens_per_s", "peak_extra_mib",
                                                "speedup_vs_eager", "memory_vs_eager"])
              + f"\n\nGeneration (model.step, batch 1, fp32) after a prompt of `context` tokens, median of "
              f"{args.gen_rounds - 1} rounds of {args.gen_tokens} tokens (contexts take turns):\n\n"
              + markdown_table(generation, ["context", "ms_per_token", "ms_min", "ms_max", "vs_1k", "state_kib",
                                            "peak_extra_mib"]))
     payload = {"config": cfg.to_dict(), "fused_vs_eager": check,
-               "training": [fused, eager], "generation": generation}
+               "training": [fused, eager, softmax], "generation": generation}
     print(table)
     write_results("lm_bench", payload, table)
 

@@ -12,12 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tether.nn.attention import NormLIF
+from tether.nn.attention import BACKENDS, NormLIF
 from tether.nn.transformer import SpikingTransformerBlock
+from tether.reference.lif import SURROGATES
 
 MIXERS = ("spiking", "softmax", "ttt-mlp")
-BACKENDS = ("fused", "eager")
-SURROGATES = ("arctan", "sigmoid", "fast_sigmoid")
 PJ_PER_MAC, PJ_PER_AC = 4.6, 0.9  # 32-bit float multiply-accumulate / accumulate, 45 nm (Horowitz 2014)
 
 
@@ -37,7 +36,7 @@ class LMConfig:
     threshold: float = 1.0  # LIF firing threshold
 
     def __post_init__(self):
-        for name, allowed in (("mixer", MIXERS), ("backend", BACKENDS), ("surrogate", SURROGATES)):
+        for name, allowed in (("mixer", MIXERS), ("backend", BACKENDS), ("surrogate", tuple(SURROGATES))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if self.d_model % self.n_head:

@@ -4,9 +4,16 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from tether.functional.lif import lif
+from tether.functional.spike_attention import spike_attention
 from tether.nn.spike_linear import SpikeLinear
+from tether.reference.lif import lif as loop_lif
+from tether.reference.spike_attention import spike_attention_cumsum
 
-BACKENDS = ("fused", "eager")
+# backend -> (LIF op, attention op): "fused" runs the Triton kernels (tether.functional picks kernel or
+# reference per device), "eager" is the same math from plain PyTorch ops (the benchmark's baseline)
+OPS = {"fused": (lif, spike_attention), "eager": (loop_lif, spike_attention_cumsum)}
+BACKENDS = tuple(OPS)
 
 
 def _check_backend(backend: str) -> None:
@@ -33,15 +40,12 @@ class NormLIF(nn.Module):
         self.rate = None
 
     def forward(self, x: torch.Tensor, membrane: Optional[torch.Tensor] = None):
-        if self.backend == "fused":
-            from tether.functional.lif import lif
-        else:
-            from tether.reference.lif import lif
+        lif_op = OPS[self.backend][0]
         x = self.norm(x)  # fp32 even under autocast
         if torch.is_autocast_enabled(x.device.type):
             # spikes in the autocast dtype: half the traffic, and what the next layer reads or saves is half too
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        spikes, membrane = lif(x, self.decay, self.threshold, membrane, surrogate=self.surrogate)
+        spikes, membrane = lif_op(x, self.decay, self.threshold, membrane, surrogate=self.surrogate)
         self.rate = spikes.detach().mean(dtype=torch.float32)
         return spikes, membrane
 
@@ -130,12 +134,7 @@ class SpikingSelfAttention(nn.Module):
         qkv, v_qkv = self.qkv_neurons(self.qkv(spikes), v_qkv)  # [T, B, 3C] spikes
         q, k, v = qkv.view(T, B, 3, H, D).unbind(2)  # each [T, B, H, D]
         gamma = self.gamma  # [H]
-        if self.backend == "fused":
-            from tether.functional.spike_attention import spike_attention
-            out, memory = spike_attention(q, k, v, gamma, memory)
-        else:
-            from tether.reference.spike_attention import spike_attention_cumsum
-            out, memory = spike_attention_cumsum(q, k, v, gamma, memory)
+        out, memory = OPS[self.backend][1](q, k, v, gamma, memory)  # out [T, B, H, D] fp32
         out = out * (1 - gamma)[:, None]  # [T, B, H, D], in [0, 1]
         return self.proj(out.reshape(T, B, C)), (v_input, v_qkv, memory)
 
