@@ -90,3 +90,17 @@ def test_bad_inputs():
         spike_linear(spikes.detach().long(), torch.randn(3, 8))
     with pytest.raises(ValueError, match="bias: expected shape"):
         spike_linear(spikes, torch.randn(3, 8), torch.randn(4))
+
+
+def test_autocast_matches_linear():
+    spikes = _spikes(6, 16)
+    weight = torch.randn(5, 16, requires_grad=True)
+    grads = []
+    for fn in (spike_linear, F.linear):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(spikes, weight)
+        assert out.dtype == torch.bfloat16
+        grads.append((out, *torch.autograd.grad(out.float().square().sum(), [spikes, weight])))
+    for got, want in zip(*grads):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
