@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU training runs behind benchmarks/results/train_*, one device call each, from the repo root:
 #   bash benchmarks/run_training.sh spiking|softmax   # full run, 8.5 min budget (one H100, ~9.5 min call)
-#   bash benchmarks/run_training.sh ddp STEPS         # 1 GPU then 2 GPUs (torchrun), same global batch
+#   bash benchmarks/run_training.sh ddp STEPS BATCH   # 1 GPU then 2 GPUs (torchrun), same global batch
 # The corpus travels with the call at runs/data/tinyshakespeare.txt (or set TETHER_DATA).
 # Results land in $OUT (default runs/): the run directories, minus weights, are what gets committed.
 set -euo pipefail
@@ -15,12 +15,13 @@ case "$1" in
     ;;
   ddp)
     # Fixed step count and no dropout: the two runs take the same steps on the same global batches,
-    # so their loss curves must agree step for step. The time budget is only a safety stop.
-    args=(--max-iters "$2" --time-budget 2.5 --dropout 0 --eval-interval 100000 --sample-tokens 100)
+    # so their loss curves must agree step for step. The time budget is set far away so that the lr
+    # schedule follows the steps alone (the device call's own limit stops a runaway).
+    args=(--max-iters "$2" --batch-size "$3" --time-budget 20 --dropout 0 --eval-interval 100000 --sample-tokens 100)
     python3 -m tether.train "${args[@]}" --out "$OUT/ddp_1gpu" 2>&1 | tee "$OUT/ddp_1gpu.log"
     torchrun --standalone --nproc_per_node=2 -m tether.train "${args[@]}" --out "$OUT/ddp_2gpu" 2>&1 \
       | tee "$OUT/ddp_2gpu.log"
     ;;
-  *) echo "usage: $0 spiking|softmax|ddp STEPS" >&2; exit 2 ;;
+  *) echo "usage: $0 spiking|softmax|ddp STEPS BATCH" >&2; exit 2 ;;
 esac
 rm -f "$OUT"/*/model.safetensors "$OUT"/*/state.pt  # weights and optimizer state stay off the results
