@@ -282,11 +282,12 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
 
 
 # (min N, BLOCK, CHUNK) per kernel, first match wins. BLOCK = 32 x neurons per thread (one warp per program):
-# small enough that several programs share an SM; CHUNK rows in flight per tile, bounded by registers.
-# Chosen from the sweep in benchmarks/bench_lif.py on an H100 (benchmarks/results/lif.json, "launch").
+# small enough that several programs share an SM; CHUNK rows in flight per tile, bounded by registers (no
+# spills at these sizes). Chosen by the sweep in benchmarks/bench_lif.py on an H100
+# (benchmarks/results/lif.md); BLOCK 32 was 50x slower there, so small N keeps BLOCK 64.
 LAUNCH = {
-    "forward": [(50_000, 128, 16), (25_000, 64, 16), (0, 32, 32)],
-    "backward": [(50_000, 128, 16), (25_000, 64, 16), (0, 32, 32)],
+    "forward": [(50_000, 128, 8), (0, 64, 16)],
+    "backward": [(50_000, 128, 16), (0, 64, 16)],
 }
 
 
