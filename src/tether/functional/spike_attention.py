@@ -18,6 +18,7 @@ MATRIX_CHUNK = 64
 def _elementwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
                  state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> out, final state, state entering each chunk (kept for the backward)."""
+    # kernels are imported on first use: triton is only a dependency on Linux, the CPU path needs none
     from tether.kernels.spike_attention import spike_attention_forward
 
     return spike_attention_forward(q, k, v, gamma, state)
