@@ -34,7 +34,7 @@ def check_fused_vs_eager(cfg: LMConfig) -> dict:
     return {"fp32_max_logit_diff": diff, "bf16_loss_fused": losses[0], "bf16_loss_eager": losses[1]}
 
 
-def measure_training(cfg: LMConfig, batch: int, iters: int) -> dict:
+def make_train_step(cfg: LMConfig, batch: int):
     """One AdamW step (bf16 autocast forward + backward + update) on a random batch of block_size tokens."""
     model = build_model(cfg).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
@@ -50,6 +50,11 @@ def measure_training(cfg: LMConfig, batch: int, iters: int) -> dict:
 
     for _ in range(3):  # compile kernels, allocate optimizer state
         train_step()
+    return train_step
+
+
+def measure_training(cfg: LMConfig, batch: int, iters: int) -> dict:
+    train_step = make_train_step(cfg, batch)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -61,6 +66,19 @@ def measure_training(cfg: LMConfig, batch: int, iters: int) -> dict:
     return {"backend": cfg.backend, "batch": batch, "ms_per_step": seconds * 1e3,
             "tokens_per_s": batch * cfg.block_size / seconds,
             "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20, "loss": loss.item()}
+
+
+def profile_training(cfg: LMConfig, batch: int, steps: int = 3) -> None:
+    """Print where the GPU time of a fused training step goes (torch.profiler, top ops by CUDA time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    train_step = make_train_step(cfg, batch)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            train_step()
+        torch.cuda.synchronize()
+    print(f"per step over {steps} steps:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
 
 
 def measure_generation(cfg: LMConfig, contexts, tokens: int, rounds: int) -> list:
@@ -105,9 +123,12 @@ def main():
     parser.add_argument("--eager-iters", type=int, default=3)
     parser.add_argument("--gen-tokens", type=int, default=100, help="tokens per generation round")
     parser.add_argument("--gen-rounds", type=int, default=6)
+    parser.add_argument("--profile", action="store_true", help="only print a profile of the fused training step")
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = LMConfig()
+    if args.profile:
+        return profile_training(cfg, args.batch)
     check = check_fused_vs_eager(cfg)
     print("fused vs eager:", check, flush=True)
 
