@@ -6,8 +6,8 @@ output and of every gradient vs an fp32 reference computed on the GPU with tethe
 same run on the same inputs, torch.compile of the reference's per-mini-batch step and the eager fp32
 reference (the latter with and without remat: its peak memory is the bar for ours).
 
-GPU: PYTHONPATH=src python3 benchmarks/bench_ttt.py [--configs BK:WARPS,...] [--no-peers]
-Each kernel config (K block, warps) is measured in its own process; the fastest at B=1 is reported.
+GPU: PYTHONPATH=src python3 benchmarks/bench_ttt.py [--configs default,BK:WARPS:STAGES,...] [--no-peers]
+Each kernel config (K block, warps, pipelining stages) is measured in its own process; the fastest at B=1 is reported.
 """
 import argparse
 import json
@@ -50,14 +50,14 @@ def make_inputs(B, seed=0):
 def kernel_fwd(x, cfg):
     return kernels.ttt_mlp_fwd(x["xq"], x["xk"], x["xv"], x["lr"], None, x["ln_weight"], x["ln_bias"],
                                x["w1"], x["b1"], x["w2"], x["b2"], causal=False, checkpoint_group_size=G,
-                               block_k=cfg[0], num_warps=cfg[1])
+                               block_k=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
 
 
 def kernel_fwd_bwd(x, up, cfg):
     out, ckpts, last = kernel_fwd(x, cfg)
     grads = kernels.ttt_mlp_bwd(x["xq"], x["xk"], x["xv"], x["lr"], None, x["ln_weight"], x["ln_bias"], *ckpts,
                                 up["out"], *up["last"], causal=False, checkpoint_group_size=G,
-                                block_k=cfg[0], num_warps=cfg[1])
+                                block_k=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
     return out, last, grads
 
 
@@ -107,10 +107,19 @@ def measure_kernel(B, cfg):
     return res
 
 
+def parse_config(text):
+    """'default' -> (None, None, None): the launchers pick; 'BK:WARPS:STAGES' -> ints for both kernels."""
+    return (None, None, None) if text == "default" else tuple(int(v) for v in text.split(":"))
+
+
+def config_name(cfg):
+    return "default" if cfg[0] is None else ":".join(str(v) for v in cfg)
+
+
 def measure_in_subprocess(B, cfg):
     """One config in its own process: a config that fails to compile or run is reported, not fatal."""
-    run = subprocess.run([sys.executable, __file__, "--measure", f"{B}:{cfg[0]}:{cfg[1]}"], capture_output=True,
-                         text=True)
+    run = subprocess.run([sys.executable, __file__, "--measure", f"{B}:{config_name(cfg)}"],
+                         capture_output=True, text=True)
     if run.returncode != 0:
         print(f"B={B} config {cfg} failed:\n{run.stderr[-1500:]}", flush=True)
         return None
@@ -122,15 +131,17 @@ def measure_in_subprocess(B, cfg):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--configs", default="64:8", help="K block:warps, comma separated; B=1 picks the best")
+    parser.add_argument("--configs", default="default",
+                        help="'default' (the launchers' own) or K block:warps:stages, comma separated; the "
+                             "fastest at B=1 is reported")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        B, bk, warps = (int(v) for v in args.measure.split(":"))
-        print(json.dumps(measure_kernel(B, (bk, warps))))
+        B, *cfg = args.measure.split(":")
+        print(json.dumps(measure_kernel(int(B), parse_config(":".join(cfg)))))
         return
-    configs = [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
+    configs = [parse_config(c) for c in args.configs.split(",")]
     env = environment()
     peaks = ceilings()
     payload = {"environment": env, "ceilings": peaks, "shape": dict(NH=NH, L=L, CS=CS, F=F, G=G), "results": []}
@@ -140,8 +151,8 @@ def main():
     rows = []
     for B in (1, 8):
         res = best if B == 1 else measure_in_subprocess(8, tuple(best["config"]))
-        cfg_name = "BK={} warps={}".format(*res["config"])
-        rows.append({"implementation": f"tether Triton, bf16 ({cfg_name})", "B": B, "fwd ms": res["fwd_ms"],
+        cfg_name = config_name(res["config"])
+        rows.append({"implementation": f"tether Triton, bf16 (config {cfg_name})", "B": B, "fwd ms": res["fwd_ms"],
                      "fwd+bwd ms": res["fwd_bwd_ms"], "peak GB": res["peak_gb"], "out err": res["errors"]["out"],
                      "max grad err": res["max_grad_err"]})
         if not args.no_peers and B == 1:
@@ -158,10 +169,13 @@ def main():
     columns = ["implementation", "B", "fwd ms", "fwd+bwd ms", "ratio fwd", "ratio fwd+bwd", "peak GB",
                "out err", "max grad err"]
     table = markdown_table(rows, columns)
+    b1 = payload["results"][0]
     table += ("\n\nratio = peer time / tether time. Errors: relative (norm-wise) vs the fp32 reference on the "
-              "same inputs; per-gradient errors in ttt.json. ttt-tk anchors (BENCHMARKS.md, B=1): fwd 1.08 ms, "
-              f"fwd+bwd 9.89 ms. Ceilings here: copy {peaks['copy_gbs']:.0f} GB/s, bf16 matmul "
-              f"{peaks['bf16_matmul_tflops']:.0f} TFLOP/s.")
+              "same inputs; per-gradient errors in ttt.json. ttt-tk (ThunderKittens, H100-only CUDA; not run here, "
+              f"anchors of BENCHMARKS.md, B=1): fwd 1.08 ms, fwd+bwd 9.89 ms, ratio {1.08 / b1['fwd_ms']:.2f} and "
+              f"{9.89 / b1['fwd_bwd_ms']:.2f}. Eager peak: fp32 copies of the inputs and all their gradients "
+              f"included. Forward {b1['fwd_tflops']:.1f} TFLOP/s (22.5 GFLOP at B=1). Ceilings here: copy "
+              f"{peaks['copy_gbs']:.0f} GB/s, bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s.")
     print(table)
     write_results("ttt", payload, table)
 

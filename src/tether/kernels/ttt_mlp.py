@@ -142,41 +142,48 @@ def _kblock(p, k0, CS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _reconstruction_grad(xk, xv, gamma, beta, w1_p, b1_p, w2_p, b2, z1_p, DT: tl.constexpr, PREC: tl.constexpr,
-                         CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
-    """First pass over K: Z2 = gelu(XK W1 + b1) W2 + b2, then gZ2 = d loss / d Z2 and the LN values.
-    Z1 is kept in the scratch z1_p [CS, K] (L1/L2) for the later passes: a load instead of a matmul."""
+def _z2_pass(xk, w1_p, b1_p, w2_p, z1_p, DT: tl.constexpr, PREC: tl.constexpr,
+             CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """First pass over K: gelu(XK W1 + b1) W2 (Z2 without b2). Z1 is kept in the scratch z1_p [CS, K]
+    (L1/L2) for the later passes: a load instead of a matmul."""
     z2 = tl.zeros([CS, F], tl.float32)
     for k0 in range(0, K, BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
         z1 = _dot(xk, w1, DT, PREC) + b1[None, :]
         tl.store(_kblock(z1_p, k0, CS, K, BK), z1)
         z2 = _dot(_gelu(z1), w2, DT, PREC, z2)
-    tl.debug_barrier()  # Z1 visible to every thread
-    xh, rstd = _ln_stats(z2 + b2[None, :], F)
+    return z2
+
+
+@triton.jit
+def _inner_loss_grad(z2, xk, xv, gamma, beta, F: tl.constexpr):
+    """gZ2 = d loss / d Z2 (closed form of the spec) and the LN values xh, 1/sigma, target."""
+    xh, rstd = _ln_stats(z2, F)
     target = xv.to(tl.float32) - xk.to(tl.float32)
     gz2 = _ln_bwd((gamma[None, :] * xh + beta[None, :] - target) * gamma[None, :], xh, rstd, F)
     return gz2, xh, rstd, target
 
 
 @triton.jit
-def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta,
-                  w1_s, b1_s, w2_s, b2_s, w1_d, b1_d, w2_d, b2_d, w1_c, b1_c, w2_c, b2_c, save_ckpt, z1_p,
+def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2,
+                  w1_s, b1_s, w2_s, b2_s, w1_d, b1_d, w2_d, b2_d, z1_p,
+                  xk_next_p, z1_next_p, has_next, w1_c, b1_c, w2_c, b2_c, save_ckpt,
                   WITH_OUTPUT: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                   CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
     """One mini-batch: state (w1_s..b2_s) -> next state (w1_d..b2_d, may alias the source), optionally the
-    outputs, and a copy of the start state into the checkpoint when save_ckpt. z1_p: [CS, K] fp32 scratch.
+    outputs. z2 and the Z1 tiles in z1_p [CS, K] come from the first pass over K of this mini-batch.
+    Each block of the next state is used at once for the next mini-batch's first pass when has_next
+    (tokens xk_next_p, its Z1 into z1_next_p; returns its z2), and copied into the checkpoint (w1_c..b2_c)
+    when save_ckpt: one pass over the state per mini-batch instead of two.
     Outputs: causal in the dual form; non-causal tokens read the updated state, so each updated block is
     used right away (Zq1 = XQ W1' + b1', Zq2 = gelu(Zq1) W2' + b2': two matmuls a block instead of four)."""
     fc = tl.arange(0, F)
     xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
     xk = _load_tokens(xk_p, CS, F)
+    xk_next = _load_tokens(xk_next_p, CS, F)
     eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
     b2 = tl.load(b2_s + fc)
-    if save_ckpt:
-        _copy_state(w1_s, b1_s, w2_s, b2_s, w1_c, b1_c, w2_c, b2_c, F, K, BK)
-    gz2, xh, rstd, target = _reconstruction_grad(xk, _load_tokens(xv_p, CS, F), gamma, beta,
-                                                 w1_s, b1_s, w2_s, b2, z1_p, DT, PREC, CS, F, K, BK)
+    gz2, xh, rstd, target = _inner_loss_grad(z2 + b2[None, :], xk, _load_tokens(xv_p, CS, F), gamma, beta, F)
     b2_next = b2 - tl.sum(e[:, None] * gz2, 0)
     # matmul operands live through the K loop in the input dtype: half the registers of fp32
     egz2 = (e[:, None] * gz2).to(DT)
@@ -185,6 +192,7 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta,
         a1 = (eta * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)).to(DT)  # [CS, CS]
         a2raw = tl.zeros([CS, CS], tl.float32)  # Xq2 X2^T, summed over K blocks
     zq2 = tl.zeros([CS, F], tl.float32)
+    z2_next = tl.zeros([CS, F], tl.float32)
     for k0 in range(0, K, BK):
         w1, b1, w2 = _load_block(w1_s, b1_s, w2_s, k0, F, K, BK)
         x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
@@ -200,9 +208,17 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta,
         b1 -= tl.sum(egz1, 0)
         w2 = _dot(tl.trans(x2), -egz2, DT, PREC, w2)
         _store_block(w1_d, b1_d, w2_d, k0, w1, b1, w2, F, K, BK)
+        if save_ckpt:
+            _store_block(w1_c, b1_c, w2_c, k0, w1, b1, w2, F, K, BK)
         if WITH_OUTPUT and not CAUSAL:
             zq2 = _dot(_gelu(_dot(xq, w1, DT, PREC) + b1[None, :]), w2, DT, PREC, zq2)
+        if has_next:
+            z1 = _dot(xk_next, w1, DT, PREC) + b1[None, :]
+            tl.store(_kblock(z1_next_p, k0, CS, K, BK), z1)
+            z2_next = _dot(_gelu(z1), w2, DT, PREC, z2_next)
     tl.store(b2_d + fc, b2_next)
+    if save_ckpt:
+        tl.store(b2_c + fc, b2_next)
     if WITH_OUTPUT:
         if CAUSAL:
             eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
@@ -211,6 +227,7 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta,
             zq2 += b2_next[None, :]
         xhq, _ = _ln_stats(zq2, F)
         _store_tokens(out_p, xq.to(tl.float32) + gamma[None, :] * xhq + beta[None, :], CS, F)
+    return z2_next
 
 
 @triton.jit
@@ -219,7 +236,7 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
                     CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
     """Forward scan. w1..b2 hold the initial state on entry and the final state on exit (updated in place);
     checkpoint k (w1_c..b2_c [B*NH, NK, ...]) is the state at the start of mini-batch k*G.
-    work: [B*NH, CS, K] fp32 scratch."""
+    work: [B*NH, 2, CS, K] fp32 scratch (Z1 of this and of the next mini-batch)."""
     bh = tl.program_id(0).to(tl.int64)
     h = bh % NH
     NK = tl.cdiv(NC, G)
@@ -229,15 +246,22 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
     b1 += bh * K
     w2 += bh * K * F
     b2 += bh * F
-    work += bh * CS * K
+    work += bh * 2 * CS * K
+    c = bh * NK
+    _copy_state(w1, b1, w2, b2, w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, b2_c + c * F, F, K, BK)
+    z2 = _z2_pass(_load_tokens(xk + bh * NC * CS * F, CS, F), w1, b1, w2, work, xq.dtype.element_ty, PREC,
+                  CS, F, K, BK)
     for n in range(NC):
         tok = (bh * NC + n) * CS * F
-        ck = bh * NK + n // G
-        tl.debug_barrier()  # the previous step's state stores are visible to every thread
-        _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n) * CS, ts, out + tok, gamma, beta,
-                      w1, b1, w2, b2, w1, b1, w2, b2,
-                      w1_c + ck * F * K, b1_c + ck * K, w2_c + ck * K * F, b2_c + ck * F, n % G == 0, work,
-                      True, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK)
+        has_next = n + 1 < NC
+        c = bh * NK + (n + 1) // G
+        tl.debug_barrier()  # the previous step's stores are visible to every thread
+        z2 = _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n) * CS, ts, out + tok, gamma, beta, z2,
+                           w1, b1, w2, b2, w1, b1, w2, b2, work + (n % 2) * CS * K,
+                           xk + tok + has_next.to(tl.int64) * CS * F, work + ((n + 1) % 2) * CS * K, has_next,
+                           w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, b2_c + c * F,
+                           has_next & ((n + 1) % G == 0),
+                           True, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK)
 
 
 @triton.jit
@@ -275,8 +299,9 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     b2 = tl.load(b2_p + fc)
 
     # recompute the step's forward: gZ2, then the output pre-norm Zq2 (second pass over K)
-    gz2, xh, rstd, target = _reconstruction_grad(xk, _load_tokens(xv_p, CS, F), gamma, beta,
-                                                 w1_p, b1_p, w2_p, b2, z1_p, DT, PREC, CS, F, K, BK)
+    z2 = _z2_pass(xk, w1_p, b1_p, w2_p, z1_p, DT, PREC, CS, F, K, BK)
+    tl.debug_barrier()  # Z1 visible to every thread
+    gz2, xh, rstd, target = _inner_loss_grad(z2 + b2[None, :], xk, _load_tokens(xv_p, CS, F), gamma, beta, F)
     tl.store(_tile_ptrs(xh_p, CS, F), xh)
     tl.store(_tile_ptrs(target_p, CS, F), target)
     tl.store(_tile_ptrs(gz2_p, CS, F), gz2)
@@ -433,16 +458,24 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
         glen = tl.minimum(G, NC - n0)
         c = bh * NK + ck
         tl.debug_barrier()
-        _copy_state(w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, b2_c + c * F, w1_s, b1_s, w2_s, b2_s,
-                    F, K, BK)
+        w1 = w1_c + c * F * K
+        b1 = b1_c + c * K
+        w2 = w2_c + c * K * F
+        _copy_state(w1, b1, w2, b2_c + c * F, w1_s, b1_s, w2_s, b2_s, F, K, BK)
+        # the state-only forward steps; Z1 alternates between the first two [CS, K] tiles of the work scratch
+        z2 = _z2_pass(_load_tokens(xk + (bh * NC + n0) * CS * F, CS, F), w1, b1, w2, work, xq.dtype.element_ty,
+                      PREC, CS, F, K, BK)
         for t in range(1, glen):
             tok = (bh * NC + n0 + t - 1) * CS * F
+            has_next = t + 1 < glen
             tl.debug_barrier()
-            _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t - 1) * CS, ts, dout, gamma, beta,
-                          w1_s + (t - 1) * F * K, b1_s + (t - 1) * K, w2_s + (t - 1) * K * F, b2_s + (t - 1) * F,
-                          w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F,
-                          w1_c, b1_c, w2_c, b2_c, False, work,
-                          False, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK)
+            z2 = _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t - 1) * CS, ts, dout, gamma,
+                               beta, z2,
+                               w1_s + (t - 1) * F * K, b1_s + (t - 1) * K, w2_s + (t - 1) * K * F,
+                               b2_s + (t - 1) * F, w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F,
+                               work + ((t - 1) % 2) * CS * K, xk + tok + has_next.to(tl.int64) * CS * F,
+                               work + (t % 2) * CS * K, has_next, w1_c, b1_c, w2_c, b2_c, False,
+                               False, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK)
         for tt in range(glen):
             t = glen - 1 - tt
             tok = (bh * NC + n0 + t) * CS * F
@@ -464,12 +497,15 @@ def supports(F: int, CS: int, dtype: torch.dtype) -> bool:
     return dtype in _DTYPES and F in (16, 32, 64, 128) and CS in (16, 32, 64)
 
 
-def _config(F: int, CS: int, block_k, num_warps):
-    """K block and warps per program (defaults, or the caller's, e.g. a benchmark's sweep)."""
+def _config(F: int, block_k, num_warps, num_stages, backward: bool):
+    """K block, warps and software-pipelining stages per program: the caller's (a benchmark's sweep) or
+    the defaults measured on an H100 (benchmarks/results/ttt.md): the forward is fastest with one warp
+    group, the backward, with far more live tiles, with two. One stage: pipelined K loops multiply the
+    shared memory (the backward then needs more than the 227 KB an H100 block can have)."""
     block_k = block_k or min(4 * F, 64)
     if block_k < 16 or (4 * F) % block_k:
         raise ValueError(f"block_k: expected a multiple of 16 dividing K = {4 * F}, got {block_k}")
-    return block_k, num_warps or 8
+    return block_k, num_warps or (8 if backward else 4), num_stages or 1
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -519,7 +555,7 @@ def _state_in(names, tensors, shapes, device):
 
 def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, *, causal,
                 checkpoint_group_size, out=None, w1_ckpt=None, b1_ckpt=None, w2_ckpt=None, b2_ckpt=None,
-                block_k=None, num_warps=None):
+                block_k=None, num_warps=None, num_stages=None):
     """Forward scan. Returns (out, (w1, b1, w2, b2) checkpoints [B, NH, NK, ...], final state)."""
     B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal,
                                      checkpoint_group_size)
@@ -535,18 +571,18 @@ def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
                 _state_shapes(B, NH, F, (NK,)))]
     xq, xk, xv, lr = (t.contiguous() for t in (xq, xk, xv, lr))
     ts = token_scale.contiguous() if causal else lr  # not read when non-causal
-    BK, warps = _config(F, CS, block_k, num_warps)
-    work = torch.empty(B * NH, CS, 4 * F, dtype=torch.float32, device=dev)  # per program, Z1 of a mini-batch
+    BK, warps, stages = _config(F, block_k, num_warps, num_stages, backward=False)
+    work = torch.empty(B * NH, 2, CS, 4 * F, dtype=torch.float32, device=dev)  # per program: Z1 of 2 mini-batches
     _ttt_fwd_kernel[(B * NH,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *last, *ckpt, out,
                                work,
                                NH, NC, G, CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=4 * F, BK=BK,
-                               num_warps=warps)
+                               num_warps=warps, num_stages=stages)
     return out, tuple(ckpt), tuple(last)
 
 
 def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out,
                 grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last, *, causal, checkpoint_group_size,
-                grads=None, block_k=None, num_warps=None):
+                grads=None, block_k=None, num_warps=None, num_stages=None):
     """Backward scan with rematerialisation from the checkpoints. Returns a dict of gradients (see module
     tether.functional.ttt_mlp); ln_weight/ln_bias gradients are per batch element, [B, NH, F]."""
     B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal,
@@ -575,12 +611,12 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
     dts = torch.empty(B * NH, CS, dtype=torch.float32, device=dev)
     xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
     ts = token_scale.contiguous() if causal else lr
-    BK, warps = _config(F, CS, block_k, num_warps)
+    BK, warps, stages = _config(F, block_k, num_warps, num_stages, backward=True)
     _ttt_bwd_kernel[(B * NH,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *ckpt, grad_out,
                                *scratch, work, grads["w1"], grads["b1"], grads["w2"], grads["b2"],
                                grads["xq"], grads["xk"], grads["xv"], grads["lr"], dts,
                                grads["ln_weight"], grads["ln_bias"],
                                NH, NC, G, CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=K, BK=BK,
-                               num_warps=warps)
+                               num_warps=warps, num_stages=stages)
     grads["token_scale"] = dts.sum(0) if causal else None
     return grads
