@@ -16,7 +16,7 @@ def _idx(B, T, V=65):
 
 def test_step_matches_full_sequence():
     model = build_model(LMConfig(**TINY)).eval()
-    idx = _idx(2, 11)
+    idx = _idx(2, 7)
     with torch.no_grad():
         full, _ = model(idx)  # [B, T, V]
         state = model.init_state(2, "cpu")
@@ -154,3 +154,22 @@ def test_config_round_trip_and_errors():
         model(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="gamma: expected values in"):
         SpikingSelfAttention(16, 2, gamma=1.0)
+
+
+def test_torch_compile_fullgraph(monkeypatch):
+    """The spiking LM traces without graph breaks (custom ops / autograd.Function), here on the reference path."""
+    import tether._backend
+
+    monkeypatch.setattr(tether._backend, "interpreting", lambda: False)
+    model = build_model(LMConfig(**{**TINY, "n_layer": 1}))
+    idx = _idx(2, 8)
+    logits, loss = model(idx, idx)
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    got_logits, got_loss = compiled(idx, idx)
+    got_loss.backward()
+    torch.testing.assert_close(got_logits, logits)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], msg=name)
