@@ -140,8 +140,8 @@ class SpikingSelfAttention(nn.Module):
 
     def init_state(self, batch_size: int, device) -> Tuple[torch.Tensor, ...]:
         C, H = self.d_model, self.n_heads
-        zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float32)  # noqa: E731
-        return zeros(batch_size, C), zeros(batch_size, 3 * C), zeros(batch_size, H, C // H)
+        shapes = [(batch_size, C), (batch_size, 3 * C), (batch_size, H, C // H)]  # membranes, attention memory
+        return tuple(torch.zeros(shape, device=device) for shape in shapes)
 
     def synapses(self):
         """(layer, spike-fed) for each linear layer, for the energy estimate."""
