@@ -121,3 +121,21 @@ def test_ddp_gloo_two_processes_match_one(tmp_path, in_process):
         assert ddp[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-4), step
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
+
+
+def test_error_saves_the_last_step_and_propagates(tmp_path, monkeypatch, in_process):
+    out = tmp_path / "failed"
+    batch = CharCorpus.batch
+    calls = []
+
+    def fail_at_step_7(self, split, *args, **kwargs):
+        calls.append(split)
+        if calls.count("train") == 8:
+            raise RuntimeError("disk on fire")
+        return batch(self, split, *args, **kwargs)
+
+    monkeypatch.setattr(CharCorpus, "batch", fail_at_step_7)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train.train(train.build_parser().parse_args([*TINY, "--out", str(out)]))
+    assert torch.load(out / "state.pt", weights_only=False)["step"] == 7
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
