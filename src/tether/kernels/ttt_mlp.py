@@ -11,8 +11,10 @@ input dtype (tensor cores; fp32 inputs use IEEE fp32, or TF32 when torch allows 
 state, LayerNorm statistics and all elementwise math are fp32.
 
 A mini-batch needs two passes over K: the reconstruction Z2 = gelu(XK W1 + b1) W2 + b2 is a sum over all
-of K, and its LayerNorm gradient gZ2 is needed before any block can be updated. Outputs use the dual form,
-Zq1 = XQ W1 + b1 - A1 gZ1 with A1 = eta * (XQ XK^T + 1), which covers the causal and non-causal eta alike.
+of K, and its LayerNorm gradient gZ2 is needed before any block can be updated. The forward fuses the first
+pass of mini-batch n+1 into the update pass of mini-batch n (each updated block is used at once), so the
+state is streamed once per mini-batch. Causal outputs use the dual form, Zq1 = XQ W1 + b1 - A1 gZ1 with
+A1 = eta * (XQ XK^T + 1) (the backward uses it for both modes); non-causal ones read the updated blocks.
 """
 import torch
 import triton
