@@ -98,16 +98,17 @@ def test_launchers_write_into_given_buffers(device):
     out_buf = torch.empty_like(inp["xq"])
     w1_ckpt = torch.empty(B, NH, NC, F, 4 * F, device=device)
     out, ckpts, final = kernels.ttt_mlp_fwd(*kernel_args(inp), inp["w1"], inp["b1"], inp["w2"], inp["b2"],
-                                            causal=False, checkpoint_group_size=G, out=out_buf, w1_ckpt=w1_ckpt)
+                                            causal=True, checkpoint_group_size=G, out=out_buf, w1_ckpt=w1_ckpt)
     assert out is out_buf and ckpts[0] is w1_ckpt
     grad_out = torch.randn_like(out)
-    dxq = torch.empty_like(inp["xq"])
+    buffers = {"xq": torch.empty_like(inp["xq"]), "token_scale": torch.empty_like(inp["token_scale"])}
     grads = kernels.ttt_mlp_bwd(*kernel_args(inp), *ckpts, grad_out, *map(torch.zeros_like, final),
-                                causal=False, checkpoint_group_size=G, grads={"xq": dxq})
-    assert grads["xq"] is dxq
-    ref_in, ref_out, _, _ = run_reference(inp, False, G)
-    (want,) = torch.autograd.grad(ref_out, ref_in["xq"], grad_out.double())
-    assert rel_err(dxq, want) < 1e-4
+                                causal=True, checkpoint_group_size=G, grads=dict(buffers))
+    ref_in, ref_out, _, _ = run_reference(inp, True, G)
+    want = torch.autograd.grad(ref_out, [ref_in["xq"], ref_in["token_scale"]], grad_out.double())
+    for (name, buf), w in zip(buffers.items(), want):
+        assert grads[name] is buf
+        assert rel_err(buf, w) < 1e-4, name
 
 
 def test_bad_arguments_are_named(device):

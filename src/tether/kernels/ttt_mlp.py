@@ -620,5 +620,10 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
                                grads["ln_weight"], grads["ln_bias"],
                                NH, NC, G, CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=K, BK=BK,
                                num_warps=warps, num_stages=stages)
-    grads["token_scale"] = dts.sum(0) if causal else None
+    if not causal:
+        grads["token_scale"] = None
+    elif grads.get("token_scale") is None:
+        grads["token_scale"] = dts.sum(0)  # [CS]: summed over batch and heads
+    else:
+        grads["token_scale"].copy_(dts.sum(0))
     return grads
