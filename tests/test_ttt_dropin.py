@@ -1,5 +1,4 @@
 """tether.ttt (the ttt_tk drop-in) vs the reference + autograd: outputs, checkpoints, every gradient."""
-import importlib.util
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ import tether.ttt as ttt_tk
 from tether.functional.ttt_mlp import _kernels
 from tether.reference.ttt_mlp import ttt_mlp as reference
 
-HAS_KERNELS = importlib.util.find_spec("tether.kernels.ttt_mlp") is not None
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-2),
        torch.bfloat16: dict(atol=6e-2, rtol=6e-2)}
 
@@ -103,8 +101,6 @@ def test_dropin_reference_path(shape, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
 def test_dropin_kernel_path(shape, dtype):
-    if not HAS_KERNELS:
-        pytest.skip("tether.kernels.ttt_mlp is not there yet")
     check_against_reference("kernel", *shape, dtype)
 
 

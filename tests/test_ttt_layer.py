@@ -1,7 +1,6 @@
 """The autograd op tether.functional.ttt_mlp vs the reference, and tether.nn.TTTMLP: shapes, gradients to
 every parameter, no leak from the future in causal mode."""
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from tether.nn.ttt import TTTMLP
 from tether.reference.ttt_mlp import default_token_scale
 from tether.reference.ttt_mlp import ttt_mlp as reference
 
-HAS_KERNELS = importlib.util.find_spec("tether.kernels.ttt_mlp") is not None
 
 
 def op_vs_reference(B, NH, NC, CS, F, G, causal, dtype, tol):
@@ -51,8 +49,6 @@ def test_op_reference_path_matches_reference(causal, G, monkeypatch):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_op_kernel_path_matches_reference(causal):
-    if not HAS_KERNELS:
-        pytest.skip("tether.kernels.ttt_mlp is not there yet")
     x = torch.empty(1, 1, 3, 16, 16, device="cuda" if torch.cuda.is_available() else "cpu")
     assert _kernels(x, x.new_empty(1, 1, 16, 64)) is not None  # proves the kernel path is the one under test
     op_vs_reference(1, 1, 3, 16, 16, 2, causal, torch.float32, dict(atol=1e-4, rtol=1e-4))
@@ -133,8 +129,6 @@ def test_non_causal_padding_writes_nothing():
 
 
 def test_layer_kernel_path_matches_reference_path(device, monkeypatch):
-    if not HAS_KERNELS:
-        pytest.skip("tether.kernels.ttt_mlp is not there yet")
     layer = TTTMLP(32, 2, mini_batch=16, causal=True, checkpoint_group_size=2).to(device)  # head dim 16
     x = torch.randn(1, 40, 32, device=device, requires_grad=True)
     assert _kernels(x.new_empty(1, 2, 3, 16, 16), layer.w1) is not None
