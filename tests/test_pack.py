@@ -66,3 +66,11 @@ def test_bad_input(call, error, words):
         call()
     for word in words:
         assert word in str(info.value)
+
+
+def test_custom_ops_trace_without_graph_break(device):
+    s = random_spikes((3, 5, 19), torch.float32, device)
+    torch.library.opcheck(torch.ops.tether.pack_spikes.default, (s,))
+    torch.library.opcheck(torch.ops.tether.unpack_spikes.default, (pack_spikes(s), 19, torch.float32))
+    round_trip = torch.compile(lambda x: unpack_spikes(pack_spikes(x), 19), fullgraph=True, backend="aot_eager")
+    assert torch.equal(round_trip(s), s)

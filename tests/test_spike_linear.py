@@ -104,3 +104,13 @@ def test_autocast_matches_linear():
     for got, want in zip(*grads):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, atol=5e-2, rtol=2e-2)
+
+
+def test_compiles_without_graph_break(device):
+    spikes = (torch.rand(4, 6, 19, device=device) < 0.3).float()
+    weight = torch.randn(7, 19, device=device, requires_grad=True)
+    loss = lambda w: spike_linear(spikes, w).square().sum()  # noqa: E731
+    torch.compile(loss, fullgraph=True, backend="aot_eager")(weight).backward()
+    compiled_grad, weight.grad = weight.grad, None
+    loss(weight).backward()
+    torch.testing.assert_close(compiled_grad, weight.grad)
