@@ -1,5 +1,7 @@
 """The LIF op (spec: ../shared/spec/lif.md): fused Triton kernels (tether.kernels.lif) as torch.library
-custom ops with fake impls and a registered backward, or the pure-PyTorch reference where no kernel runs."""
+custom ops with fake impls and a registered backward (what torch.compile traces; eager mode calls the launchers
+through a plain autograd.Function, half the Python time per call), or the pure-PyTorch reference where no kernel
+runs."""
 import math
 from typing import Optional
 
@@ -26,16 +28,19 @@ def _param(p):
     return None, float(p)
 
 
-@torch.library.custom_op("tether::lif_forward", mutates_args=())
-def _lif_forward(x: Tensor, v_init: Tensor, decay: Optional[Tensor], decay_value: float,
-                 threshold: Optional[Tensor], threshold_value: float, surrogate: str, alpha: float, hard: bool,
-                 v_reset: float, detach_reset: bool, save: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _lif_forward_kernel(x: Tensor, v_init: Tensor, decay: Optional[Tensor], decay_value: float,
+                      threshold: Optional[Tensor], threshold_value: float, surrogate: str, alpha: float, hard: bool,
+                      v_reset: float, detach_reset: bool, save: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x [T, N] -> spikes [T, N], v_final [N] fp32, saved, bits (see tether.kernels.lif for what is saved).
     detach_reset only matters to the backward; it is an input so that setup_context can keep it."""
     return kernels.lif_forward(
         x, v_init, decay_value if decay is None else decay, threshold_value if threshold is None else threshold,
         surrogate=kernels.SURROGATE_IDS[surrogate], alpha=alpha, hard=hard, v_reset=v_reset, save=save,
         inv_sg_peak=1.0 / _sg_peak(surrogate, alpha))
+
+
+# the op torch.compile traces; eager calls go through _LIF to the launcher without the custom-op dispatch
+_lif_forward = torch.library.custom_op("tether::lif_forward", _lif_forward_kernel, mutates_args=())
 
 
 @_lif_forward.register_fake
@@ -46,17 +51,20 @@ def _(x, v_init, decay, decay_value, threshold, threshold_value, surrogate, alph
     return torch.empty_like(x), x.new_empty(N, dtype=torch.float32), saved, bits
 
 
-@torch.library.custom_op("tether::lif_backward", mutates_args=())
-def _lif_backward(grad_spikes: Tensor, grad_v_final: Tensor, saved: Tensor, bits: Tensor, v_init: Optional[Tensor],
-                  decay: Optional[Tensor], decay_value: float, threshold: Optional[Tensor], threshold_value: float,
-                  surrogate: str, alpha: float, hard: bool, v_reset: float, detach_reset: bool, save: int,
-                  grad_decay: bool, grad_threshold: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _lif_backward_kernel(grad_spikes: Tensor, grad_v_final: Tensor, saved: Tensor, bits: Tensor,
+                         v_init: Optional[Tensor], decay: Optional[Tensor], decay_value: float,
+                         threshold: Optional[Tensor], threshold_value: float, surrogate: str, alpha: float,
+                         hard: bool, v_reset: float, detach_reset: bool, save: int, grad_decay: bool,
+                         grad_threshold: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> grad_x [T, N], grad_v_init [N], per-neuron grad_decay [N], grad_threshold [N] (empty unless asked)."""
     return kernels.lif_backward(
         grad_spikes, grad_v_final, saved, bits, v_init, decay_value if decay is None else decay,
         threshold_value if threshold is None else threshold, surrogate=kernels.SURROGATE_IDS[surrogate],
         alpha=alpha, hard=hard, v_reset=v_reset, detach_reset=detach_reset, save=save,
         sg_peak=_sg_peak(surrogate, alpha), grad_decay=grad_decay, grad_threshold=grad_threshold)
+
+
+_lif_backward = torch.library.custom_op("tether::lif_backward", _lif_backward_kernel, mutates_args=())
 
 
 @_lif_backward.register_fake
@@ -75,15 +83,19 @@ def _setup_context(ctx, inputs, output):
     # v_init only feeds dL/ddecay, which only the MEMBRANE save computes
     ctx.save_for_backward(saved, bits, v_init if save == kernels.SAVE_MEMBRANE else None, decay, threshold)
     ctx.args = (decay_value, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save)
+    ctx.spikes_dtype = x.dtype
 
 
-def _backward(ctx, grad_spikes, grad_v_final, _grad_saved, _grad_bits):
+def _backward_with(lif_backward, ctx, grad_spikes, grad_v_final):
+    """The 12 input gradients; lif_backward: the custom op (traced) or its kernel body (eager)."""
     saved, bits, v_init, decay, threshold = ctx.saved_tensors
     decay_value, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save = ctx.args
     need_decay, need_threshold = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
+    if grad_spikes is None:  # only v_final was used
+        grad_spikes = torch.zeros(saved.shape, device=saved.device, dtype=ctx.spikes_dtype)  # [T, N]
     if grad_v_final is None:
-        grad_v_final = grad_spikes.new_zeros(grad_spikes.shape[1], dtype=torch.float32)
-    grad_x, grad_v_init, grad_decay, grad_threshold = torch.ops.tether.lif_backward(
+        grad_v_final = grad_spikes.new_zeros(grad_spikes.shape[1], dtype=torch.float32)  # [N]
+    grad_x, grad_v_init, grad_decay, grad_threshold = lif_backward(
         grad_spikes.contiguous(), grad_v_final.contiguous(), saved, bits, v_init, decay, decay_value, threshold,
         threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save, need_decay, need_threshold)
     # per-neuron sums -> the parameter's [C] (neuron n reads channel n % C)
@@ -92,7 +104,27 @@ def _backward(ctx, grad_spikes, grad_v_final, _grad_saved, _grad_bits):
     return grad_x, grad_v_init, grad_decay, None, grad_threshold, None, None, None, None, None, None, None
 
 
+def _backward(ctx, grad_spikes, grad_v_final, _grad_saved, _grad_bits):
+    return _backward_with(torch.ops.tether.lif_backward, ctx, grad_spikes, grad_v_final)
+
+
 _lif_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LIF(torch.autograd.Function):
+    """Eager mode: the same forward / backward as the custom op's, calling the launchers directly. The
+    custom-op + register_autograd dispatch cost about 2x the Python time of this path per call."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _lif_forward_kernel(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to allocate
+        return output[0], output[1]
+
+    @staticmethod
+    def backward(ctx, grad_spikes, grad_v_final):
+        return _backward_with(_lif_backward_kernel, ctx, grad_spikes, grad_v_final)
 
 
 def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surrogate="arctan",
@@ -119,7 +151,12 @@ def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surroga
         save = kernels.SAVE_MEMBRANE
     else:
         save = kernels.SAVE_COMPACT
-    spikes, v_final, _, _ = torch.ops.tether.lif_forward(
-        x2, v0, decay_t, decay_value, threshold_t, threshold_value, args.surrogate, args.alpha, args.hard,
-        float(v_reset), detach_reset, save)
+    inputs = (x2, v0, decay_t, decay_value, threshold_t, threshold_value, args.surrogate, args.alpha, args.hard,
+              float(v_reset), detach_reset, save)
+    if torch.compiler.is_compiling():
+        spikes, v_final, _, _ = torch.ops.tether.lif_forward(*inputs)
+    elif save == kernels.SAVE_NONE:  # nothing needs a gradient: no autograd node
+        spikes, v_final, _, _ = _lif_forward_kernel(*inputs)
+    else:
+        spikes, v_final = _LIF.apply(*inputs)
     return spikes.view(x.shape), v_final.view(rest)
