@@ -270,3 +270,17 @@ def test_bad_input(impl, kwargs, error, words):
         impl(args["x"], args["decay"], args["threshold"], args["v_init"], **extra)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+@pytest.mark.parametrize("only", ["spikes", "v_final"])
+def test_gradient_through_one_output_only(device, kernel_calls, only):
+    """The other output's gradient is None (never materialised by autograd); the kernel treats it as zero."""
+    x = torch.randn(21, 3, 9, device=device)
+    grads = []
+    for fn in (lif, reference.lif):
+        xi = x.clone().requires_grad_()
+        spikes, v_final = fn(xi, 0.5, 1.0)
+        (spikes.sum() if only == "spikes" else (v_final * v_final).sum()).backward()
+        grads.append(xi.grad)
+    assert kernel_calls == {"forward": 1, "backward": 1}
+    assert_close_rel(grads[0], grads[1], GRAD_RTOL[torch.float32], f"grad x through {only} only")

@@ -220,3 +220,18 @@ def test_bad_inputs(kwargs, error, message, impl):
     kwargs = dict(kwargs)
     with pytest.raises(error, match=re.escape(message)):
         fn(kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v"), **kwargs)
+
+
+@pytest.mark.parametrize("only", ["out", "state"])
+def test_gradient_through_one_output_only(device, launches, only):
+    """The other output's gradient is None (never materialised by autograd); the kernel treats it as zero."""
+    inputs = qkv(37, 2, 6, device=device)
+    grads = []
+    for fn in (spike_attention, reference):
+        q, k, v = [t.clone().requires_grad_() for t in inputs]
+        out, state = fn(q, k, v, 0.9)
+        (out.square().sum() if only == "out" else state.square().sum()).backward()
+        grads.append([torch.zeros_like(t) if t.grad is None else t.grad for t in (q, k, v)])  # q: no path to state
+    assert launches == {"forward": 1, "backward": 1}
+    for got, want in zip(*grads):
+        close(got, want, 1e-4)
