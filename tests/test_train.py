@@ -65,6 +65,9 @@ def test_cli_train_loss_goes_down_and_writes_everything(trained):
     assert summary["steps"] == 30 and summary["val_loss"] == val[30]["loss"]
     assert summary["firing_rate"] is not None and 0 < summary["firing_rate"] < 1
     assert summary["energy_per_token"]["energy_spiking_j"] > 0
+    best = min(val.values(), key=lambda r: r["loss"])
+    assert (summary["best_val_loss"], summary["best_val_step"]) == (best["loss"], best["step"])
+    assert (trained / "best" / "model.safetensors").is_file() and (trained / "best" / "config.json").is_file()
     config = json.loads((trained / "config.json").read_text())
     assert config["model"]["d_model"] == 64 and len(config["vocab"]) == 65
     assert torch.load(trained / "state.pt", weights_only=False)["step"] == 30
@@ -97,8 +100,10 @@ def test_interrupt_then_resume_continues_the_curve(trained, tmp_path, monkeypatc
     assert records(out, "val")[30]["loss"] == pytest.approx(records(trained, "val")[30]["loss"], rel=1e-4)
 
 
-def test_generate_from_the_checkpoint(trained):
-    proc = subprocess.run([sys.executable, "-m", "tether.cli", "generate", "--checkpoint", str(trained),
+@pytest.mark.parametrize("weights", ["last", "best"])
+def test_generate_from_the_checkpoint(trained, weights):
+    ckpt = trained if weights == "last" else trained / "best"
+    proc = subprocess.run([sys.executable, "-m", "tether.cli", "generate", "--checkpoint", str(ckpt),
                            "--prompt", "ROMEO:", "--tokens", "120", "--device", "cpu", "--seed", "1"],
                           env=cli_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

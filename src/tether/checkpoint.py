@@ -29,15 +29,20 @@ def _replace(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save(out_dir, model: torch.nn.Module, config: dict, state: dict) -> None:
-    """model: the bare module (not DDP / compiled); config: JSON-able; state: anything torch.save takes."""
+def save_weights(out_dir, model: torch.nn.Module, config: dict) -> None:
+    """Weights + config only: enough for ``tether generate``, not for ``--resume``."""
     st = _safetensors()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # save_model drops tied duplicates (embedding = head weight) that save_file refuses.
     _replace(out / WEIGHTS, lambda p: st.save_model(model, str(p)))
     _replace(out / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2)))
-    _replace(out / STATE, lambda p: torch.save(state, p))
+
+
+def save(out_dir, model: torch.nn.Module, config: dict, state: dict) -> None:
+    """model: the bare module (not DDP / compiled); config: JSON-able; state: anything torch.save takes."""
+    save_weights(out_dir, model, config)
+    _replace(Path(out_dir) / STATE, lambda p: torch.save(state, p))
 
 
 def load_config(ckpt_dir) -> dict:

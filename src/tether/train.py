@@ -4,8 +4,8 @@
     torchrun --nproc_per_node=N -m tether.train ...   # data-parallel, same global batch as one process
 
 Defaults depend on the device: on a GPU the default model for ~9.5 minutes, on a CPU a smaller model
-for ~3 minutes. The run writes to --out: checkpoint (see tether.checkpoint), metrics.jsonl, loss.png,
-sample.txt and summary.json. Ctrl-C, an error or the end of the time budget saves a checkpoint first;
+for ~3 minutes. The run writes to --out: checkpoint (see tether.checkpoint), best/ (weights of the lowest
+validation loss), metrics.jsonl, loss.png, sample.txt and summary.json. Ctrl-C, an error or the end of the time budget saves a checkpoint first;
 --resume continues it at the same step with the same data and RNG streams.
 """
 import argparse
@@ -37,6 +37,7 @@ CPU_DEFAULTS = dict(batch_size=16, block_size=64, d_model=128, n_layer=4, lr=2e-
 COMMON_DEFAULTS = dict(data=None, mixer="spiking", out="runs/tether", seed=1337, compile=False,
                        weight_decay=0.1, grad_clip=1.0, warmup_iters=100, sample_tokens=500)
 SAMPLE_PROMPT = "ROMEO:"
+BEST = "best"  # subdirectory of --out with the weights of the lowest validation loss
 FINAL_EVAL_FACTOR = 5  # the reported validation loss averages 5x the batches of a periodic eval
 
 
@@ -260,6 +261,7 @@ def train(args: argparse.Namespace) -> dict:
     raw = build_model(config).to(device)
     optimizer = make_optimizer(raw, args, device)
     step, elapsed_before, train_time, tokens_seen = 0, 0.0, 0.0, 0
+    best_val = (float("inf"), 0)  # (loss, step) of the lowest validation loss, whose weights are in out/best
     if args.resume:
         state = checkpoint.load_state(out)
         checkpoint.load_weights(out, raw, device)
@@ -270,6 +272,7 @@ def train(args: argparse.Namespace) -> dict:
         if device.type == "cuda" and state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         random.setstate(state["rng"]["python"])
+        best_val = tuple(state.get("best_val", best_val))
     n_params = sum(p.numel() for p in raw.parameters())
 
     model = torch.compile(raw) if args.compile else raw
@@ -302,7 +305,7 @@ def train(args: argparse.Namespace) -> dict:
                  "schedule": {k: getattr(args, k) for k in ("lr", "warmup_iters", "max_iters", "time_budget")},
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                          "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-                 "data": {"seed": args.seed, "next_step": step}}
+                 "data": {"seed": args.seed, "next_step": step}, "best_val": best_val}
         checkpoint.save(out, raw, run_config, state)
         files.plot()
 
@@ -314,7 +317,14 @@ def train(args: argparse.Namespace) -> dict:
     interval_steps, interval_start, paused = 0, time.monotonic(), 0.0
     interval_rates = []  # tokens/s of each log interval, for a steady-state figure without the JIT warmup
     val_loss, firing, energy, train_loss = None, None, {}, None
-    best_val = (float("inf"), step)  # (loss, step) of the lowest validation loss seen in this process
+
+    def track_best(loss: float) -> None:
+        """Keep the weights of the lowest validation loss in out/best (a long run ends past it)."""
+        nonlocal best_val
+        if loss < best_val[0]:
+            best_val = (loss, step)
+            if world.main:
+                checkpoint.save_weights(out / BEST, raw, run_config)
     stop = step >= args.max_iters or synced_elapsed >= 60 * args.time_budget
     try:
         while not stop:
@@ -360,7 +370,7 @@ def train(args: argparse.Namespace) -> dict:
             if step % args.eval_interval == 0 and not last:
                 eval_start = time.monotonic()
                 val_loss = evaluate(model, corpus, args, world, args.eval_iters)
-                best_val = min(best_val, (val_loss, step))
+                track_best(val_loss)
                 if world.main:
                     energy = energy_fields(raw)
                     files.log({"step": step, "split": "val", "loss": val_loss, "elapsed_s": elapsed(), **energy})
@@ -385,7 +395,7 @@ def train(args: argparse.Namespace) -> dict:
         raise
 
     val_loss = evaluate(model, corpus, args, world, FINAL_EVAL_FACTOR * args.eval_iters)
-    best_val = min(best_val, (val_loss, step))
+    track_best(val_loss)
     summary = {}
     if world.main:
         energy = energy_fields(raw)
