@@ -5,8 +5,9 @@
 
 Defaults depend on the device: on a GPU the default model for ~9.5 minutes, on a CPU a smaller model
 for ~3 minutes. The run writes to --out: checkpoint (see tether.checkpoint), best/ (weights of the lowest
-validation loss), metrics.jsonl, loss.png, sample.txt and summary.json. Ctrl-C, an error or the end of the time budget saves a checkpoint first;
---resume continues it at the same step with the same data and RNG streams.
+validation loss), metrics.jsonl, loss.png, sample.txt and summary.json. Ctrl-C, an error or the end of
+the time budget saves a checkpoint first; --resume continues it at the same step with the same data and
+RNG streams.
 """
 import argparse
 import json
