@@ -100,7 +100,7 @@ class _Elementwise(torch.autograd.Function):
 def _matrix_chunked(q, k, v, gamma, state, scale, chunk=MATRIX_CHUNK):
     """Matrix form, chunk by chunk: o = scale * (masked (q k^T) v + decayed q S_entering)."""
     T, B, H, D = q.shape
-    dtype = compute_dtype(q, k, v, state, gamma if isinstance(gamma, torch.Tensor) else None)
+    dtype = compute_dtype(q, k, v, state, gamma)
     log_g = torch.log(gamma_per_head(gamma, H, dtype, q.device))[:, None, None]  # [H, 1, 1]
     q, k, v = (t.to(dtype).permute(1, 2, 0, 3) for t in (q, k, v))  # [B, H, T, D]
     S = torch.zeros(B, H, D, D, dtype=dtype, device=q.device) if state is None else state.to(dtype)

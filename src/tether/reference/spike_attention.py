@@ -42,9 +42,11 @@ def check_spike_attention_args(q, k, v, gamma, state, form, scale=None) -> None:
         raise ValueError(f"scale: expected None, or a float with form='matrix', got {scale!r} with form={form!r}")
 
 
-def compute_dtype(*tensors) -> torch.dtype:
-    """float64 when any input is float64 (gradcheck), else float32: spike counts accumulate in fp32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors if t is not None) else torch.float32
+def compute_dtype(*args) -> torch.dtype:
+    """float64 when any tensor among args is float64 (gradcheck), else float32: spike counts accumulate in
+    fp32. Non-tensors (a float gamma, a None state) are skipped."""
+    fp64 = any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in args)
+    return torch.float64 if fp64 else torch.float32
 
 
 def gamma_per_head(gamma, H: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -58,7 +60,7 @@ def spike_attention(q, k, v, gamma=1.0, state=None, *, form="elementwise", scale
     """Loop over time. q, k, v: [T, B, H, D]. Returns (out [T, B, H, D], final state), both fp32 (fp64 in)."""
     check_spike_attention_args(q, k, v, gamma, state, form, scale)
     T, B, H, D = q.shape
-    dtype = compute_dtype(q, k, v, state, gamma if isinstance(gamma, torch.Tensor) else None)
+    dtype = compute_dtype(q, k, v, state, gamma)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     g = gamma_per_head(gamma, H, dtype, q.device)
     outs = []
@@ -100,7 +102,7 @@ def spike_attention_cumsum(q, k, v, gamma=1.0, state=None, chunk: int = 16):
     """
     check_spike_attention_args(q, k, v, gamma, state, "elementwise")
     T, B, H, D = q.shape
-    dtype = compute_dtype(q, k, v, state, gamma if isinstance(gamma, torch.Tensor) else None)
+    dtype = compute_dtype(q, k, v, state, gamma)
     x = k.to(dtype) * v.to(dtype)  # [T, B, H, D]
     C0 = torch.zeros(B, H, D, dtype=dtype, device=q.device) if state is None else state.to(dtype)
     if not isinstance(gamma, torch.Tensor) and gamma == 1.0:
