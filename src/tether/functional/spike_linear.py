@@ -20,7 +20,6 @@ class _SpikeLinear(torch.autograd.Function):
         out = F.linear(spikes, weight, bias)
         ctx.in_features = spikes.shape[-1]
         ctx.spikes_dtype = spikes.dtype
-        ctx.has_bias = bias is not None
         packed = pack_spikes(spikes) if ctx.needs_input_grad[1] else None  # [..., ceil(in / 8)] uint8
         ctx.save_for_backward(packed, weight)
         return out
@@ -29,13 +28,14 @@ class _SpikeLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         packed, weight = ctx.saved_tensors
         grad_spikes = grad_weight = grad_bias = None
+        grad_rows = grad_out.flatten(0, -2)  # [N, out]
         if ctx.needs_input_grad[0]:
             grad_spikes = (grad_out @ weight.to(grad_out.dtype)).to(ctx.spikes_dtype)
         if ctx.needs_input_grad[1]:
             spikes = unpack_spikes(packed, ctx.in_features, grad_out.dtype).flatten(0, -2)  # [N, in]
-            grad_weight = (grad_out.flatten(0, -2).t() @ spikes).to(weight.dtype)  # [out, in]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_out.flatten(0, -2).sum(0).to(weight.dtype)
+            grad_weight = (grad_rows.t() @ spikes).to(weight.dtype)  # [out, in]
+        if ctx.needs_input_grad[2]:  # False when bias is None
+            grad_bias = grad_rows.sum(0).to(weight.dtype)
         return grad_spikes, grad_weight, grad_bias
 
 
