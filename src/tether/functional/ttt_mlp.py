@@ -4,8 +4,6 @@
 `tether.ttt` and the custom op `tether::ttt_mlp` both go through them, so the choice is made here only.
 The custom op saves its inputs and the group-start checkpoints; the backward recomputes each group.
 """
-import importlib
-import importlib.util
 from typing import Optional, Sequence
 
 import torch
@@ -41,12 +39,12 @@ def check_inputs(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, token_scale
 
 
 def _kernels(xq: torch.Tensor, state: torch.Tensor):
-    """The Triton launcher module when it exists and handles this case, else None (-> reference).
+    """The Triton launcher module when it handles this case, else None (-> reference).
     The kernels keep the state in fp32; fp64 (gradcheck) runs on the reference."""
-    if (not use_triton(xq) or state.dtype != torch.float32
-            or importlib.util.find_spec("tether.kernels.ttt_mlp") is None):
+    if not use_triton(xq) or state.dtype != torch.float32:
         return None
-    kernels = importlib.import_module("tether.kernels.ttt_mlp")
+    # imported on first use: triton is only a dependency on Linux, the CPU path needs none
+    from tether.kernels import ttt_mlp as kernels
     F, CS = xq.shape[-1], xq.shape[-2]
     return kernels if kernels.supports(F, CS, xq.dtype) else None
 
@@ -151,7 +149,7 @@ def _backward(ctx, grad_out, gw1, gb1, gw2, gb2, *_grad_ckpts):
     xq, xk, xv, lr, token_scale, ln_weight, ln_bias, *ckpts = ctx.saved_tensors
     g = backward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, *ckpts, grad_out, gw1, gb1, gw2, gb2,
                  causal=ctx.causal, checkpoint_group_size=ctx.group)
-    return (g["xq"], g["xk"], g["xv"], g["lr"], g["token_scale"] if ctx.causal else None,
+    return (g["xq"], g["xk"], g["xv"], g["lr"], g["token_scale"],
             g["ln_weight"].sum(0), g["ln_bias"].sum(0), g["w1"], g["b1"], g["w2"], g["b2"], None, None)
 
 
