@@ -107,6 +107,8 @@ class SpikingLM(nn.Module):
         else:
             self.pos_emb = nn.Embedding(cfg.block_size, C)
             self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        # found once: the trainer reads their rates every step, and a module walk costs ~0.1 ms
+        self._neuron_groups = [m for m in self.blocks.modules() if isinstance(m, NormLIF)] if self.spiking else []
         self.norm = nn.LayerNorm(C)
         self.head = nn.Linear(C, cfg.vocab_size, bias=False)
         nn.init.normal_(self.head.weight, std=0.02)
@@ -182,13 +184,10 @@ class SpikingLM(nn.Module):
             new_state.append(block_state)
         return self._logits(x[-1]), new_state
 
-    def _neurons(self):
-        return [m for m in self.modules() if isinstance(m, NormLIF)]
-
     def firing_rate(self):
         """Mean firing rate over the neuron groups in the last forward (0-d device tensor), None if not spiking."""
-        rates = [m.rate for m in self._neurons() if m.rate is not None]
-        if not self.spiking or not rates:
+        rates = [m.rate for m in self._neuron_groups if m.rate is not None]
+        if not rates:
             return None
         return torch.stack(rates).mean()
 
