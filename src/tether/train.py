@@ -232,11 +232,6 @@ class RunFiles:
         plt.close(fig)
 
 
-def energy_fields(raw_model) -> dict:
-    energy = raw_model.energy_per_token()
-    return {k: float(v) for k, v in energy.items()}
-
-
 def train(args: argparse.Namespace) -> dict:
     """Run (or resume) training as args say; returns the summary (rank 0) or {} (other ranks)."""
     from tether.generate import sample
@@ -274,7 +269,7 @@ def train(args: argparse.Namespace) -> dict:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         random.setstate(state["rng"]["python"])
         best_val = tuple(state.get("best_val", best_val))
-    n_params = sum(p.numel() for p in raw.parameters())
+    n_params = raw.num_params()
 
     model = torch.compile(raw) if args.compile else raw
     if world.world > 1:
@@ -373,7 +368,7 @@ def train(args: argparse.Namespace) -> dict:
                 val_loss = evaluate(model, corpus, args, world, args.eval_iters)
                 track_best(val_loss)
                 if world.main:
-                    energy = energy_fields(raw)
+                    energy = raw.energy_per_token()
                     files.log({"step": step, "split": "val", "loss": val_loss, "elapsed_s": elapsed(), **energy})
                     bar.message(f"step {step}: val loss {val_loss:.4f} | energy/token "
                                 f"{energy.get('energy_spiking_j', 0) * 1e6:.3f} uJ spiking vs "
@@ -399,7 +394,7 @@ def train(args: argparse.Namespace) -> dict:
     track_best(val_loss)
     summary = {}
     if world.main:
-        energy = energy_fields(raw)
+        energy = raw.energy_per_token()
         files.log({"step": step, "split": "val", "loss": val_loss, "elapsed_s": elapsed(), **energy})
         save()
         bar.message(f"step {step}: final val loss {val_loss:.4f}")
