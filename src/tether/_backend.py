@@ -9,9 +9,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor) -> bool:
     """Kernels run on CUDA tensors, and on CPU tensors when the Triton interpreter is on."""
-    t = tensors[0]
-    if t.is_cuda:
-        return True
-    return t.device.type == "cpu" and interpreting()
+    return t.is_cuda or (t.device.type == "cpu" and interpreting())
