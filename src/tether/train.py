@@ -116,10 +116,11 @@ class Distributed:
 
     def mean(self, values: list) -> list:
         """Average floats over ranks (one small collective, called at log time only)."""
+        if self.world == 1:
+            return values
         t = torch.tensor(values, dtype=torch.float64, device=self.device)  # [len(values)]
-        if self.world > 1:
-            dist.all_reduce(t)
-            t /= self.world
+        dist.all_reduce(t)
+        t /= self.world
         return t.tolist()
 
     def from_main(self, value: float) -> float:
