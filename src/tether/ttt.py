@@ -7,7 +7,7 @@ activations, any head dim F (K = 4F), any mini-batch size, NC not a multiple of 
 import torch
 
 from tether._checks import check_tensor
-from tether.functional.ttt_mlp import STATE_DTYPES, backward, check_inputs, forward
+from tether.functional.ttt_mlp import STATE_DTYPES, backward, check_group_size, check_inputs, forward
 from tether.reference.ttt_mlp import default_token_scale
 
 _NAMES = ("XQ", "XK", "XV", "last_eta", "ttt_norm_weight", "ttt_norm_bias", "W1_init", "b1_init", "W2_init",
@@ -24,8 +24,7 @@ def _check_buffer(name, t, shape, dtype, device):
 def _check_group(XQ, checkpoint_group_size) -> int:
     """XQ's rank and the group size; returns the number of checkpoints NK = ceil(NC / G)."""
     check_tensor("XQ", XQ, ndim=5)
-    if not isinstance(checkpoint_group_size, int) or checkpoint_group_size < 1:
-        raise ValueError(f"checkpoint_group_size: expected a positive int, got {checkpoint_group_size!r}")
+    check_group_size(checkpoint_group_size)
     return -(-XQ.shape[2] // checkpoint_group_size)
 
 

@@ -38,6 +38,11 @@ def check_inputs(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, token_scale
         check_tensor(n["token_scale"], token_scale, shape=(CS,), dtypes=(w1.dtype,), device=dev)
 
 
+def check_group_size(checkpoint_group_size) -> None:
+    if not isinstance(checkpoint_group_size, int) or checkpoint_group_size < 1:
+        raise ValueError(f"checkpoint_group_size: expected a positive int, got {checkpoint_group_size!r}")
+
+
 def _kernels(xq: torch.Tensor, state: torch.Tensor):
     """The Triton launcher module when it handles this case, else None (-> reference).
     The kernels keep the state in fp32; fp64 (gradcheck) runs on the reference."""
@@ -168,8 +173,7 @@ def ttt_mlp(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, *, causal: bool 
     check_inputs(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, token_scale)
     n_chunks = xq.shape[2]
     group = n_chunks if checkpoint_group_size is None else checkpoint_group_size
-    if not isinstance(group, int) or group < 1:
-        raise ValueError(f"checkpoint_group_size: expected a positive int, got {checkpoint_group_size!r}")
+    check_group_size(group)
     if token_scale is None:
         token_scale = default_token_scale(xq.shape[3], xq.device).to(w1.dtype)
     out, w1f, b1f, w2f, b2f, *_ = _ttt_mlp_op(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
