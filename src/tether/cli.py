@@ -17,11 +17,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     command = args.__dict__.pop("command")
     if command == "train":
-        try:
-            train.train(args)
-        except KeyboardInterrupt:
-            return 130
-        return 0
+        return train.run(args)
     generate.run(args)
     return 0
 

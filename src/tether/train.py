@@ -438,13 +438,17 @@ def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentPar
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """train(args) as a command: exit code 130 after Ctrl-C (the checkpoint is already saved)."""
     try:
         train(args)
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def main(argv=None) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
