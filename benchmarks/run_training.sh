@@ -8,6 +8,7 @@ set -euo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export TETHER_DATA=${TETHER_DATA:-runs/data/tinyshakespeare.txt}
 OUT=${OUT:-runs}
+mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 case "$1" in
   spiking|softmax)
