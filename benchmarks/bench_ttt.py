@@ -6,8 +6,12 @@ output and of every gradient vs an fp32 reference computed on the GPU with tethe
 same run on the same inputs, torch.compile of the reference's per-mini-batch step and the eager fp32
 reference (the latter with and without remat: its peak memory is the bar for ours).
 
-GPU: PYTHONPATH=src python3 benchmarks/bench_ttt.py [--configs default,BK:WARPS:STAGES,...] [--no-peers]
-Each kernel config (K block, warps, pipelining stages) is measured in its own process; the fastest at B=1 is reported.
+GPU: PYTHONPATH=src python3 benchmarks/bench_ttt.py [--configs default,BK:FWDWARPS:BWDWARPS:STAGES:SPLIT,...]
+    [--splits 1,2,4] [--no-peers]
+A config is the K block, the warps of the forward and of the backward kernel, the pipelining stages and the
+programs per head (split); '-' leaves a field to the launchers. --splits runs every config at each split.
+Each config is measured in its own process at B=1; per split, the fastest is measured at B=8 too, and the
+fastest overall is compared with the peers.
 """
 import argparse
 import json
@@ -50,14 +54,14 @@ def make_inputs(B, seed=0):
 def kernel_fwd(x, cfg):
     return kernels.ttt_mlp_fwd(x["xq"], x["xk"], x["xv"], x["lr"], None, x["ln_weight"], x["ln_bias"],
                                x["w1"], x["b1"], x["w2"], x["b2"], causal=False, checkpoint_group_size=G,
-                               block_k=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+                               block_k=cfg[0], num_warps=cfg[1], num_stages=cfg[3], split=cfg[4])
 
 
 def kernel_fwd_bwd(x, up, cfg):
     out, ckpts, last = kernel_fwd(x, cfg)
     grads = kernels.ttt_mlp_bwd(x["xq"], x["xk"], x["xv"], x["lr"], None, x["ln_weight"], x["ln_bias"], *ckpts,
                                 up["out"], *up["last"], causal=False, checkpoint_group_size=G,
-                                block_k=cfg[0], num_warps=cfg[1], num_stages=cfg[2])
+                                block_k=cfg[0], num_warps=cfg[2], num_stages=cfg[3], split=cfg[4])
     return out, last, grads
 
 
@@ -108,23 +112,31 @@ def measure_kernel(B, cfg):
 
 
 def parse_config(text):
-    """'default' -> (None, None, None): the launchers pick; 'BK:WARPS:STAGES' -> ints for both kernels."""
-    return (None, None, None) if text == "default" else tuple(int(v) for v in text.split(":"))
+    """'default' -> all None (the launchers pick); 'BK:FWDWARPS:BWDWARPS:STAGES:SPLIT' -> ints, '-' = None."""
+    fields = ["-"] * 5 if text == "default" else text.split(":")
+    if len(fields) != 5:
+        raise ValueError(f"--configs: expected 'default' or BK:FWDWARPS:BWDWARPS:STAGES:SPLIT, got {text!r}")
+    return tuple(None if v == "-" else int(v) for v in fields)
 
 
 def config_name(cfg):
-    return "default" if cfg[0] is None else ":".join(str(v) for v in cfg)
+    return ":".join("-" if v is None else str(v) for v in cfg)
 
 
 def measure_in_subprocess(B, cfg):
-    """One config in its own process: a config that fails to compile or run is reported, not fatal."""
-    run = subprocess.run([sys.executable, __file__, "--measure", f"{B}:{config_name(cfg)}"],
-                         capture_output=True, text=True)
+    """One config in its own process: a config that fails to compile or run (or hangs: its programs wait
+    for each other) is reported, not fatal."""
+    try:
+        run = subprocess.run([sys.executable, __file__, "--measure", f"{B}:{config_name(cfg)}"],
+                             capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        print(f"B={B} config {config_name(cfg)} timed out", flush=True)
+        return None
     if run.returncode != 0:
-        print(f"B={B} config {cfg} failed:\n{run.stderr[-1500:]}", flush=True)
+        print(f"B={B} config {config_name(cfg)} failed:\n{run.stderr[-1500:]}", flush=True)
         return None
     res = json.loads(run.stdout.strip().splitlines()[-1])
-    print(f"B={B} config {cfg}: fwd {res['fwd_ms']:.3f} ms, fwd+bwd {res['fwd_bwd_ms']:.3f} ms, "
+    print(f"B={B} config {config_name(cfg)}: fwd {res['fwd_ms']:.3f} ms, fwd+bwd {res['fwd_bwd_ms']:.3f} ms, "
           f"out err {res['errors']['out']:.2e}, max grad err {res['max_grad_err']:.2e}", flush=True)
     return res
 
@@ -132,8 +144,9 @@ def measure_in_subprocess(B, cfg):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", default="default",
-                        help="'default' (the launchers' own) or K block:warps:stages, comma separated; the "
-                             "fastest at B=1 is reported")
+                        help="'default' (the launchers' own) or BK:FWDWARPS:BWDWARPS:STAGES:SPLIT ('-' = the "
+                             "launchers' choice), comma separated")
+    parser.add_argument("--splits", default=None, help="programs per head, comma separated: each config at each")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,40 +155,47 @@ def main():
         print(json.dumps(measure_kernel(int(B), parse_config(":".join(cfg)))))
         return
     configs = [parse_config(c) for c in args.configs.split(",")]
+    if args.splits:
+        configs = [(*c[:4], int(p)) for c in configs for p in args.splits.split(",")]
     env = environment()
     peaks = ceilings()
     payload = {"environment": env, "ceilings": peaks, "shape": dict(NH=NH, L=L, CS=CS, F=F, G=G), "results": []}
     sweep = [r for r in (measure_in_subprocess(1, c) for c in configs) if r is not None]
-    best = min(sweep, key=lambda r: r["fwd_bwd_ms"])
     payload["sweep_B1"] = sweep
+    best = min(sweep, key=lambda r: r["fwd_bwd_ms"])
     rows = []
-    for B in (1, 8):
-        res = best if B == 1 else measure_in_subprocess(8, tuple(best["config"]))
-        cfg_name = config_name(res["config"])
-        rows.append({"implementation": f"tether Triton, bf16 (config {cfg_name})", "B": B, "fwd ms": res["fwd_ms"],
-                     "fwd+bwd ms": res["fwd_bwd_ms"], "peak GB": res["peak_gb"], "out err": res["errors"]["out"],
-                     "max grad err": res["max_grad_err"]})
-        if not args.no_peers and B == 1:
-            res.update(measure_peers(B))
-            rows.append({"implementation": "torch.compile per mini-batch step, fp32", "B": B,
-                         "fwd ms": res["compile_fwd_ms"], "fwd+bwd ms": res["compile_fwd_bwd_ms"]})
-            rows.append({"implementation": "PyTorch eager reference, fp32 (peak: remat G=8)", "B": B,
-                         "fwd ms": res["eager_fwd_ms"], "fwd+bwd ms": res["eager_fwd_bwd_ms"],
-                         "peak GB": res["eager_remat_peak_gb"]})
-            for r in rows[-2:]:
-                r["ratio fwd"] = r["fwd ms"] / res["fwd_ms"]
-                r["ratio fwd+bwd"] = r["fwd+bwd ms"] / res["fwd_bwd_ms"]
-        payload["results"].append(res)
+    for split in dict.fromkeys(r["config"][4] for r in sweep):  # per split, in the order given: its fastest
+        res1 = min((r for r in sweep if r["config"][4] == split), key=lambda r: r["fwd_bwd_ms"])
+        for B in (1, 8):
+            res = res1 if B == 1 else measure_in_subprocess(8, tuple(res1["config"]))
+            if res is None:
+                continue
+            rows.append({"implementation": f"tether Triton, bf16 (config {config_name(res['config'])})", "B": B,
+                         "fwd ms": res["fwd_ms"], "fwd+bwd ms": res["fwd_bwd_ms"], "peak GB": res["peak_gb"],
+                         "out err": res["errors"]["out"], "max grad err": res["max_grad_err"]})
+            payload["results"].append(res)
+    if not args.no_peers:
+        best.update(measure_peers(1))
+        peers = [{"implementation": "torch.compile per mini-batch step, fp32", "B": 1,
+                  "fwd ms": best["compile_fwd_ms"], "fwd+bwd ms": best["compile_fwd_bwd_ms"]},
+                 {"implementation": "PyTorch eager reference, fp32 (peak: remat G=8)", "B": 1,
+                  "fwd ms": best["eager_fwd_ms"], "fwd+bwd ms": best["eager_fwd_bwd_ms"],
+                  "peak GB": best["eager_remat_peak_gb"]}]
+        for r in peers:
+            r["ratio fwd"] = r["fwd ms"] / best["fwd_ms"]
+            r["ratio fwd+bwd"] = r["fwd+bwd ms"] / best["fwd_bwd_ms"]
+        rows += peers
     columns = ["implementation", "B", "fwd ms", "fwd+bwd ms", "ratio fwd", "ratio fwd+bwd", "peak GB",
                "out err", "max grad err"]
     table = markdown_table(rows, columns)
-    b1 = payload["results"][0]
-    table += ("\n\nratio = peer time / tether time. Errors: relative (norm-wise) vs the fp32 reference on the "
-              "same inputs; per-gradient errors in ttt.json. ttt-tk (ThunderKittens, H100-only CUDA; not run here, "
-              f"anchors of BENCHMARKS.md, B=1): fwd 1.08 ms, fwd+bwd 9.89 ms, ratio {1.08 / b1['fwd_ms']:.2f} and "
-              f"{9.89 / b1['fwd_bwd_ms']:.2f}. Eager peak: fp32 copies of the inputs and all their gradients "
-              f"included. Forward {b1['fwd_tflops']:.1f} TFLOP/s (22.5 GFLOP at B=1). Ceilings here: copy "
-              f"{peaks['copy_gbs']:.0f} GB/s, bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s.")
+    table += (f"\n\nConfig = K block : forward warps : backward warps : stages : programs per head (split); "
+              f"'-' = the launchers' default. ratio = peer time / time of the fastest tether config at B=1 "
+              f"({config_name(best['config'])}). Errors: relative (norm-wise) vs the fp32 reference on the "
+              f"same inputs; per-gradient errors in ttt.json. ttt-tk (ThunderKittens, H100-only CUDA; not run "
+              f"here, anchors of BENCHMARKS.md, B=1): fwd 1.08 ms, fwd+bwd 9.89 ms, ratio {1.08 / best['fwd_ms']:.2f} "
+              f"and {9.89 / best['fwd_bwd_ms']:.2f}. Eager peak: fp32 copies of the inputs and all their "
+              f"gradients included. Forward {best['fwd_tflops']:.1f} TFLOP/s (22.5 GFLOP at B=1). Ceilings "
+              f"here: copy {peaks['copy_gbs']:.0f} GB/s, bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s.")
     print(table)
     write_results("ttt", payload, table)
 

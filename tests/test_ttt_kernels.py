@@ -130,3 +130,47 @@ def test_bad_arguments_are_named(device):
     not_contiguous = torch.empty(1, 1, 2, 16, 32, device=device)[..., ::2]
     with pytest.raises(ValueError, match="out"):
         kernels.ttt_mlp_fwd(*kernel_args(inp), *state, causal=False, checkpoint_group_size=1, out=not_contiguous)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="programs of a head wait for each other: GPU only")
+@pytest.mark.parametrize("split", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("shape", [(1, 2, 5, 64, 64, 2), (4, 64, 2, 16, 64, 1)])
+def test_split_programs_match_reference(shape, causal, dtype, split):
+    """P programs per head (K = 256 in 4 blocks of 64) exchanging their partial sums over K; the second
+    shape launches 1024 programs at P = 4, more than an H100 holds at once."""
+    B, NH, NC, CS, F, G = shape
+    inp = make_inputs(B, NH, NC, CS, F, dtype, "cuda")
+    tol_out, tol_grad = TOL[dtype]
+    out, ckpts, final = kernels.ttt_mlp_fwd(*kernel_args(inp), inp["w1"], inp["b1"], inp["w2"], inp["b2"],
+                                            causal=causal, checkpoint_group_size=G, block_k=64, split=split)
+    ref_in, ref_out, ref_final, ref_ckpts = run_reference(inp, causal, G)
+    assert rel_err(out, ref_out) < tol_out
+    for name, got, want in zip(("w1", "b1", "w2", "b2"), final + ckpts, ref_final + ref_ckpts):
+        assert rel_err(got, want) < tol_out, name
+    grad_out = torch.randn_like(out)
+    grad_last = [0.1 * torch.randn_like(s) for s in final]
+    grads = kernels.ttt_mlp_bwd(*kernel_args(inp), *ckpts, grad_out, *grad_last, causal=causal,
+                                checkpoint_group_size=G, block_k=64, split=split)
+    want = torch.autograd.grad([ref_out, *ref_final], [ref_in[k] for k in GRAD_NAMES],
+                               [grad_out.double(), *(g.double() for g in grad_last)], allow_unused=True)
+    for name, w in zip(GRAD_NAMES, want):
+        got = grads[name]
+        if w is None:
+            assert got is None and not causal
+            continue
+        got = got.sum(0) if name in ("ln_weight", "ln_bias") else got
+        assert rel_err(got, w) < tol_grad, (name, rel_err(got, w))
+
+
+def test_bad_split_is_named(device):
+    inp = make_inputs(1, 1, 2, 16, 16, torch.float32, device)
+    state = [inp[k] for k in ("w1", "b1", "w2", "b2")]
+    # F = 16: K = 64 in 4 blocks of 16, so 3 does not divide the block count
+    with pytest.raises(ValueError, match="split: expected a divisor"):
+        kernels.ttt_mlp_fwd(*kernel_args(inp), *state, causal=False, checkpoint_group_size=1, block_k=16, split=3)
+    if not torch.cuda.is_available():  # interpreted programs run one after another: P = 1 only
+        with pytest.raises(ValueError, match="split: expected 1 under the Triton interpreter"):
+            kernels.ttt_mlp_fwd(*kernel_args(inp), *state, causal=False, checkpoint_group_size=1, block_k=16,
+                                split=2)

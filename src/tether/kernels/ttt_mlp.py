@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import interpreting
 from .._checks import check_tensor
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -129,12 +130,49 @@ def _store_block(w1_p, b1_p, w2_p, k0, w1, b1, w2, F: tl.constexpr, K: tl.conste
 
 
 @triton.jit
-def _copy_state(w1_s, b1_s, w2_s, b2_s, w1_d, b1_d, w2_d, b2_d,
-                F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
-    for k0 in range(0, K, BK):
+def _copy_state(w1_s, b1_s, w2_s, w1_d, b1_d, w2_d, p,
+                F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+    """Copy this program's K blocks of W1, b1, W2 (b2 is the callers': it is held in registers)."""
+    for k0 in range(p * BK, K, P * BK):
         w1, b1, w2 = _load_block(w1_s, b1_s, w2_s, k0, F, K, BK)
         _store_block(w1_d, b1_d, w2_d, k0, w1, b1, w2, F, K, BK)
-    tl.store(b2_d + tl.arange(0, F), tl.load(b2_s + tl.arange(0, F)))
+
+
+@triton.jit
+def _xslot(xb, ex, q, P: tl.constexpr, CS: tl.constexpr, F: tl.constexpr):
+    """Program q's partials of exchange ex in the head's buffer xb [2, P, XSZ]: two slots alternating by
+    exchange parity (a slot is rewritten two exchanges later, when every program has read it: each has
+    arrived at the exchange in between, after its reads). Per slot and program: three [CS, F] tiles at
+    0, CS*F, 2*CS*F, a [CS, CS] tile at 3*CS*F and a [CS] vector after it."""
+    return xb + ((ex % 2) * P + q) * (3 * CS * F + CS * CS + CS)
+
+
+@triton.jit
+def _xput(xb, ex, p, offs, x, P: tl.constexpr, CS: tl.constexpr, F: tl.constexpr):
+    """Store this program's partial x at the element offsets offs (of x's shape) of its slot."""
+    tl.store(_xslot(xb, ex, p, P, CS, F) + offs, x)
+
+
+@triton.jit
+def _xsync(cnt, ex, P: tl.constexpr):
+    """Exchange ex among the P programs of a head: arrive (release: this program's partials are visible at
+    gpu scope), then wait until all P have arrived (the counter counts the arrivals of every exchange)."""
+    tl.debug_barrier()  # every thread's stores happen before the arrive
+    tl.atomic_add(cnt, 1, sem="release", scope="gpu")
+    while tl.atomic_add(cnt, 0, sem="acquire", scope="gpu") < P * (ex + 1):
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _xsum(xb, ex, offs, P: tl.constexpr, CS: tl.constexpr, F: tl.constexpr):
+    """The sum of the P partials at offs, in the order p = 0..P-1 in every program: all P hold bit-identical
+    totals, so the values they compute from them redundantly agree. .cg: read from L2, not from an SM's
+    L1 (not coherent with the other SMs' stores)."""
+    acc = tl.load(_xslot(xb, ex, 0, P, CS, F) + offs, cache_modifier=".cg")
+    for q in tl.static_range(1, P):
+        acc += tl.load(_xslot(xb, ex, q, P, CS, F) + offs, cache_modifier=".cg")
+    return acc
 
 
 @triton.jit
@@ -144,17 +182,21 @@ def _kblock(p, k0, CS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _z2_pass(xk, w1_p, b1_p, w2_p, z1_p, DT: tl.constexpr, PREC: tl.constexpr,
-             CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
-    """First pass over K: gelu(XK W1 + b1) W2 (Z2 without b2). Z1 is kept in the scratch z1_p [CS, K]
-    (L1/L2) for the later passes: a load instead of a matmul."""
+def _z2_pass(xk, w1_p, b1_p, w2_p, z1_p, xb, cnt, ex, p, DT: tl.constexpr, PREC: tl.constexpr,
+             CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+    """First pass over K: gelu(XK W1 + b1) W2 (Z2 without b2), summed over the P programs' blocks (one
+    exchange; returns the next exchange's index). Z1 is kept in the scratch z1_p [CS, K] (L1/L2) for the
+    later passes: a load instead of a matmul."""
     z2 = tl.zeros([CS, F], tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(p * BK, K, P * BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
         z1 = _dot(xk, w1, DT, PREC) + b1[None, :]
         tl.store(_kblock(z1_p, k0, CS, K, BK), z1)
         z2 = _dot(_gelu(z1), w2, DT, PREC, z2)
-    return z2
+    tile = _tile_offs(CS, F)
+    _xput(xb, ex, p, tile, z2, P, CS, F)
+    _xsync(cnt, ex, P)
+    return _xsum(xb, ex, tile, P, CS, F), ex + 1
 
 
 @triton.jit
@@ -167,24 +209,24 @@ def _inner_loss_grad(z2, xk, xv, gamma, beta, F: tl.constexpr):
 
 
 @triton.jit
-def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2,
-                  w1_s, b1_s, w2_s, b2_s, w1_d, b1_d, w2_d, b2_d, z1_p,
-                  xk_next_p, z1_next_p, has_next, w1_c, b1_c, w2_c, b2_c, save_ckpt,
+def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2, b2,
+                  w1_s, b1_s, w2_s, w1_d, b1_d, w2_d, z1_p,
+                  xk_next_p, z1_next_p, has_next, w1_c, b1_c, w2_c, b2_c, save_ckpt, xb, cnt, ex, p,
                   WITH_OUTPUT: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                  CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
-    """One mini-batch: state (w1_s..b2_s) -> next state (w1_d..b2_d, may alias the source), optionally the
-    outputs. z2 and the Z1 tiles in z1_p [CS, K] come from the first pass over K of this mini-batch.
-    Each block of the next state is used at once for the next mini-batch's first pass when has_next
-    (tokens xk_next_p, its Z1 into z1_next_p; returns its z2), and copied into the checkpoint (w1_c..b2_c)
-    when save_ckpt: one pass over the state per mini-batch instead of two.
+                  CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+    """One mini-batch: state (w1_s..w2_s, b2) -> next state (w1_d..w2_d, may alias the source; returned
+    b2), optionally the outputs. z2 (full) and this program's Z1 tiles in z1_p [CS, K] come from the first
+    pass over K of this mini-batch. Each block of the next state is used at once for the next mini-batch's
+    first pass when has_next (tokens xk_next_p, its Z1 into z1_next_p; returns its z2), and copied into the
+    checkpoint (w1_c..b2_c) when save_ckpt: one pass over the state per mini-batch instead of two.
     Outputs: causal in the dual form; non-causal tokens read the updated state, so each updated block is
-    used right away (Zq1 = XQ W1' + b1', Zq2 = gelu(Zq1) W2' + b2': two matmuls a block instead of four)."""
+    used right away (Zq1 = XQ W1' + b1', Zq2 = gelu(Zq1) W2' + b2': two matmuls a block instead of four).
+    The sums over K (Zq2, A2raw, the next z2) take one exchange; program 0 writes the outputs and b2."""
     fc = tl.arange(0, F)
     xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
     xk = _load_tokens(xk_p, CS, F)
     xk_next = _load_tokens(xk_next_p, CS, F)
     eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
-    b2 = tl.load(b2_s + fc)
     gz2, xh, rstd, target = _inner_loss_grad(z2 + b2[None, :], xk, _load_tokens(xv_p, CS, F), gamma, beta, F)
     b2_next = b2 - tl.sum(e[:, None] * gz2, 0)
     # matmul operands live through the K loop in the input dtype: half the registers of fp32
@@ -195,7 +237,7 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2,
         a2raw = tl.zeros([CS, CS], tl.float32)  # Xq2 X2^T, summed over K blocks
     zq2 = tl.zeros([CS, F], tl.float32)
     z2_next = tl.zeros([CS, F], tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(p * BK, K, P * BK):
         w1, b1, w2 = _load_block(w1_s, b1_s, w2_s, k0, F, K, BK)
         x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
         gz1 = _dot(gz2, tl.trans(w2), DT, PREC) * gp
@@ -218,91 +260,121 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2,
             z1 = _dot(xk_next, w1, DT, PREC) + b1[None, :]
             tl.store(_kblock(z1_next_p, k0, CS, K, BK), z1)
             z2_next = _dot(_gelu(z1), w2, DT, PREC, z2_next)
-    tl.store(b2_d + fc, b2_next)
-    if save_ckpt:
+    if save_ckpt & (p == 0):
         tl.store(b2_c + fc, b2_next)
+    tile = _tile_offs(CS, F)
+    _xput(xb, ex, p, tile, z2_next, P, CS, F)
     if WITH_OUTPUT:
+        _xput(xb, ex, p, CS * F + tile, zq2, P, CS, F)
         if CAUSAL:
+            _xput(xb, ex, p, 3 * CS * F + _tile_offs(CS, CS), a2raw, P, CS, F)
+    _xsync(cnt, ex, P)
+    z2_next = _xsum(xb, ex, tile, P, CS, F)
+    if WITH_OUTPUT:
+        zq2 = _xsum(xb, ex, CS * F + tile, P, CS, F)
+        if CAUSAL:
+            a2raw = _xsum(xb, ex, 3 * CS * F + _tile_offs(CS, CS), P, CS, F)
             eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
             zq2 = _dot(eta * (a2raw + 1.0), -gz2, DT, PREC, zq2 + b2[None, :])
         else:
             zq2 += b2_next[None, :]
         xhq, _ = _ln_stats(zq2, F)
-        _store_tokens(out_p, xq.to(tl.float32) + gamma[None, :] * xhq + beta[None, :], CS, F)
-    return z2_next
+        if p == 0:
+            _store_tokens(out_p, xq.to(tl.float32) + gamma[None, :] * xhq + beta[None, :], CS, F)
+    return z2_next, b2_next, ex + 1
 
 
 @triton.jit
-def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, w2_c, b2_c, out, work,
+def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, w2_c, b2_c, out, work, xbuf, cnt,
                     NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                    CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
-    """Forward scan. w1..b2 hold the initial state on entry and the final state on exit (updated in place);
-    checkpoint k (w1_c..b2_c [B*NH, NK, ...]) is the state at the start of mini-batch k*G.
-    work: [B*NH, 2, CS, K] fp32 scratch (Z1 of this and of the next mini-batch)."""
-    bh = tl.program_id(0).to(tl.int64)
+                    CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+    """Forward scan; program pid = bh * P + p owns the K blocks p*BK, (p+P)*BK, ... of head bh.
+    w1..b2 hold the initial state on entry and the final state on exit (updated in place); checkpoint k
+    (w1_c..b2_c [B*NH, NK, ...]) is the state at the start of mini-batch k*G.
+    work: [B*NH, 2, CS, K] fp32 scratch (Z1 of this and of the next mini-batch; columns by owner).
+    xbuf [B*NH, 2, P, XSZ] fp32, cnt [B*NH] int32 zeros: the exchanges of the sums over K."""
+    pid = tl.program_id(0)
+    p = pid % P
+    bh = (pid // P).to(tl.int64)
     h = bh % NH
     NK = tl.cdiv(NC, G)
-    gamma = tl.load(ln_w + h * F + tl.arange(0, F))
-    beta = tl.load(ln_b + h * F + tl.arange(0, F))
+    fc = tl.arange(0, F)
+    gamma = tl.load(ln_w + h * F + fc)
+    beta = tl.load(ln_b + h * F + fc)
     w1 += bh * F * K
     b1 += bh * K
     w2 += bh * K * F
     b2 += bh * F
     work += bh * 2 * CS * K
+    xb = xbuf + bh * 2 * P * (3 * CS * F + CS * CS + CS)
+    cnt += bh
     c = bh * NK
-    _copy_state(w1, b1, w2, b2, w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, b2_c + c * F, F, K, BK)
-    z2 = _z2_pass(_load_tokens(xk + bh * NC * CS * F, CS, F), w1, b1, w2, work, xq.dtype.element_ty, PREC,
-                  CS, F, K, BK)
+    _copy_state(w1, b1, w2, w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, p, F, K, BK, P)
+    b2v = tl.load(b2 + fc)  # [F]: every program holds b2 (its update is a full [F] value)
+    if p == 0:
+        tl.store(b2_c + c * F + fc, b2v)
+    ex = p * 0  # index of the next exchange (a tensor: it is carried through the loops)
+    z2, ex = _z2_pass(_load_tokens(xk + bh * NC * CS * F, CS, F), w1, b1, w2, work, xb, cnt, ex, p,
+                      xq.dtype.element_ty, PREC, CS, F, K, BK, P)
     for n in range(NC):
         tok = (bh * NC + n) * CS * F
         has_next = n + 1 < NC
         c = bh * NK + (n + 1) // G
         tl.debug_barrier()  # the previous step's stores are visible to every thread
-        z2 = _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n) * CS, ts, out + tok, gamma, beta, z2,
-                           w1, b1, w2, b2, w1, b1, w2, b2, work + (n % 2) * CS * K,
-                           xk + tok + has_next.to(tl.int64) * CS * F, work + ((n + 1) % 2) * CS * K, has_next,
-                           w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, b2_c + c * F,
-                           has_next & ((n + 1) % G == 0),
-                           True, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK)
+        z2, b2v, ex = _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n) * CS, ts, out + tok, gamma,
+                                    beta, z2, b2v, w1, b1, w2, w1, b1, w2, work + (n % 2) * CS * K,
+                                    xk + tok + has_next.to(tl.int64) * CS * F, work + ((n + 1) % 2) * CS * K,
+                                    has_next, w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, b2_c + c * F,
+                                    has_next & ((n + 1) % G == 0), xb, cnt, ex, p,
+                                    True, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK, P)
+    if p == 0:
+        tl.store(b2 + fc, b2v)
+
+
+@triton.jit
+def _tile_offs(R: tl.constexpr, C: tl.constexpr):
+    """Element offsets of a row-major [R, C] tile."""
+    return tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
 
 
 @triton.jit
 def _tile_ptrs(p, R: tl.constexpr, C: tl.constexpr):
-    return p + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    return p + _tile_offs(R, C)
 
 
 @triton.jit
 def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dlr_p, gamma, beta,
-                   w1_p, b1_p, w2_p, b2_p, dw1_p, db1_p, dw2_p, db2_p, work_p, dgamma, dbeta, dts,
-                   CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                   CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
-    """Reverse of one mini-batch from its start state (w1_p..b2_p): writes the token and learning-rate
-    gradients, turns the carried gradient of the next state (dw1_p..db2_p) in place into that of the start
-    state, and returns the running sums of the gamma, beta and token_scale gradients.
-    work_p: fp32 scratch of the program (L1/L2): [CS, K] tiles Z1, G1 = gZ2 W2^T and Zq1 of the forward
-    (loads instead of matmuls in the later passes), dL/dZq1, a part of dL/dgZ1 and the part of dL/dZ1
-    known before dL/dZ2 is, then xh, gZ2, target [CS, F] and dL/deta [CS, CS], parked while the K loop
-    needs the registers."""
+                   w1_p, b1_p, w2_p, b2, dw1_p, db1_p, dw2_p, db2n, work_p, small_p, dgamma, dbeta, dts,
+                   xb, cnt, ex, p, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+                   CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+    """Reverse of one mini-batch from its start state (w1_p..w2_p, b2): program 0 writes the token and
+    learning-rate gradients; each program turns its blocks of the carried gradient of the next state
+    (dw1_p..dw2_p) in place into that of the start state. Returns the running sums of the gamma, beta and
+    token_scale gradients, the gradient of the start state's b2 (db2n: the next state's) and the next
+    exchange's index. Every sum over K is an exchange among the P programs (four per mini-batch).
+    work_p: the head's fp32 scratch, this program's columns of [CS, K] tiles Z1, G1 = gZ2 W2^T and Zq1 of
+    the forward (loads instead of matmuls in the later passes), dL/dZq1, a part of dL/dgZ1 and the part of
+    dL/dZ1 known before dL/dZ2 is; small_p: the program's own xh, gZ2, target [CS, F] and dL/deta [CS, CS],
+    parked while the K loop needs the registers."""
     rows = tl.arange(0, CS)
     fc = tl.arange(0, F)
+    tile = _tile_offs(CS, F)
     z1_p = work_p
     g1_p = z1_p + CS * K
     zq1_p = g1_p + CS * K
     dzq1_p = zq1_p + CS * K
     dgz1_p = dzq1_p + CS * K
     dz1_p = dgz1_p + CS * K
-    xh_p = dz1_p + CS * K
+    xh_p = small_p
     gz2_p = xh_p + CS * F
     target_p = gz2_p + CS * F
     deta_p = target_p + CS * F
     xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
     xk = _load_tokens(xk_p, CS, F)
     eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
-    b2 = tl.load(b2_p + fc)
 
     # recompute the step's forward: gZ2, then the output pre-norm Zq2 (second pass over K)
-    z2 = _z2_pass(xk, w1_p, b1_p, w2_p, z1_p, DT, PREC, CS, F, K, BK)
-    tl.debug_barrier()  # Z1 visible to every thread
+    z2, ex = _z2_pass(xk, w1_p, b1_p, w2_p, z1_p, xb, cnt, ex, p, DT, PREC, CS, F, K, BK, P)
     gz2, xh, rstd, target = _inner_loss_grad(z2 + b2[None, :], xk, _load_tokens(xv_p, CS, F), gamma, beta, F)
     tl.store(_tile_ptrs(xh_p, CS, F), xh)
     tl.store(_tile_ptrs(target_p, CS, F), target)
@@ -311,7 +383,7 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     gz2_dt = gz2.to(DT)
     zq2 = tl.zeros([CS, F], tl.float32)
     a2raw = tl.zeros([CS, CS], tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(p * BK, K, P * BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
         x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
         g1pre = _dot(gz2_dt, tl.trans(w2), DT, PREC)
@@ -321,6 +393,12 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
         xq2 = _gelu(zq1)
         zq2 = _dot(xq2, w2, DT, PREC, zq2)
         a2raw = _dot(xq2, tl.trans(x2), DT, PREC, a2raw)
+    _xput(xb, ex, p, CS * F + tile, zq2, P, CS, F)
+    _xput(xb, ex, p, 3 * CS * F + _tile_offs(CS, CS), a2raw, P, CS, F)
+    _xsync(cnt, ex, P)
+    zq2 = _xsum(xb, ex, CS * F + tile, P, CS, F)
+    a2raw = _xsum(xb, ex, 3 * CS * F + _tile_offs(CS, CS), P, CS, F)
+    ex += 1
     a2 = (eta * (a2raw + 1.0)).to(DT)
     xhq, rstdq = _ln_stats(_dot(a2, -gz2_dt, DT, PREC, zq2 + b2[None, :]), F)
 
@@ -332,18 +410,19 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     da2 = -_dot(dzq2, tl.trans(gz2_dt), DT, PREC)  # [CS, CS]
     tl.store(_tile_ptrs(deta_p, CS, CS), da2 * (a2raw + 1.0))
     da2raw = (da2 * eta).to(DT)
-    db2n = tl.load(db2_p + fc)  # gradient of the next state's b2
-    de = -tl.sum(gz2 * db2n[None, :], 1)  # d L / d e, e = last row of eta
+    # the partial sums over K start with the full terms in program 0 only, so that the exchange adds them once
+    first = p == 0
+    de = tl.where(first, -tl.sum(gz2 * db2n[None, :], 1), 0.0)  # d L / d e, e = last row of eta
     egz2 = (e[:, None] * gz2).to(DT)
     dzq2_dt = dzq2.to(DT)
-    dxq = dout
+    dxq = tl.where(first, dout, 0.0)
     da1 = tl.zeros([CS, CS], tl.float32)
     tl.debug_barrier()
 
     # third pass over K, in two halves so that fewer tiles are live at once (the forward values come from
     # the scratch): everything but the dL/dZ2 terms, which need dgZ2 summed over all of K.
     # (a) through the outputs: dZq1, dXQ, dA1, and the parts of dgZ1 and dZ1 that do not need the carry
-    for k0 in range(0, K, BK):
+    for k0 in range(p * BK, K, P * BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
         x2, gp, gpp = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
         g1pre = tl.load(_kblock(g1_p, k0, CS, K, BK))
@@ -355,20 +434,17 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
         tl.store(_kblock(dzq1_p, k0, CS, K, BK), dzq1)
         tl.store(_kblock(dgz1_p, k0, CS, K, BK), dgz1)
         tl.store(_kblock(dz1_p, k0, CS, K, BK), dgz1 * g1pre * gpp + _dot(tl.trans(da2raw), xq2, DT, PREC) * gp)
-    # dA1 is complete: finish dXQ and dL/deta's A1 term now, so that their tiles are not live in (b)
-    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
-    deta_ptrs = _tile_ptrs(deta_p, CS, CS)
-    tl.store(deta_ptrs, tl.load(deta_ptrs) + da1 * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0))
-    da1raw = da1 * eta
-    _store_tokens(dxq_p, _dot(da1raw, xk, DT, PREC, dxq), CS, F)
-    dxk = _dot(tl.trans(da1raw), xq, DT, PREC)
-    dgz2 = -_dot(tl.trans(a2), dzq2, DT, PREC) - e[:, None] * db2n[None, :]
+    # the dXQ and dA1 partials go to the next exchange's slot now, so that their tiles are not live in (b)
+    _xput(xb, ex, p, 2 * CS * F + tile, dxq, P, CS, F)
+    _xput(xb, ex, p, 3 * CS * F + _tile_offs(CS, CS), da1, P, CS, F)
+    dgz2 = tl.where(first, -_dot(tl.trans(a2), dzq2, DT, PREC) - e[:, None] * db2n[None, :], 0.0)
     db2n += tl.sum(dzq2, 0)
     dzq2 = dzq2_dt
+    dxk = tl.zeros([CS, F], tl.float32)
     h2 = tl.zeros([CS, F], tl.float32)  # X2 dW2', summed over K blocks
     tl.debug_barrier()
     # (b) through the state update (reads the carry dW1', dW2'), then the carry becomes dW of the start state
-    for k0 in range(0, K, BK):
+    for k0 in range(p * BK, K, P * BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
         dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
         x2, gp, gpp = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
@@ -390,6 +466,16 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
         _store_block(dw1_p, db1_p, dw2_p, k0, _dot(tl.trans(xq), dzq1, DT, PREC, dw1), db1 + tl.sum(dzq1, 0),
                      _dot(tl.trans(xq2), dzq2, DT, PREC, _dot(tl.trans(dg1pre), gz2_dt, DT, PREC, dw2)),
                      F, K, BK)
+    _xput(xb, ex, p, tile, h2, P, CS, F)
+    _xput(xb, ex, p, CS * F + tile, dgz2, P, CS, F)
+    _xput(xb, ex, p, 3 * CS * F + CS * CS + rows, de, P, CS, F)
+    _xsync(cnt, ex, P)
+    h2 = _xsum(xb, ex, tile, P, CS, F)
+    dgz2 = _xsum(xb, ex, CS * F + tile, P, CS, F)
+    de = _xsum(xb, ex, 3 * CS * F + CS * CS + rows, P, CS, F)
+    da1 = _xsum(xb, ex, 3 * CS * F + _tile_offs(CS, CS), P, CS, F)
+    dxq = _xsum(xb, ex, 2 * CS * F + tile, P, CS, F)
+    ex += 1
 
     gz2 = tl.load(_tile_ptrs(gz2_p, CS, F))
     de -= tl.sum(h2 * gz2, 1)
@@ -398,10 +484,11 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
                                                   beta, tl.load(_tile_ptrs(target_p, CS, F)), F)
     dgamma += dgm
     dbeta += dbt
-    dxk -= dtarget
-    _store_tokens(dxv_p, dtarget, CS, F)
-    deta = tl.load(deta_ptrs)
-    tl.store(db2_p + fc, db2n + tl.sum(dz2, 0))
+    db2n += tl.sum(dz2, 0)
+    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
+    deta = tl.load(_tile_ptrs(deta_p, CS, CS)) + da1 * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)
+    da1raw = da1 * eta
+    dxk += tl.where(first, _dot(tl.trans(da1raw), xq, DT, PREC) - dtarget, 0.0)  # full terms: program 0
     if CAUSAL:  # eta[i, j] = ts[i] lr[j] (j <= i), e = ts[CS-1] lr
         ts = tl.load(ts_p + rows)
         deta = tl.where(rows[None, :] <= rows[:, None], deta, 0.0)
@@ -409,12 +496,15 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
         dts += tl.sum(deta * lr[None, :], 1) + tl.where(rows == CS - 1, tl.sum(de * lr, 0), 0.0)
     else:  # eta[i, j] = e[j] = lr[j]
         dlr = tl.sum(deta, 0) + de
-    tl.store(dlr_p + rows, dlr.to(dlr_p.dtype.element_ty))
+    if first:
+        _store_tokens(dxv_p, dtarget, CS, F)
+        _store_tokens(dxq_p, _dot(da1raw, xk, DT, PREC, dxq), CS, F)
+        tl.store(dlr_p + rows, dlr.to(dlr_p.dtype.element_ty))
     tl.debug_barrier()  # the dz1 scratch and carried blocks are visible to every thread
 
     # fourth pass over K: the dL/dZ2 terms
     dz2 = dz2.to(DT)
-    for k0 in range(0, K, BK):
+    for k0 in range(p * BK, K, P * BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
         x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
         dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) + _dot(dz2, tl.trans(w2), DT, PREC) * gp
@@ -423,37 +513,52 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
         dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
         _store_block(dw1_p, db1_p, dw2_p, k0, _dot(tl.trans(xk), dz1, DT, PREC, dw1), db1 + tl.sum(dz1, 0),
                      _dot(tl.trans(x2), dz2, DT, PREC, dw2), F, K, BK)
-    _store_tokens(dxk_p, dxk, CS, F)
-    return dgamma, dbeta, dts
+    _xput(xb, ex, p, tile, dxk, P, CS, F)
+    _xsync(cnt, ex, P)
+    dxk = _xsum(xb, ex, tile, P, CS, F)
+    if first:
+        _store_tokens(dxk_p, dxk, CS, F)
+    return dgamma, dbeta, dts, db2n, ex + 1
 
 
 @triton.jit
 def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout,
-                    w1_s, b1_s, w2_s, b2_s, work, dw1, db1, dw2, db2,
+                    w1_s, b1_s, w2_s, b2_s, work, small, xbuf, cnt, dw1, db1, dw2, db2,
                     dxq, dxk, dxv, dlr, dts, dln_w, dln_b,
                     NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                    CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
-    """Backward scan, group by group in reverse: the group's start states are rematerialised from its
-    checkpoint into the scratch w1_s..b2_s [B*NH, G, ...], then its mini-batches are reversed in order.
-    dw1..db2 hold the gradient of the final state on entry and that of the initial state on exit.
-    dts [B*NH, CS], dln_w, dln_b [B*NH, F]: per (batch, head) sums over the mini-batches."""
-    bh = tl.program_id(0).to(tl.int64)
+                    CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+    """Backward scan, group by group in reverse; program pid = bh * P + p owns the K blocks p*BK,
+    (p+P)*BK, ... of head bh. The group's start states are rematerialised from its checkpoint into the
+    scratch w1_s..w2_s [B*NH, G, ...] (blocks by owner; b2_s [B*NH*P, G, F] per program: every program
+    holds b2), then its mini-batches are reversed in order. dw1..db2 hold the gradient of the final state
+    on entry and that of the initial state on exit. dts [B*NH, CS], dln_w, dln_b [B*NH, F]: per
+    (batch, head) sums over the mini-batches. work [B*NH, 6, CS, K], small [B*NH*P, 3*CS*F + CS*CS]: see
+    _backward_step; xbuf [B*NH, 2, P, XSZ], cnt [B*NH] int32 zeros: the exchanges."""
+    pid = tl.program_id(0)
+    p = pid % P
+    bh = (pid // P).to(tl.int64)
     h = bh % NH
     NK = tl.cdiv(NC, G)
-    gamma = tl.load(ln_w + h * F + tl.arange(0, F))
-    beta = tl.load(ln_b + h * F + tl.arange(0, F))
+    fc = tl.arange(0, F)
+    gamma = tl.load(ln_w + h * F + fc)
+    beta = tl.load(ln_b + h * F + fc)
     w1_s += bh * G * F * K
     b1_s += bh * G * K
     w2_s += bh * G * K * F
-    b2_s += bh * G * F
-    work += bh * CS * (6 * K + 3 * F + CS)
+    b2_s += pid.to(tl.int64) * G * F
+    work += bh * 6 * CS * K
+    small += pid.to(tl.int64) * (3 * CS * F + CS * CS)
+    xb = xbuf + bh * 2 * P * (3 * CS * F + CS * CS + CS)
+    cnt += bh
     dw1 += bh * F * K
     db1 += bh * K
     dw2 += bh * K * F
     db2 += bh * F
+    db2v = tl.load(db2 + fc)  # [F]: every program carries the b2 gradient (a full [F] value)
     dgamma = tl.zeros([F], tl.float32)
     dbeta = tl.zeros([F], tl.float32)
     dts_acc = tl.zeros([CS], tl.float32)
+    ex = p * 0  # index of the next exchange (a tensor: it is carried through the loops)
     for kk in range(NK):
         ck = NK - 1 - kk
         n0 = ck * G
@@ -463,33 +568,39 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
         w1 = w1_c + c * F * K
         b1 = b1_c + c * K
         w2 = w2_c + c * K * F
-        _copy_state(w1, b1, w2, b2_c + c * F, w1_s, b1_s, w2_s, b2_s, F, K, BK)
+        _copy_state(w1, b1, w2, w1_s, b1_s, w2_s, p, F, K, BK, P)
+        b2v = tl.load(b2_c + c * F + fc)
+        tl.store(b2_s + fc, b2v)
         # the state-only forward steps; Z1 alternates between the first two [CS, K] tiles of the work scratch
-        z2 = _z2_pass(_load_tokens(xk + (bh * NC + n0) * CS * F, CS, F), w1, b1, w2, work, xq.dtype.element_ty,
-                      PREC, CS, F, K, BK)
+        z2, ex = _z2_pass(_load_tokens(xk + (bh * NC + n0) * CS * F, CS, F), w1, b1, w2, work, xb, cnt, ex, p,
+                          xq.dtype.element_ty, PREC, CS, F, K, BK, P)
         for t in range(1, glen):
             tok = (bh * NC + n0 + t - 1) * CS * F
             has_next = t + 1 < glen
             tl.debug_barrier()
-            z2 = _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t - 1) * CS, ts, dout, gamma,
-                               beta, z2,
-                               w1_s + (t - 1) * F * K, b1_s + (t - 1) * K, w2_s + (t - 1) * K * F,
-                               b2_s + (t - 1) * F, w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F,
-                               work + ((t - 1) % 2) * CS * K, xk + tok + has_next.to(tl.int64) * CS * F,
-                               work + (t % 2) * CS * K, has_next, w1_c, b1_c, w2_c, b2_c, False,
-                               False, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK)
+            z2, b2v, ex = _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t - 1) * CS, ts, dout,
+                                        gamma, beta, z2, b2v,
+                                        w1_s + (t - 1) * F * K, b1_s + (t - 1) * K, w2_s + (t - 1) * K * F,
+                                        w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F,
+                                        work + ((t - 1) % 2) * CS * K, xk + tok + has_next.to(tl.int64) * CS * F,
+                                        work + (t % 2) * CS * K, has_next, w1_c, b1_c, w2_c, b2_c, False,
+                                        xb, cnt, ex, p, False, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK, P)
+            tl.store(b2_s + t * F + fc, b2v)
         for tt in range(glen):
             t = glen - 1 - tt
             tok = (bh * NC + n0 + t) * CS * F
             tl.debug_barrier()
-            dgamma, dbeta, dts_acc = _backward_step(
+            dgamma, dbeta, dts_acc, db2v, ex = _backward_step(
                 xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t) * CS, ts, dout + tok,
                 dxq + tok, dxk + tok, dxv + tok, dlr + (bh * NC + n0 + t) * CS, gamma, beta,
-                w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F, dw1, db1, dw2, db2, work,
-                dgamma, dbeta, dts_acc, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK)
-    tl.store(dln_w + bh * F + tl.arange(0, F), dgamma)
-    tl.store(dln_b + bh * F + tl.arange(0, F), dbeta)
-    tl.store(dts + bh * CS + tl.arange(0, CS), dts_acc)
+                w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, tl.load(b2_s + t * F + fc),
+                dw1, db1, dw2, db2v, work, small, dgamma, dbeta, dts_acc, xb, cnt, ex, p,
+                CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK, P)
+    if p == 0:
+        tl.store(db2 + fc, db2v)
+        tl.store(dln_w + bh * F + fc, dgamma)
+        tl.store(dln_b + bh * F + fc, dbeta)
+        tl.store(dts + bh * CS + tl.arange(0, CS), dts_acc)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -499,15 +610,35 @@ def supports(F: int, CS: int, dtype: torch.dtype) -> bool:
     return dtype in _DTYPES and F in (16, 32, 64, 128) and CS in (16, 32, 64)
 
 
-def _config(F: int, block_k, num_warps, num_stages, backward: bool):
-    """K block, warps and software-pipelining stages per program: the caller's (a benchmark's sweep) or
-    the defaults measured on an H100 (benchmarks/results/ttt.md): the forward is fastest with one warp
-    group, the backward, with far more live tiles, with two. One stage: pipelined K loops multiply the
-    shared memory (the backward then needs more than the 227 KB an H100 block can have)."""
+def _config(F: int, block_k, num_warps, num_stages, split, device: torch.device, backward: bool):
+    """K block, warps, software-pipelining stages and programs per head (split): the caller's (a
+    benchmark's sweep) or the defaults measured on an H100 (benchmarks/results/ttt.md): the forward is
+    fastest with one warp group, the backward, with far more live tiles, with two. One stage: pipelined K
+    loops multiply the shared memory (the backward then needs more than the 227 KB an H100 block can have).
+    split: the P programs of a head exchange their partial sums through global memory and wait for each
+    other, so all P must be resident at once; the interpreter runs programs one after another (P = 1).
+    On the GPU one program per K block (P = K // BK): a head's matmul chain is latency bound, and P
+    programs shorten it by P (48 heads x 4 = 192 programs on 132 H100 SMs; 2 fit on an SM)."""
     block_k = block_k or min(4 * F, 64)
     if block_k < 16 or (4 * F) % block_k:
         raise ValueError(f"block_k: expected a multiple of 16 dividing K = {4 * F}, got {block_k}")
-    return block_k, num_warps or (8 if backward else 4), num_stages or 1
+    blocks = 4 * F // block_k
+    sequential = device.type != "cuda" or interpreting()
+    if split is None:
+        split = 1 if sequential else blocks
+    if not isinstance(split, int) or split < 1 or blocks % split:
+        raise ValueError(f"split: expected a divisor of the K block count K // block_k = {blocks}, got {split!r}")
+    if split > 1 and sequential:
+        raise ValueError(f"split: expected 1 under the Triton interpreter (it runs programs one after another, "
+                         f"so programs waiting for each other never finish), got {split}")
+    return block_k, num_warps or (8 if backward else 4), num_stages or 1, split
+
+
+def _exchange(B, NH, CS, F, P, device):
+    """A head's exchange buffers: [B*NH, 2, P, XSZ] fp32 partials (two slots, P programs, three [CS, F]
+    tiles, a [CS, CS] tile and a [CS] vector) and [B*NH] int32 arrival counters, zero at launch."""
+    xbuf = torch.empty(B * NH, 2, P, 3 * CS * F + CS * CS + CS, dtype=torch.float32, device=device)
+    return xbuf, torch.zeros(B * NH, dtype=torch.int32, device=device)
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -557,7 +688,7 @@ def _state_in(names, tensors, shapes, device):
 
 def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, *, causal,
                 checkpoint_group_size, out=None, w1_ckpt=None, b1_ckpt=None, w2_ckpt=None, b2_ckpt=None,
-                block_k=None, num_warps=None, num_stages=None):
+                block_k=None, num_warps=None, num_stages=None, split=None):
     """Forward scan. Returns (out, (w1, b1, w2, b2) checkpoints [B, NH, NK, ...], final state)."""
     B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal,
                                      checkpoint_group_size)
@@ -573,18 +704,18 @@ def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
                 _state_shapes(B, NH, F, (NK,)))]
     xq, xk, xv, lr = (t.contiguous() for t in (xq, xk, xv, lr))
     ts = token_scale.contiguous() if causal else lr  # not read when non-causal
-    BK, warps, stages = _config(F, block_k, num_warps, num_stages, backward=False)
-    work = torch.empty(B * NH, 2, CS, 4 * F, dtype=torch.float32, device=dev)  # per program: Z1 of 2 mini-batches
-    _ttt_fwd_kernel[(B * NH,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *last, *ckpt, out,
-                               work,
-                               NH, NC, G, CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=4 * F, BK=BK,
-                               num_warps=warps, num_stages=stages)
+    BK, warps, stages, P = _config(F, block_k, num_warps, num_stages, split, dev, backward=False)
+    work = torch.empty(B * NH, 2, CS, 4 * F, dtype=torch.float32, device=dev)  # per head: Z1 of 2 mini-batches
+    _ttt_fwd_kernel[(B * NH * P,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *last, *ckpt,
+                                   out, work, *_exchange(B, NH, CS, F, P, dev),
+                                   NH, NC, G, CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=4 * F, BK=BK,
+                                   P=P, num_warps=warps, num_stages=stages)
     return out, tuple(ckpt), tuple(last)
 
 
 def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out,
                 grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last, *, causal, checkpoint_group_size,
-                grads=None, block_k=None, num_warps=None, num_stages=None):
+                grads=None, block_k=None, num_warps=None, num_stages=None, split=None):
     """Backward scan with rematerialisation from the checkpoints. Returns a dict of gradients (see module
     tether.functional.ttt_mlp); ln_weight/ln_bias gradients are per batch element, [B, NH, F]."""
     B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal,
@@ -608,18 +739,22 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
         grads[name] = _buffer(f"grads['{name}']", grads.get(name), shape, dtype, dev)
     for name, g in zip(("w1", "b1", "w2", "b2"), grad_last):
         grads[name].copy_(g)  # the carried state gradient starts as that of the final state
-    scratch = [torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, F, (G,))]
-    work = torch.empty(B * NH, CS * (6 * K + 3 * F + CS), dtype=torch.float32, device=dev)  # per program
+    BK, warps, stages, P = _config(F, block_k, num_warps, num_stages, split, dev, backward=True)
+    # a group's start states: W1, b1, W2 per head (blocks by owner), b2 per program (each holds it)
+    scratch = [torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, F, (G,))[:3]]
+    scratch.append(torch.empty(B * NH * P, G, F, dtype=torch.float32, device=dev))
+    work = torch.empty(B * NH, 6, CS, K, dtype=torch.float32, device=dev)  # per head, columns by owner
+    small = torch.empty(B * NH * P, 3 * CS * F + CS * CS, dtype=torch.float32, device=dev)  # per program
     dts = torch.empty(B * NH, CS, dtype=torch.float32, device=dev)
     xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
     ts = token_scale.contiguous() if causal else lr
-    BK, warps, stages = _config(F, block_k, num_warps, num_stages, backward=True)
-    _ttt_bwd_kernel[(B * NH,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *ckpt, grad_out,
-                               *scratch, work, grads["w1"], grads["b1"], grads["w2"], grads["b2"],
-                               grads["xq"], grads["xk"], grads["xv"], grads["lr"], dts,
-                               grads["ln_weight"], grads["ln_bias"],
-                               NH, NC, G, CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=K, BK=BK,
-                               num_warps=warps, num_stages=stages)
+    _ttt_bwd_kernel[(B * NH * P,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *ckpt,
+                                   grad_out, *scratch, work, small, *_exchange(B, NH, CS, F, P, dev),
+                                   grads["w1"], grads["b1"], grads["w2"], grads["b2"],
+                                   grads["xq"], grads["xk"], grads["xv"], grads["lr"], dts,
+                                   grads["ln_weight"], grads["ln_bias"],
+                                   NH, NC, G, CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=K, BK=BK,
+                                   P=P, num_warps=warps, num_stages=stages)
     if not causal:
         grads["token_scale"] = None
     elif grads.get("token_scale") is None:
