@@ -28,10 +28,11 @@ def _param(p):
     return None, float(p)
 
 
-def _lif_forward_kernel(x: Tensor, v_init: Tensor, decay: Optional[Tensor], decay_value: float,
+def _lif_forward_kernel(x: Tensor, v_init: Optional[Tensor], decay: Optional[Tensor], decay_value: float,
                       threshold: Optional[Tensor], threshold_value: float, surrogate: str, alpha: float, hard: bool,
                       v_reset: float, detach_reset: bool, save: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x [T, N] -> spikes [T, N], v_final [N] fp32, saved, bits (see tether.kernels.lif for what is saved).
+    """x [T, N], v_init [N] fp32 or None (zeros) -> spikes [T, N], v_final [N] fp32, saved, bits (see
+    tether.kernels.lif for what is saved).
     detach_reset only matters to the backward; it is an input so that setup_context can keep it."""
     return kernels.lif_forward(
         x, v_init, decay_value if decay is None else decay, threshold_value if threshold is None else threshold,
@@ -51,12 +52,13 @@ def _(x, v_init, decay, decay_value, threshold, threshold_value, surrogate, alph
     return torch.empty_like(x), x.new_empty(N, dtype=torch.float32), saved, bits
 
 
-def _lif_backward_kernel(grad_spikes: Tensor, grad_v_final: Tensor, saved: Tensor, bits: Tensor,
+def _lif_backward_kernel(grad_spikes: Tensor, grad_v_final: Optional[Tensor], saved: Tensor, bits: Tensor,
                          v_init: Optional[Tensor], decay: Optional[Tensor], decay_value: float,
                          threshold: Optional[Tensor], threshold_value: float, surrogate: str, alpha: float,
                          hard: bool, v_reset: float, detach_reset: bool, save: int, grad_decay: bool,
                          grad_threshold: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> grad_x [T, N], grad_v_init [N], per-neuron grad_decay [N], grad_threshold [N] (empty unless asked)."""
+    """-> grad_x [T, N], grad_v_init [N], per-neuron grad_decay [N], grad_threshold [N] (empty unless asked).
+    grad_v_final / v_init None: zeros."""
     return kernels.lif_backward(
         grad_spikes, grad_v_final, saved, bits, v_init, decay_value if decay is None else decay,
         threshold_value if threshold is None else threshold, surrogate=kernels.SURROGATE_IDS[surrogate],
@@ -93,14 +95,15 @@ def _backward_with(lif_backward, ctx, grad_spikes, grad_v_final):
     need_decay, need_threshold = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
     if grad_spikes is None:  # only v_final was used
         grad_spikes = torch.zeros(saved.shape, device=saved.device, dtype=ctx.spikes_dtype)  # [T, N]
-    if grad_v_final is None:
-        grad_v_final = grad_spikes.new_zeros(grad_spikes.shape[1], dtype=torch.float32)  # [N]
+    if grad_v_final is not None:  # None: zeros, inside the kernel
+        grad_v_final = grad_v_final.contiguous()
     grad_x, grad_v_init, grad_decay, grad_threshold = lif_backward(
-        grad_spikes.contiguous(), grad_v_final.contiguous(), saved, bits, v_init, decay, decay_value, threshold,
+        grad_spikes.contiguous(), grad_v_final, saved, bits, v_init, decay, decay_value, threshold,
         threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save, need_decay, need_threshold)
     # per-neuron sums -> the parameter's [C] (neuron n reads channel n % C)
     grad_decay = grad_decay.view(-1, decay.numel()).sum(0) if need_decay else None
     grad_threshold = grad_threshold.view(-1, threshold.numel()).sum(0) if need_threshold else None
+    grad_v_init = grad_v_init if ctx.needs_input_grad[1] else None  # v_init may be None
     return grad_x, grad_v_init, grad_decay, None, grad_threshold, None, None, None, None, None, None, None
 
 
@@ -138,10 +141,7 @@ def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surroga
     T, rest = x.shape[0], x.shape[1:]
     n = math.prod(rest)
     x2 = x.reshape(T, n).contiguous()  # [T, N]
-    if v_init is None:
-        v0 = torch.zeros(n, device=x.device, dtype=torch.float32)  # [N]
-    else:
-        v0 = v_init.reshape(n).float().contiguous()  # [N]
+    v0 = None if v_init is None else v_init.reshape(n).float().contiguous()  # [N]; None: zeros in the kernel
     decay_t, decay_value = _param(decay)
     threshold_t, threshold_value = _param(threshold)
     inputs = (x, v_init, decay_t, threshold_t)

@@ -3,7 +3,8 @@
 Layout: x, spikes and their gradients are [T, N] contiguous (N = the flattened trailing dims, the channel
 innermost); membrane, v_init and per-neuron parameter gradients are [N] fp32. decay / threshold are either a
 float or an fp32 tensor of C values read at channel n % C (C = 1 for a shared 0-d tensor).
-Grid: (cdiv(N, BLOCK),). One program owns BLOCK neurons and walks time with the membrane in registers.
+Grid: (cdiv(N, BLOCK),). One program (WARPS warps) owns BLOCK neurons and walks time with the membrane in
+registers.
 Loads go CHUNK time steps at a time as one [CHUNK, BLOCK] tile, fetched one chunk ahead, so that CHUNK rows
 of loads are in flight while the serial recurrence runs; stores are issued per step.
 
@@ -47,11 +48,11 @@ def _param(ptr, value, offs, mask, C, IS_TENSOR: tl.constexpr):
 
 
 @triton.jit
-def _neurons(BLOCK: tl.constexpr):
-    """This program's BLOCK neuron indices. The programs run one warp, so each thread holds BLOCK // 32
-    neurons; the contiguity hint makes every dtype (fp32, bf16, uint16) use exactly that vector width, so all
-    tiles share one register layout with the time rows inside each thread (no shuffles between them)."""
-    return tl.max_contiguous(tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), BLOCK // 32)
+def _neurons(BLOCK: tl.constexpr, WARPS: tl.constexpr):
+    """This program's BLOCK neuron indices; each thread holds BLOCK // (32 WARPS) of them. The contiguity hint
+    makes every dtype (fp32, bf16, uint16) use exactly that vector width, so all tiles share one register
+    layout with the time rows inside each thread (no shuffles between them)."""
+    return tl.max_contiguous(tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), BLOCK // (32 * WARPS))
 
 
 @triton.jit
@@ -123,14 +124,18 @@ def lif_fwd_kernel(x_ptr, v_init_ptr, decay_ptr, threshold_ptr,
                    spikes_ptr, v_final_ptr, saved_ptr, bits_ptr,
                    T, N, C_decay, C_threshold, decay, threshold, alpha, v_reset, inv_sg_peak,
                    SURROGATE: tl.constexpr, HARD: tl.constexpr, DECAY_TENSOR: tl.constexpr,
-                   THRESHOLD_TENSOR: tl.constexpr, SAVE: tl.constexpr,
-                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """spikes[t] = H(h_t - theta), h_t = beta v_{t-1} + x[t], v reset; v_final = v_{T-1}; saved per SAVE."""
-    offs = _neurons(BLOCK)
+                   THRESHOLD_TENSOR: tl.constexpr, HAS_V_INIT: tl.constexpr, SAVE: tl.constexpr,
+                   BLOCK: tl.constexpr, CHUNK: tl.constexpr, WARPS: tl.constexpr):
+    """spikes[t] = H(h_t - theta), h_t = beta v_{t-1} + x[t], v reset; v_final = v_{T-1}; saved per SAVE.
+    v_init: [N] fp32, or zeros when not HAS_V_INIT (no tensor to allocate and fill)."""
+    offs = _neurons(BLOCK, WARPS)
     mask = offs < N
     beta = _param(decay_ptr, decay, offs, mask, C_decay, DECAY_TENSOR)
     theta = _param(threshold_ptr, threshold, offs, mask, C_threshold, THRESHOLD_TENSOR)
-    v = tl.load(v_init_ptr + offs, mask=mask, other=0.0)
+    if HAS_V_INIT:
+        v = tl.load(v_init_ptr + offs, mask=mask, other=0.0)
+    else:
+        v = tl.zeros([BLOCK], dtype=tl.float32)
     bits = tl.zeros([BLOCK], dtype=tl.int32)
     n_full = T // CHUNK * CHUNK
     tile = _tile(x_ptr, 0, T, N, offs, mask, CHUNK)
@@ -239,14 +244,18 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
                    T, N, C_decay, C_threshold, decay, threshold, alpha, v_reset, sg_peak,
                    SURROGATE: tl.constexpr, HARD: tl.constexpr, DETACH_RESET: tl.constexpr,
                    DECAY_TENSOR: tl.constexpr, THRESHOLD_TENSOR: tl.constexpr, SAVE: tl.constexpr,
-                   GRAD_DECAY: tl.constexpr, GRAD_THRESHOLD: tl.constexpr,
-                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """Reverse time: dL/dx [T, N], dL/dv_init [N], per-neuron dL/ddecay and dL/dthreshold [N] (summed over t)."""
-    offs = _neurons(BLOCK)
+                   GRAD_DECAY: tl.constexpr, GRAD_THRESHOLD: tl.constexpr, HAS_GRAD_V_FINAL: tl.constexpr,
+                   HAS_V_INIT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, WARPS: tl.constexpr):
+    """Reverse time: dL/dx [T, N], dL/dv_init [N], per-neuron dL/ddecay and dL/dthreshold [N] (summed over t).
+    grad_v_final: [N] fp32, or zeros when not HAS_GRAD_V_FINAL; v_init (read for dL/ddecay): likewise."""
+    offs = _neurons(BLOCK, WARPS)
     mask = offs < N
     beta = _param(decay_ptr, decay, offs, mask, C_decay, DECAY_TENSOR)
     theta = _param(threshold_ptr, threshold, offs, mask, C_threshold, THRESHOLD_TENSOR)
-    gv = tl.load(grad_v_final_ptr + offs, mask=mask, other=0.0)
+    if HAS_GRAD_V_FINAL:
+        gv = tl.load(grad_v_final_ptr + offs, mask=mask, other=0.0)
+    else:
+        gv = tl.zeros([BLOCK], dtype=tl.float32)
     g_h_next = tl.zeros([BLOCK], dtype=tl.float32)
     g_decay = tl.zeros([BLOCK], dtype=tl.float32)
     g_threshold = tl.zeros([BLOCK], dtype=tl.float32)
@@ -275,25 +284,30 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
         a_tile, aux_tile, word = ahead_a, ahead_aux, ahead_word
     tl.store(grad_v_init_ptr + offs, gv, mask=mask)
     if GRAD_DECAY:
-        g_decay += g_h_next * tl.load(v_init_ptr + offs, mask=mask, other=0.0)  # dL/dh_0 * v_init
+        if HAS_V_INIT:
+            g_decay += g_h_next * tl.load(v_init_ptr + offs, mask=mask, other=0.0)  # dL/dh_0 * v_init
         tl.store(grad_decay_ptr + offs, g_decay, mask=mask)
     if GRAD_THRESHOLD:
         tl.store(grad_threshold_ptr + offs, g_threshold, mask=mask)
 
 
-# (min N, BLOCK, CHUNK) per kernel, first match wins. BLOCK = 32 x neurons per thread (one warp per program):
-# small enough that several programs share an SM; CHUNK rows in flight per tile, bounded by registers (no
-# spills at these sizes). Chosen by the sweep in benchmarks/bench_lif.py on an H100
-# (benchmarks/results/lif.md); BLOCK 32 was 50x slower there, so small N keeps BLOCK 64.
+# (min N, BLOCK, CHUNK, WARPS) per (kernel, bytes per element of x), first match wins. BLOCK = 32 x WARPS x
+# neurons per thread: small enough that several programs share an SM; CHUNK (dividing 32) rows in flight per
+# tile, bounded by registers (no spills at these sizes). Chosen by the sweep in benchmarks/bench_lif.py on an
+# H100 (benchmarks/results/lif.md): 1024-2048 programs of 1-2 warps, 2 neurons per thread, 16-32 rows in flight;
+# BLOCK 32 was 5-25x slower there, so small N keeps BLOCK 64.
 LAUNCH = {
-    "forward": [(50_000, 128, 8), (0, 64, 16)],
-    "backward": [(50_000, 128, 16), (0, 64, 16)],
+    ("forward", 4): [(50_000, 64, 16, 1), (0, 64, 16, 1)],
+    ("forward", 2): [(50_000, 64, 32, 1), (0, 64, 16, 1)],
+    ("backward", 4): [(50_000, 128, 32, 2), (0, 64, 32, 1)],
+    ("backward", 2): [(50_000, 64, 32, 1), (0, 64, 32, 1)],
 }
 
 
-def launch_config(kernel: str, N: int):
-    """(BLOCK, CHUNK) for kernel "forward" or "backward" on N neurons."""
-    return next((block, chunk) for min_n, block, chunk in LAUNCH[kernel] if N >= min_n)
+def launch_config(kernel: str, N: int, element_size: int):
+    """(BLOCK, CHUNK, WARPS) for kernel "forward" or "backward" on N neurons of element_size-byte x."""
+    key = (kernel, 4 if element_size == 4 else 2)
+    return next(cfg[1:] for cfg in LAUNCH[key] if N >= cfg[0])
 
 
 def _param_args(p):
@@ -321,7 +335,8 @@ def saved_buffers(T: int, N: int, save: int, device):
 
 def lif_forward(x, v_init, decay, threshold, *, surrogate: int, alpha: float, hard: bool, v_reset: float,
                 save: int, inv_sg_peak: float):
-    """x [T, N] contiguous (fp32/bf16/fp16), v_init [N] fp32 -> spikes [T, N], v_final [N], saved, bits."""
+    """x [T, N] contiguous (fp32/bf16/fp16), v_init [N] fp32 or None (zeros) -> spikes [T, N], v_final [N],
+    saved, bits."""
     import torch
 
     T, N = x.shape
@@ -330,12 +345,12 @@ def lif_forward(x, v_init, decay, threshold, *, surrogate: int, alpha: float, ha
     saved, bits = saved_buffers(T, N, save, x.device)
     decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
     threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
-    block, chunk = launch_config("forward", N)
+    block, chunk, warps = launch_config("forward", N, x.element_size())
     lif_fwd_kernel[(triton.cdiv(N, block),)](
         x, v_init, decay_ptr, threshold_ptr, spikes, v_final, saved, bits,
         T, N, c_decay, c_threshold, decay_val, threshold_val, alpha, v_reset, inv_sg_peak,
         SURROGATE=surrogate, HARD=hard, DECAY_TENSOR=decay_tensor, THRESHOLD_TENSOR=threshold_tensor,
-        SAVE=save, BLOCK=block, CHUNK=chunk, num_warps=1,
+        HAS_V_INIT=v_init is not None, SAVE=save, BLOCK=block, CHUNK=chunk, WARPS=warps, num_warps=warps,
         enable_fp_fusion=False)  # h = beta * v + x rounded as PyTorch does: spikes equal the reference's
     return spikes, v_final, saved, bits
 
@@ -343,8 +358,9 @@ def lif_forward(x, v_init, decay, threshold, *, surrogate: int, alpha: float, ha
 def lif_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshold, *, surrogate: int, alpha: float,
                  hard: bool, v_reset: float, detach_reset: bool, save: int, sg_peak: float,
                  grad_decay: bool, grad_threshold: bool):
-    """grad_spikes [T, N] contiguous, grad_v_final [N] fp32 -> grad_x [T, N] (grad_spikes' dtype),
-    grad_v_init [N], per-neuron grad_decay [N] and grad_threshold [N] (empty when not asked for)."""
+    """grad_spikes [T, N] contiguous, grad_v_final [N] fp32 or None (zeros), v_init [N] fp32 or None (zeros;
+    read only for grad_decay) -> grad_x [T, N] (grad_spikes' dtype), grad_v_init [N], per-neuron grad_decay [N]
+    and grad_threshold [N] (empty when not asked for)."""
     import torch
 
     T, N = grad_spikes.shape
@@ -354,12 +370,13 @@ def lif_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshol
     g_threshold = torch.empty(N if grad_threshold else 0, device=grad_spikes.device, dtype=torch.float32)  # [N]
     decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
     threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
-    block, chunk = launch_config("backward", N)
+    block, chunk, warps = launch_config("backward", N, grad_spikes.element_size())
     lif_bwd_kernel[(triton.cdiv(N, block),)](
         grad_spikes, grad_v_final, saved, bits, v_init, decay_ptr, threshold_ptr,
         grad_x, grad_v_init, g_decay, g_threshold,
         T, N, c_decay, c_threshold, decay_val, threshold_val, alpha, v_reset, sg_peak,
         SURROGATE=surrogate, HARD=hard, DETACH_RESET=detach_reset, DECAY_TENSOR=decay_tensor,
         THRESHOLD_TENSOR=threshold_tensor, SAVE=save, GRAD_DECAY=grad_decay, GRAD_THRESHOLD=grad_threshold,
-        BLOCK=block, CHUNK=chunk, num_warps=1)
+        HAS_GRAD_V_FINAL=grad_v_final is not None, HAS_V_INIT=v_init is not None,
+        BLOCK=block, CHUNK=chunk, WARPS=warps, num_warps=warps)
     return grad_x, grad_v_init, g_decay, g_threshold
