@@ -12,7 +12,7 @@ from tether.reference.ttt_mlp import ttt_mlp as reference
 
 GRAD_NAMES = ("xq", "xk", "xv", "lr", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "token_scale")
 # (B, NH, NC, CS, F, G): ttt-tk's CS = F = 64 case, G not dividing NC, CS 16, F 32, several heads and batches
-SHAPES = [(1, 1, 2, 64, 64, 1), (1, 2, 5, 16, 32, 2), (2, 1, 3, 32, 16, 2), (1, 1, 2, 16, 128, 2)]
+SHAPES = [(1, 1, 2, 64, 64, 1), (1, 2, 3, 16, 32, 2), (2, 1, 3, 32, 16, 2), (1, 1, 2, 16, 128, 2)]
 # relative error (norm-wise) allowed vs fp64; fp16 rounds the matmul operands of a chain of ~30 matmuls
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 2e-2), torch.bfloat16: (1e-2, 4e-2)}
 # bf16 only where tl.dot on bf16 is trustworthy: compiled, on the GPU

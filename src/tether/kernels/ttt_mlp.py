@@ -121,12 +121,21 @@ def _load_block(w1_p, b1_p, w2_p, k0, F: tl.constexpr, K: tl.constexpr, BK: tl.c
 
 
 @triton.jit
-def _store_block(w1_p, b1_p, w2_p, k0, w1, b1, w2, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
-    f = tl.arange(0, F)
+def _store_w1(w1_p, b1_p, k0, w1, b1, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
     k = k0 + tl.arange(0, BK)
-    tl.store(w1_p + f[:, None] * K + k[None, :], w1)
+    tl.store(w1_p + tl.arange(0, F)[:, None] * K + k[None, :], w1)
     tl.store(b1_p + k, b1)
-    tl.store(w2_p + k[:, None] * F + f[None, :], w2)
+
+
+@triton.jit
+def _store_w2(w2_p, k0, w2, F: tl.constexpr, BK: tl.constexpr):
+    tl.store(w2_p + (k0 + tl.arange(0, BK))[:, None] * F + tl.arange(0, F)[None, :], w2)
+
+
+@triton.jit
+def _store_block(w1_p, b1_p, w2_p, k0, w1, b1, w2, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    _store_w1(w1_p, b1_p, k0, w1, b1, F, K, BK)
+    _store_w2(w2_p, k0, w2, F, BK)
 
 
 @triton.jit
@@ -443,29 +452,42 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     dxk = tl.zeros([CS, F], tl.float32)
     h2 = tl.zeros([CS, F], tl.float32)  # X2 dW2', summed over K blocks
     tl.debug_barrier()
-    # (b) through the state update (reads the carry dW1', dW2'), then the carry becomes dW of the start state
+    # (b) through the state update (reads the carry dW1', dW2'), then the carry becomes dW of the start state;
+    # again in two halves, W1' then W2' (unused loads of a _load_block are dropped by the compiler).
+    # (b1) through W1' = W1 - XK^T (e gZ1) and gZ1 = (gZ2 W2^T) * gelu'(Z1); dL/dG1 replaces dgZ1 in its tile
     for k0 in range(p * BK, K, P * BK):
-        w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
-        x2, gp, gpp = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
+        _, _, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
+        dw1, db1, _ = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
+        _, gp, gpp = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
         g1pre = tl.load(_kblock(g1_p, k0, CS, K, BK))
         gz1 = g1pre * gp
-        h1 = _dot(xk, dw1, DT, PREC) + db1[None, :]  # through W1' = W1 - XK^T (e gZ1)
+        h1 = _dot(xk, dw1, DT, PREC) + db1[None, :]
         de -= tl.sum(h1 * gz1, 1)
         dxk = _dot(e[:, None] * gz1, tl.trans(-dw1), DT, PREC, dxk)
-        h2 = _dot(x2, dw2, DT, PREC, h2)  # through W2' = W2 - X2^T (e gZ2)
         eh1 = e[:, None] * h1
         dg1pre = (tl.load(_kblock(dgz1_p, k0, CS, K, BK)) - eh1) * gp
         dgz2 = _dot(dg1pre, w2, DT, PREC, dgz2)
-        dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) - eh1 * g1pre * gpp + _dot(egz2, tl.trans(-dw2), DT, PREC) * gp
+        dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) - eh1 * g1pre * gpp
         dzq1 = tl.load(_kblock(dzq1_p, k0, CS, K, BK))
+        tl.debug_barrier()  # every thread has read the carried block and the tiles before they are overwritten
+        tl.store(_kblock(dz1_p, k0, CS, K, BK), dz1)
+        tl.store(_kblock(dgz1_p, k0, CS, K, BK), dg1pre)
+        dw1, db1, _ = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
+        _store_w1(dw1_p, db1_p, k0, _dot(tl.trans(xq), dzq1, DT, PREC, dw1), db1 + tl.sum(dzq1, 0), F, K, BK)
+    tl.debug_barrier()
+    # (b2) through W2' = W2 - X2^T (e gZ2)
+    for k0 in range(p * BK, K, P * BK):
+        _, _, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
+        x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
+        h2 = _dot(x2, dw2, DT, PREC, h2)
+        dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) + _dot(egz2, tl.trans(-dw2), DT, PREC) * gp
+        dg1pre = tl.load(_kblock(dgz1_p, k0, CS, K, BK))
         xq2 = _gelu(tl.load(_kblock(zq1_p, k0, CS, K, BK)))
         tl.debug_barrier()  # every thread has read the carried block and dz1 before they are overwritten
         tl.store(_kblock(dz1_p, k0, CS, K, BK), dz1)
-        dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
-        _store_block(dw1_p, db1_p, dw2_p, k0, _dot(tl.trans(xq), dzq1, DT, PREC, dw1), db1 + tl.sum(dzq1, 0),
-                     _dot(tl.trans(xq2), dzq2, DT, PREC, _dot(tl.trans(dg1pre), gz2_dt, DT, PREC, dw2)),
-                     F, K, BK)
+        _, _, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
+        _store_w2(dw2_p, k0, _dot(tl.trans(xq2), dzq2, DT, PREC, _dot(tl.trans(dg1pre), gz2_dt, DT, PREC, dw2)),
+                  F, BK)
     _xput(xb, ex, p, tile, h2, P, CS, F)
     _xput(xb, ex, p, CS * F + tile, dgz2, P, CS, F)
     _xput(xb, ex, p, 3 * CS * F + CS * CS + rows, de, P, CS, F)
@@ -610,28 +632,37 @@ def supports(F: int, CS: int, dtype: torch.dtype) -> bool:
     return dtype in _DTYPES and F in (16, 32, 64, 128) and CS in (16, 32, 64)
 
 
-def _config(F: int, block_k, num_warps, num_stages, split, device: torch.device, backward: bool):
+def _config(F: int, block_k, num_warps, num_stages, split, heads: int, device: torch.device, backward: bool):
     """K block, warps, software-pipelining stages and programs per head (split): the caller's (a
     benchmark's sweep) or the defaults measured on an H100 (benchmarks/results/ttt.md): the forward is
     fastest with one warp group, the backward, with far more live tiles, with two. One stage: pipelined K
     loops multiply the shared memory (the backward then needs more than the 227 KB an H100 block can have).
-    split: the P programs of a head exchange their partial sums through global memory and wait for each
-    other, so all P must be resident at once; the interpreter runs programs one after another (P = 1).
-    On the GPU one program per K block (P = K // BK): a head's matmul chain is latency bound, and P
-    programs shorten it by P (48 heads x 4 = 192 programs on 132 H100 SMs; 2 fit on an SM)."""
+    split P: the P programs of a head exchange their partial sums through global memory and wait for each
+    other. The interpreter runs programs one after another: P = 1. On the GPU a head's chain of small
+    matmuls is latency bound and P programs shorten it, but only while they have SMs of their own: the
+    default is the largest P (a divisor of the block count) with heads * P programs resident at once. Both
+    kernels use all 255 registers a thread may have, so an SM holds 2 programs of 4 warps, 1 of 8
+    (H100, B=1, 48 heads: forward P=4, backward P=2; B=8: P=1, as measured). A head's programs must all
+    be resident at once: CTAs start in pid order, so at most one head is partly resident and the others
+    finish and make room (the tests launch more programs than fit)."""
     block_k = block_k or min(4 * F, 64)
     if block_k < 16 or (4 * F) % block_k:
         raise ValueError(f"block_k: expected a multiple of 16 dividing K = {4 * F}, got {block_k}")
+    num_warps = num_warps or (8 if backward else 4)
     blocks = 4 * F // block_k
     sequential = device.type != "cuda" or interpreting()
     if split is None:
-        split = 1 if sequential else blocks
+        split = 1
+        if not sequential:
+            per_sm = max(1, 65536 // (255 * 32 * num_warps))  # an SM has 64K registers
+            slots = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+            split = max(d for d in range(1, blocks + 1) if blocks % d == 0 and (d == 1 or heads * d <= slots))
     if not isinstance(split, int) or split < 1 or blocks % split:
         raise ValueError(f"split: expected a divisor of the K block count K // block_k = {blocks}, got {split!r}")
     if split > 1 and sequential:
         raise ValueError(f"split: expected 1 under the Triton interpreter (it runs programs one after another, "
                          f"so programs waiting for each other never finish), got {split}")
-    return block_k, num_warps or (8 if backward else 4), num_stages or 1, split
+    return block_k, num_warps, num_stages or 1, split
 
 
 def _exchange(B, NH, CS, F, P, device):
@@ -704,7 +735,7 @@ def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
                 _state_shapes(B, NH, F, (NK,)))]
     xq, xk, xv, lr = (t.contiguous() for t in (xq, xk, xv, lr))
     ts = token_scale.contiguous() if causal else lr  # not read when non-causal
-    BK, warps, stages, P = _config(F, block_k, num_warps, num_stages, split, dev, backward=False)
+    BK, warps, stages, P = _config(F, block_k, num_warps, num_stages, split, B * NH, dev, backward=False)
     work = torch.empty(B * NH, 2, CS, 4 * F, dtype=torch.float32, device=dev)  # per head: Z1 of 2 mini-batches
     _ttt_fwd_kernel[(B * NH * P,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *last, *ckpt,
                                    out, work, *_exchange(B, NH, CS, F, P, dev),
@@ -739,7 +770,7 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
         grads[name] = _buffer(f"grads['{name}']", grads.get(name), shape, dtype, dev)
     for name, g in zip(("w1", "b1", "w2", "b2"), grad_last):
         grads[name].copy_(g)  # the carried state gradient starts as that of the final state
-    BK, warps, stages, P = _config(F, block_k, num_warps, num_stages, split, dev, backward=True)
+    BK, warps, stages, P = _config(F, block_k, num_warps, num_stages, split, B * NH, dev, backward=True)
     # a group's start states: W1, b1, W2 per head (blocks by owner), b2 per program (each holds it)
     scratch = [torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, F, (G,))[:3]]
     scratch.append(torch.empty(B * NH * P, G, F, dtype=torch.float32, device=dev))
