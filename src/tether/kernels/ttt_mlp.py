@@ -362,8 +362,8 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     token_scale gradients, the gradient of the start state's b2 (db2n: the next state's) and the next
     exchange's index. Every sum over K is an exchange among the P programs (four per mini-batch).
     work_p: the head's fp32 scratch, this program's columns of [CS, K] tiles Z1, G1 = gZ2 W2^T and Zq1 of
-    the forward (loads instead of matmuls in the later passes), dL/dZq1, a part of dL/dgZ1 and the part of
-    dL/dZ1 known before dL/dZ2 is; small_p: the program's own xh, gZ2, target [CS, F] and dL/deta [CS, CS],
+    the forward (loads instead of matmuls in the later passes), dL/dZq1, dL/dG1 and the part of dL/dZ1
+    known before dL/dZ2 is; small_p: the program's own xh, gZ2, target [CS, F] and dL/deta [CS, CS],
     parked while the K loop needs the registers."""
     rows = tl.arange(0, CS)
     fc = tl.arange(0, F)
@@ -372,8 +372,8 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     g1_p = z1_p + CS * K
     zq1_p = g1_p + CS * K
     dzq1_p = zq1_p + CS * K
-    dgz1_p = dzq1_p + CS * K
-    dz1_p = dgz1_p + CS * K
+    dg1_p = dzq1_p + CS * K
+    dz1_p = dg1_p + CS * K
     xh_p = small_p
     gz2_p = xh_p + CS * F
     target_p = gz2_p + CS * F
@@ -428,21 +428,19 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     da1 = tl.zeros([CS, CS], tl.float32)
     tl.debug_barrier()
 
-    # third pass over K, in two halves so that fewer tiles are live at once (the forward values come from
-    # the scratch): everything but the dL/dZ2 terms, which need dgZ2 summed over all of K.
-    # (a) through the outputs: dZq1, dXQ, dA1, and the parts of dgZ1 and dZ1 that do not need the carry
+    # third pass over K, in three parts so that fewer tiles are live at once (the forward values come from
+    # the scratch; unused loads of a _load_block are dropped by the compiler): everything but the dL/dZ2
+    # terms, which need dgZ2 summed over all of K.
+    # (a) through the outputs: dZq1, dXQ, dA1
     for k0 in range(p * BK, K, P * BK):
-        w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        x2, gp, gpp = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
+        w1, _, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
+        x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
         g1pre = tl.load(_kblock(g1_p, k0, CS, K, BK))
-        xq2, gqp, _ = _gelu_grads(tl.load(_kblock(zq1_p, k0, CS, K, BK)))
+        _, gqp, _ = _gelu_grads(tl.load(_kblock(zq1_p, k0, CS, K, BK)))
         dzq1 = _dot(da2raw, x2, DT, PREC, _dot(dzq2_dt, tl.trans(w2), DT, PREC)) * gqp
         dxq = _dot(dzq1, tl.trans(w1), DT, PREC, dxq)
         da1 = _dot(-dzq1, tl.trans(g1pre * gp), DT, PREC, da1)
-        dgz1 = _dot(tl.trans(a1), -dzq1, DT, PREC)
         tl.store(_kblock(dzq1_p, k0, CS, K, BK), dzq1)
-        tl.store(_kblock(dgz1_p, k0, CS, K, BK), dgz1)
-        tl.store(_kblock(dz1_p, k0, CS, K, BK), dgz1 * g1pre * gpp + _dot(tl.trans(da2raw), xq2, DT, PREC) * gp)
     # the dXQ and dA1 partials go to the next exchange's slot now, so that their tiles are not live in (b)
     _xput(xb, ex, p, 2 * CS * F + tile, dxq, P, CS, F)
     _xput(xb, ex, p, 3 * CS * F + _tile_offs(CS, CS), da1, P, CS, F)
@@ -452,9 +450,9 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     dxk = tl.zeros([CS, F], tl.float32)
     h2 = tl.zeros([CS, F], tl.float32)  # X2 dW2', summed over K blocks
     tl.debug_barrier()
-    # (b) through the state update (reads the carry dW1', dW2'), then the carry becomes dW of the start state;
-    # again in two halves, W1' then W2' (unused loads of a _load_block are dropped by the compiler).
-    # (b1) through W1' = W1 - XK^T (e gZ1) and gZ1 = (gZ2 W2^T) * gelu'(Z1); dL/dG1 replaces dgZ1 in its tile
+    # (b) through the state update (reads the carry dW1', dW2'), then the carry becomes dW of the start state
+    # (b1) through W1' = W1 - XK^T (e gZ1) and gZ1 = (gZ2 W2^T) * gelu'(Z1): dL/dgZ1 has a term through the
+    # outputs (-A1^T dZq1) and one through W1' (-e H1); dL/dG1 is parked for (b2)
     for k0 in range(p * BK, K, P * BK):
         _, _, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
         dw1, db1, _ = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
@@ -464,25 +462,25 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
         h1 = _dot(xk, dw1, DT, PREC) + db1[None, :]
         de -= tl.sum(h1 * gz1, 1)
         dxk = _dot(e[:, None] * gz1, tl.trans(-dw1), DT, PREC, dxk)
-        eh1 = e[:, None] * h1
-        dg1pre = (tl.load(_kblock(dgz1_p, k0, CS, K, BK)) - eh1) * gp
-        dgz2 = _dot(dg1pre, w2, DT, PREC, dgz2)
-        dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) - eh1 * g1pre * gpp
         dzq1 = tl.load(_kblock(dzq1_p, k0, CS, K, BK))
-        tl.debug_barrier()  # every thread has read the carried block and the tiles before they are overwritten
-        tl.store(_kblock(dz1_p, k0, CS, K, BK), dz1)
-        tl.store(_kblock(dgz1_p, k0, CS, K, BK), dg1pre)
+        dgz1 = _dot(tl.trans(a1), -dzq1, DT, PREC) - e[:, None] * h1
+        dg1pre = dgz1 * gp
+        dgz2 = _dot(dg1pre, w2, DT, PREC, dgz2)
+        tl.store(_kblock(dz1_p, k0, CS, K, BK), dgz1 * g1pre * gpp)
+        tl.store(_kblock(dg1_p, k0, CS, K, BK), dg1pre)
+        tl.debug_barrier()  # every thread has read the carried block before it is overwritten
         dw1, db1, _ = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
         _store_w1(dw1_p, db1_p, k0, _dot(tl.trans(xq), dzq1, DT, PREC, dw1), db1 + tl.sum(dzq1, 0), F, K, BK)
     tl.debug_barrier()
-    # (b2) through W2' = W2 - X2^T (e gZ2)
+    # (b2) through X2 (in Zq2's dual form and in W2' = W2 - X2^T (e gZ2)) and W2'
     for k0 in range(p * BK, K, P * BK):
         _, _, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
         x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)))
-        h2 = _dot(x2, dw2, DT, PREC, h2)
-        dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) + _dot(egz2, tl.trans(-dw2), DT, PREC) * gp
-        dg1pre = tl.load(_kblock(dgz1_p, k0, CS, K, BK))
         xq2 = _gelu(tl.load(_kblock(zq1_p, k0, CS, K, BK)))
+        h2 = _dot(x2, dw2, DT, PREC, h2)
+        dx2 = _dot(egz2, tl.trans(-dw2), DT, PREC, _dot(tl.trans(da2raw), xq2, DT, PREC))
+        dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) + dx2 * gp
+        dg1pre = tl.load(_kblock(dg1_p, k0, CS, K, BK))
         tl.debug_barrier()  # every thread has read the carried block and dz1 before they are overwritten
         tl.store(_kblock(dz1_p, k0, CS, K, BK), dz1)
         _, _, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
