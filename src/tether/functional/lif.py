@@ -85,7 +85,7 @@ def _setup_context(ctx, inputs, output):
     # v_init only feeds dL/ddecay, which only the MEMBRANE save computes
     ctx.save_for_backward(saved, bits, v_init if save == kernels.SAVE_MEMBRANE else None, decay, threshold)
     ctx.args = (decay_value, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save)
-    ctx.spikes_dtype = x.dtype
+    ctx.spikes_dtype, ctx.shape = x.dtype, x.shape
 
 
 def _backward_with(lif_backward, ctx, grad_spikes, grad_v_final):
@@ -94,7 +94,7 @@ def _backward_with(lif_backward, ctx, grad_spikes, grad_v_final):
     decay_value, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save = ctx.args
     need_decay, need_threshold = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
     if grad_spikes is None:  # only v_final was used
-        grad_spikes = torch.zeros(saved.shape, device=saved.device, dtype=ctx.spikes_dtype)  # [T, N]
+        grad_spikes = torch.zeros(ctx.shape, device=saved.device, dtype=ctx.spikes_dtype)  # [T, N]
     if grad_v_final is not None:  # None: zeros, inside the kernel
         grad_v_final = grad_v_final.contiguous()
     grad_x, grad_v_init, grad_decay, grad_threshold = lif_backward(

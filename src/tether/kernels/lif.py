@@ -10,9 +10,10 @@ of loads are in flight while the serial recurrence runs; stores are issued per s
 
 What the forward saves for backward (SAVE):
   NONE    inference: nothing is written.
-  COMPACT sqrt(sg'(h_t - theta) / peak) as uint16 fixed point [T, N] (peak: the surrogate's maximum; the
-          square root spends the code's precision on the tails) + the spikes as bits, 32 steps per int32
-          word [ceil(T/32), N]: 2.125 B/elem.
+  COMPACT sqrt(sg'(h_t - theta) / peak) as 16-bit fixed point (peak: the surrogate's maximum; the square
+          root spends the code's precision on the tails), two steps per int32 word (step 2r in the low
+          half, 2r+1 in the high half: twice the store width of a uint16 per step) [ceil(T/2), N], + the
+          spikes as bits, 32 steps per int32 word [ceil(T/32), N]: 2.125 B/elem.
   MEMBRANE h_t in fp32 (bits kept in an int32 tensor so autograd never builds a gradient for it) [T, N]:
           4 B/elem. Needed when dL/ddecay = sum_t g_h_t v_{t-1} is asked for (v_{t-1} = reset(h_{t-1})),
           or for the hard reset differentiated through the spike (needs h_t - v_reset).
@@ -86,14 +87,20 @@ def _fwd_step(x, t, v, bits, beta, theta, alpha, v_reset, inv_sg_peak, N, offs, 
     fire = h >= theta
     row = tl.cast(t, tl.int64) * N + offs
     tl.store(spikes_ptr + row, fire.to(tl.float32).to(spikes_ptr.dtype.element_ty), mask=mask)
+    code = 0  # COMPACT: the 16-bit sg' code, stored in pairs by _fwd_chunk
     if SAVE == 1:
         sg = surrogate_grad(h - theta, alpha, SURROGATE)
-        code = tl.minimum(tl.sqrt(sg * inv_sg_peak) * 65535.0 + 0.5, 65535.0)
-        tl.store(saved_ptr + row, code.to(tl.uint16), mask=mask)
+        code = tl.minimum(tl.sqrt(sg * inv_sg_peak) * 65535.0 + 0.5, 65535.0).to(tl.int32)
         bits = bits | (fire.to(tl.int32) << (t % 32))
     elif SAVE == 2:
         tl.store(saved_ptr + row, h.to(tl.int32, bitcast=True), mask=mask)
-    return _reset(h, fire, theta, v_reset, HARD), bits
+    return _reset(h, fire, theta, v_reset, HARD), bits, code
+
+
+@triton.jit
+def _store_codes(saved_ptr, t, N, offs, mask, low, high):
+    """The codes of steps t - 1 (low half) and t (high half) into word (t // 2) of the [ceil(T/2), N] save."""
+    tl.store(saved_ptr + tl.cast(t // 2, tl.int64) * N + offs, low | (high << 16), mask=mask)
 
 
 @triton.jit
@@ -101,16 +108,30 @@ def _fwd_chunk(tile, t0, T, N, offs, mask, v, bits, beta, theta, alpha, v_reset,
                spikes_ptr, saved_ptr, bits_ptr,
                SURROGATE: tl.constexpr, HARD: tl.constexpr, SAVE: tl.constexpr,
                CHUNK: tl.constexpr, FULL: tl.constexpr):
-    """Steps t0 .. t0+CHUNK-1 (FULL) or those below T (the last, partial chunk)."""
+    """Steps t0 .. t0+CHUNK-1 (FULL) or those below T (the last, partial chunk). t0 and CHUNK are even, so
+    the COMPACT codes pair up inside the chunk (an odd T stores its last code alone)."""
+    low = tl.zeros_like(bits)
     for k in tl.static_range(CHUNK):
         x = _row(tile, k, CHUNK).to(tl.float32)
         if FULL:
-            v, bits = _fwd_step(x, t0 + k, v, bits, beta, theta, alpha, v_reset, inv_sg_peak, N, offs, mask,
-                                spikes_ptr, saved_ptr, SURROGATE, HARD, SAVE)
+            v, bits, code = _fwd_step(x, t0 + k, v, bits, beta, theta, alpha, v_reset, inv_sg_peak, N, offs,
+                                      mask, spikes_ptr, saved_ptr, SURROGATE, HARD, SAVE)
+            if SAVE == 1:
+                if k % 2 == 0:
+                    low = code
+                else:
+                    _store_codes(saved_ptr, t0 + k, N, offs, mask, low, code)
         else:
             if t0 + k < T:
-                v, bits = _fwd_step(x, t0 + k, v, bits, beta, theta, alpha, v_reset, inv_sg_peak, N, offs, mask,
-                                    spikes_ptr, saved_ptr, SURROGATE, HARD, SAVE)
+                v, bits, code = _fwd_step(x, t0 + k, v, bits, beta, theta, alpha, v_reset, inv_sg_peak, N, offs,
+                                          mask, spikes_ptr, saved_ptr, SURROGATE, HARD, SAVE)
+                if SAVE == 1:
+                    if k % 2 == 0:
+                        low = code
+                        if t0 + k == T - 1:
+                            _store_codes(saved_ptr, t0 + k, N, offs, mask, low, 0)
+                    else:
+                        _store_codes(saved_ptr, t0 + k, N, offs, mask, low, code)
     if SAVE == 1 and FULL:
         # CHUNK divides 32, so a word is complete exactly when a chunk ends on a multiple of 32
         if (t0 + CHUNK) % 32 == 0:
@@ -156,21 +177,16 @@ def lif_fwd_kernel(x_ptr, v_init_ptr, decay_ptr, threshold_ptr,
 @triton.jit
 def _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t0, T, N, offs, mask, sg_peak,
                SAVE: tl.constexpr, DETACH_RESET: tl.constexpr, CHUNK: tl.constexpr):
-    """One chunk's [CHUNK, BLOCK] fp32 tiles (a, aux) and its spike word:
-    COMPACT: a = dL/ds * sg' (all a detached reset needs), aux = sg' (soft reset through the spike) or unused;
-    MEMBRANE: a = dL/ds, aux = h."""
+    """One chunk's tiles (a, aux) and its spike word: a = dL/ds [CHUNK, BLOCK] fp32; aux = the code pairs
+    [CHUNK / 2, BLOCK] int32 (COMPACT, decoded per step by _bwd_chunk) or h [CHUNK, BLOCK] fp32 (MEMBRANE)."""
     grad_spikes = _tile(grad_spikes_ptr, t0, T, N, offs, mask, CHUNK).to(tl.float32)
-    saved = _tile(saved_ptr, t0, T, N, offs, mask, CHUNK)
     if SAVE == 1:
-        code = saved.to(tl.float32)  # sqrt(sg' / peak) * 65535
-        sg = code * code * (sg_peak / (65535.0 * 65535.0))
+        pairs = _tile(saved_ptr, t0 // 2, (T + 1) // 2, N, offs, mask, CHUNK // 2)
         word_row = tl.maximum(t0, 0) // 32  # t0 < 0 only for the look-ahead past step 0, which is never used
         word = tl.load(bits_ptr + tl.cast(word_row, tl.int64) * N + offs, mask=mask, other=0)
-        if DETACH_RESET:
-            return grad_spikes * sg, 0.0, word
-        else:
-            return grad_spikes * sg, sg, word
+        return grad_spikes, pairs, word
     else:
+        saved = _tile(saved_ptr, t0, T, N, offs, mask, CHUNK)
         return grad_spikes, saved.to(tl.float32, bitcast=True), 0
 
 
@@ -214,16 +230,21 @@ def _bwd_step(a, aux, word, t, gv, g_h_next, g_decay, g_threshold, beta, theta, 
 
 @triton.jit
 def _bwd_chunk(a_tile, aux_tile, word, t0, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
-               beta, theta, alpha, v_reset, grad_x_ptr,
+               beta, theta, alpha, v_reset, sg_peak, grad_x_ptr,
                SURROGATE: tl.constexpr, HARD: tl.constexpr, DETACH_RESET: tl.constexpr, SAVE: tl.constexpr,
                GRAD_DECAY: tl.constexpr, GRAD_THRESHOLD: tl.constexpr, CHUNK: tl.constexpr,
                FULL: tl.constexpr):
-    """Steps t0+CHUNK-1 down to t0 (FULL), or only those below T (the last, partial chunk)."""
+    """Steps t0+CHUNK-1 down to t0 (FULL), or only those below T (the last, partial chunk).
+    COMPACT: a = dL/ds * sg' (all a detached reset needs), aux = sg' (soft reset through the spike)."""
     for j in tl.static_range(CHUNK):
         k = CHUNK - 1 - j
         a = _row(a_tile, k, CHUNK)
         aux = aux_tile
-        if SAVE == 2 or not DETACH_RESET:
+        if SAVE == 1:
+            code = ((_row(aux_tile, k // 2, CHUNK // 2) >> (16 * (k % 2))) & 0xFFFF).to(tl.float32)
+            aux = code * code * (sg_peak / (65535.0 * 65535.0))  # code = sqrt(sg' / peak) * 65535
+            a = a * aux
+        else:
             aux = _row(aux_tile, k, CHUNK)
         if FULL:
             gv, g_h_next, g_decay, g_threshold = _bwd_step(
@@ -270,7 +291,7 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
                                                     offs, mask, sg_peak, SAVE, DETACH_RESET, CHUNK)
         gv, g_h_next, g_decay, g_threshold = _bwd_chunk(
             a_tile, aux_tile, word, n_full, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
-            beta, theta, alpha, v_reset, grad_x_ptr,
+            beta, theta, alpha, v_reset, sg_peak, grad_x_ptr,
             SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD, CHUNK, False)
         a_tile, aux_tile, word = ahead_a, ahead_aux, ahead_word
     for i in range(0, n_full // CHUNK):
@@ -279,7 +300,7 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
                                                     offs, mask, sg_peak, SAVE, DETACH_RESET, CHUNK)
         gv, g_h_next, g_decay, g_threshold = _bwd_chunk(
             a_tile, aux_tile, word, t0, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
-            beta, theta, alpha, v_reset, grad_x_ptr,
+            beta, theta, alpha, v_reset, sg_peak, grad_x_ptr,
             SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD, CHUNK, True)
         a_tile, aux_tile, word = ahead_a, ahead_aux, ahead_word
     tl.store(grad_v_init_ptr + offs, gv, mask=mask)
@@ -292,7 +313,7 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
 
 
 # (min N, BLOCK, CHUNK, WARPS) per (kernel, bytes per element of x), first match wins. BLOCK = 32 x WARPS x
-# neurons per thread: small enough that several programs share an SM; CHUNK (dividing 32) rows in flight per
+# neurons per thread: small enough that several programs share an SM; CHUNK (even, dividing 32) rows in flight per
 # tile, bounded by registers (no spills at these sizes). Chosen by the sweep in benchmarks/bench_lif.py on an
 # H100 (benchmarks/results/lif.md): 1024-2048 programs of 1-2 warps, 2 neurons per thread, 16-32 rows in flight;
 # BLOCK 32 was 5-25x slower there, so small N keeps BLOCK 64.
@@ -322,7 +343,7 @@ def saved_buffers(T: int, N: int, save: int, device):
     import torch
 
     if save == SAVE_COMPACT:
-        saved = torch.empty(T, N, device=device, dtype=torch.uint16)  # [T, N] sqrt(sg' / peak) codes
+        saved = torch.empty((T + 1) // 2, N, device=device, dtype=torch.int32)  # [T/2, N] 2 sg' codes a word
         bits = torch.empty(triton.cdiv(T, 32), N, device=device, dtype=torch.int32)  # [T/32, N] 32 steps a word
     elif save == SAVE_MEMBRANE:
         saved = torch.empty(T, N, device=device, dtype=torch.int32)  # [T, N] fp32 h_t, bit for bit
