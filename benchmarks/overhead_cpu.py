@@ -32,16 +32,15 @@ from tether.functional.spike_linear import spike_linear  # noqa: E402
 def mock_launchers():
     """Launchers that return empty outputs of the shapes the real ones return."""
     def lif_forward(x, v_init, decay, threshold, *, save, **_):
-        T, N = x.shape
-        return (torch.empty_like(x), x.new_empty(N, dtype=torch.float32),
-                *lif_kernels.saved_buffers(T, N, save, x.device))
+        T, N = x.shape[0], x[0].numel()
+        return (torch.empty_like(x), x.new_empty(x.shape[1:], dtype=torch.float32),
+                *lif_kernels.saved_buffers(T, N, save, x))
 
     def lif_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshold, *, grad_decay,
                      grad_threshold, **_):
-        N = grad_spikes.shape[1]
-        f32 = grad_spikes.new_empty(0, dtype=torch.float32)
-        return (torch.empty_like(grad_spikes), f32.new_empty(N), f32.new_empty(N if grad_decay else 0),
-                f32.new_empty(N if grad_threshold else 0))
+        N, f32 = grad_spikes[0].numel(), grad_spikes.new_empty(0, dtype=torch.float32)
+        return (torch.empty_like(grad_spikes), f32.new_empty(grad_spikes.shape[1:]),
+                f32.new_empty(N if grad_decay else 0), f32.new_empty(N if grad_threshold else 0))
 
     def attention_forward(q, k, v, gamma, state):
         T, B, H, D = q.shape

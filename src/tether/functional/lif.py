@@ -47,9 +47,8 @@ _lif_forward = torch.library.custom_op("tether::lif_forward", _lif_forward_kerne
 @_lif_forward.register_fake
 def _(x, v_init, decay, decay_value, threshold, threshold_value, surrogate, alpha, hard, v_reset, detach_reset,
       save):
-    T, N = x.shape
-    saved, bits = kernels.saved_buffers(T, N, save, x.device)
-    return torch.empty_like(x), x.new_empty(N, dtype=torch.float32), saved, bits
+    saved, bits = kernels.saved_buffers(x.shape[0], math.prod(x.shape[1:]), save, x)
+    return torch.empty_like(x), x.new_empty(x.shape[1:], dtype=torch.float32), saved, bits
 
 
 def _lif_backward_kernel(grad_spikes: Tensor, grad_v_final: Optional[Tensor], saved: Tensor, bits: Tensor,
@@ -72,10 +71,10 @@ _lif_backward = torch.library.custom_op("tether::lif_backward", _lif_backward_ke
 @_lif_backward.register_fake
 def _(grad_spikes, grad_v_final, saved, bits, v_init, decay, decay_value, threshold, threshold_value, surrogate,
       alpha, hard, v_reset, detach_reset, save, grad_decay, grad_threshold):
-    N = grad_spikes.shape[1]
-    per_neuron = grad_spikes.new_empty(N, dtype=torch.float32)
-    return (torch.empty_like(grad_spikes), per_neuron, per_neuron.new_empty(N if grad_decay else 0),
-            per_neuron.new_empty(N if grad_threshold else 0))
+    N = math.prod(grad_spikes.shape[1:])
+    f32 = grad_spikes.new_empty(0, dtype=torch.float32)
+    return (torch.empty_like(grad_spikes), f32.new_empty(grad_spikes.shape[1:]),
+            f32.new_empty(N if grad_decay else 0), f32.new_empty(N if grad_threshold else 0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -138,10 +137,9 @@ def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surroga
     if x.dtype == torch.float64 or not use_triton(x):
         return reference.lif(x, decay, threshold, v_init, surrogate=args.surrogate, alpha=args.alpha, reset=reset,
                              v_reset=v_reset, detach_reset=detach_reset)
-    T, rest = x.shape[0], x.shape[1:]
-    n = math.prod(rest)
-    x2 = x.reshape(T, n).contiguous()  # [T, N]
-    v0 = None if v_init is None else v_init.reshape(n).float().contiguous()  # [N]; None: zeros in the kernel
+    # the kernels take [T, *rest] as [T, N] (N = prod(rest)) and return x's shapes: no reshapes, no views
+    x2 = x.contiguous()  # [T, *rest]
+    v0 = None if v_init is None else v_init.float().contiguous()  # [*rest]; None: zeros in the kernel
     decay_t, decay_value = _param(decay)
     threshold_t, threshold_value = _param(threshold)
     inputs = (x, v_init, decay_t, threshold_t)
@@ -159,4 +157,4 @@ def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surroga
         spikes, v_final, _, _ = _lif_forward_kernel(*inputs)
     else:
         spikes, v_final = _LIF.apply(*inputs)
-    return spikes.view(x.shape), v_final.view(rest)
+    return spikes, v_final

@@ -18,6 +18,9 @@ What the forward saves for backward (SAVE):
           4 B/elem. Needed when dL/ddecay = sum_t g_h_t v_{t-1} is asked for (v_{t-1} = reset(h_{t-1})),
           or for the hard reset differentiated through the spike (needs h_t - v_reset).
 """
+import math
+
+import torch
 import triton
 import triton.language as tl
 
@@ -338,32 +341,31 @@ def _param_args(p):
     return p, 0.0, p.numel(), True
 
 
-def saved_buffers(T: int, N: int, save: int, device):
-    """Empty (saved, bits) tensors the forward fills for backward (also the fake impl's shapes)."""
+def saved_buffers(T: int, N: int, save: int, like):
+    """Empty (saved, bits) tensors, on like's device, that the forward fills for backward (also the fake
+    impl's shapes)."""
     import torch
 
     if save == SAVE_COMPACT:
-        saved = torch.empty((T + 1) // 2, N, device=device, dtype=torch.int32)  # [T/2, N] 2 sg' codes a word
-        bits = torch.empty(triton.cdiv(T, 32), N, device=device, dtype=torch.int32)  # [T/32, N] 32 steps a word
+        saved = like.new_empty((T + 1) // 2, N, dtype=torch.int32)  # [T/2, N] 2 sg' codes a word
+        bits = like.new_empty(triton.cdiv(T, 32), N, dtype=torch.int32)  # [T/32, N] 32 steps a word
     elif save == SAVE_MEMBRANE:
-        saved = torch.empty(T, N, device=device, dtype=torch.int32)  # [T, N] fp32 h_t, bit for bit
-        bits = torch.empty(0, device=device, dtype=torch.int32)
+        saved = like.new_empty(T, N, dtype=torch.int32)  # [T, N] fp32 h_t, bit for bit
+        bits = like.new_empty(0, dtype=torch.int32)
     else:
-        saved = torch.empty(0, device=device, dtype=torch.uint16)
-        bits = torch.empty(0, device=device, dtype=torch.int32)
+        saved = like.new_empty(0, dtype=torch.uint16)
+        bits = like.new_empty(0, dtype=torch.int32)
     return saved, bits
 
 
 def lif_forward(x, v_init, decay, threshold, *, surrogate: int, alpha: float, hard: bool, v_reset: float,
                 save: int, inv_sg_peak: float):
-    """x [T, N] contiguous (fp32/bf16/fp16), v_init [N] fp32 or None (zeros) -> spikes [T, N], v_final [N],
-    saved, bits."""
-    import torch
-
-    T, N = x.shape
-    spikes = torch.empty_like(x)  # [T, N]
-    v_final = torch.empty(N, device=x.device, dtype=torch.float32)  # [N]
-    saved, bits = saved_buffers(T, N, save, x.device)
+    """x [T, *rest] contiguous (fp32/bf16/fp16; N = prod(rest) neurons), v_init [*rest] fp32 or None (zeros)
+    -> spikes [T, *rest], v_final [*rest], saved, bits. Outputs keep x's shape: no views for autograd."""
+    T, N = x.shape[0], math.prod(x.shape[1:])
+    spikes = torch.empty_like(x)  # [T, *rest]
+    v_final = x.new_empty(x.shape[1:], dtype=torch.float32)  # [*rest]
+    saved, bits = saved_buffers(T, N, save, x)
     decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
     threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
     block, chunk, warps = launch_config("forward", N, x.element_size())
@@ -379,16 +381,14 @@ def lif_forward(x, v_init, decay, threshold, *, surrogate: int, alpha: float, ha
 def lif_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshold, *, surrogate: int, alpha: float,
                  hard: bool, v_reset: float, detach_reset: bool, save: int, sg_peak: float,
                  grad_decay: bool, grad_threshold: bool):
-    """grad_spikes [T, N] contiguous, grad_v_final [N] fp32 or None (zeros), v_init [N] fp32 or None (zeros;
-    read only for grad_decay) -> grad_x [T, N] (grad_spikes' dtype), grad_v_init [N], per-neuron grad_decay [N]
-    and grad_threshold [N] (empty when not asked for)."""
-    import torch
-
-    T, N = grad_spikes.shape
-    grad_x = torch.empty_like(grad_spikes)  # [T, N]
-    grad_v_init = torch.empty(N, device=grad_spikes.device, dtype=torch.float32)  # [N]
-    g_decay = torch.empty(N if grad_decay else 0, device=grad_spikes.device, dtype=torch.float32)  # [N]
-    g_threshold = torch.empty(N if grad_threshold else 0, device=grad_spikes.device, dtype=torch.float32)  # [N]
+    """grad_spikes [T, *rest] contiguous, grad_v_final [*rest] fp32 or None (zeros), v_init [*rest] fp32 or
+    None (zeros; read only for grad_decay) -> grad_x [T, *rest] (grad_spikes' dtype), grad_v_init [*rest],
+    per-neuron grad_decay [N] and grad_threshold [N] (empty when not asked for)."""
+    T, N = grad_spikes.shape[0], math.prod(grad_spikes.shape[1:])
+    grad_x = torch.empty_like(grad_spikes)  # [T, *rest]
+    grad_v_init = grad_spikes.new_empty(grad_spikes.shape[1:], dtype=torch.float32)  # [*rest]
+    g_decay = grad_spikes.new_empty(N if grad_decay else 0, dtype=torch.float32)  # [N]
+    g_threshold = grad_spikes.new_empty(N if grad_threshold else 0, dtype=torch.float32)  # [N]
     decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
     threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
     block, chunk, warps = launch_config("backward", N, grad_spikes.element_size())
