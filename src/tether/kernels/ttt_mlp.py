@@ -1,8 +1,11 @@
 """Triton kernels for the TTT-MLP scan (math: shared/spec/ttt_mlp.md; derivation: .notes/ttt_kernels.md).
 
 Layout: activations `[B, NH, NC, CS, F]` and learning rates `[B, NH, NC, CS, 1]` contiguous; per (batch, head)
-the inner state `W1 [F, K]`, `b1 [K]`, `W2 [K, F]`, `b2 [F]` in fp32. Grid: one program per (batch, head),
-scanning the NC mini-batches in order (forward) or, group by group, in reverse (backward).
+the inner state `W1 [F, K]`, `b1 [K]`, `W2 [K, F]`, `b2 [F]` in fp32. Grid: P programs per (batch, head)
+(pid = bh * P + p), together scanning the NC mini-batches in order (forward) or, group by group, in reverse
+(backward); program p owns the K blocks p, p + P, ... The sums over K are exchanged among the P programs
+through global memory (_xput, _xsync, _xsum): a head's matmul chain is latency bound, and P programs on P
+SMs shorten it. P = 1 under the interpreter, which runs programs one after another.
 
 The state (and in the backward the carried gradient of the state) stays in global memory, where it is L2
 resident, and every pass streams it in blocks of BK columns of K. One code path thus covers head dims up to
