@@ -84,6 +84,26 @@ def check_against_reference(x, grad):
     return {"spikes_mismatch": int((sk != sr).sum()), "grad_x_rel_err": rel_err(gk, gr)}
 
 
+def dtype_rounds(rounds=5):
+    """fp32 vs bf16 input at the main shape, timed in alternation: fwd+bwd of bf16 sits near the host's
+    per-call CPU time, so a slow spell of the host lands in one round of both dtypes, not in one dtype.
+    Per dtype: each round's median, and the lowest of them."""
+    T, N = MAIN
+    data = {d: (torch.randn(T, N, device="cuda", dtype=d), torch.randn(T, N, device="cuda", dtype=d))
+            for d in (torch.float32, torch.bfloat16)}
+    out = {str(d).replace("torch.", ""): {"fwd_ms": [], "fwd_bwd_ms": []} for d in data}
+    for _ in range(rounds):
+        for d, (x, grad) in data.items():
+            x = x.detach().requires_grad_()
+            r = out[str(d).replace("torch.", "")]
+            r["fwd_ms"].append(bench_ms(train_forward(tether_fn, x)))
+            r["fwd_bwd_ms"].append(bench_ms(fwd_bwd(tether_fn, x, grad)))
+    for r in out.values():
+        r["fwd_ms_min"], r["fwd_bwd_ms_min"] = min(r["fwd_ms"]), min(r["fwd_bwd_ms"])
+    print("rounds", json.dumps(out), flush=True)
+    return out
+
+
 def saved_bytes_per_case(T, N, dtype):
     """What each case saves for backward, bytes per element (saved_tensors_hooks)."""
     x = torch.randn(T, N, device="cuda", dtype=dtype, requires_grad=True)
@@ -201,6 +221,7 @@ def run_benchmark(args):
         results["shapes"].append(r)
         print(json.dumps(r), flush=True)
         del x, grad
+    results["rounds"] = dtype_rounds()
     results["saved_bytes_per_elem"] = saved_bytes_per_case(*MAIN, torch.float32)
     print(json.dumps(results["saved_bytes_per_elem"]), flush=True)
     results["int64_check"] = int64_check()
@@ -301,12 +322,21 @@ def targets(results):
         rows.append(("tetherpy 0.2.0 / tether, fwd+bwd (this run; anchor 3.00 ms)",
                      f"{tp['fwd_bwd_ms'] / fp32['fwd_bwd_ms']:.2f}x (anchor: {3.00 / fp32['fwd_bwd_ms']:.2f}x)",
                      ">= 6x", tp["fwd_bwd_ms"] / fp32["fwd_bwd_ms"] >= 6))
-    rows += [("bf16 / fp32 time, fwd and fwd+bwd", f"{bf16['fwd_ms'] / fp32['fwd_ms']:.2f}, "
-              f"{bf16['fwd_bwd_ms'] / fp32['fwd_bwd_ms']:.2f}", "<= 1", max(bf16["fwd_ms"] / fp32["fwd_ms"],
-                                                                           bf16["fwd_bwd_ms"] / fp32["fwd_bwd_ms"]) <= 1),
+    rounds = results.get("rounds")
+    if rounds:  # lowest of the alternating rounds (see dtype_rounds)
+        f, b = rounds["float32"], rounds["bfloat16"]
+        fwd_ratio, step_ratio = b["fwd_ms_min"] / f["fwd_ms_min"], b["fwd_bwd_ms_min"] / f["fwd_bwd_ms_min"]
+        what = (f"bf16 / fp32 time, fwd and fwd+bwd (lowest of {len(f['fwd_ms'])} alternating rounds: "
+                f"{b['fwd_ms_min']:.4f} / {f['fwd_ms_min']:.4f}, "
+                f"{b['fwd_bwd_ms_min']:.4f} / {f['fwd_bwd_ms_min']:.4f} ms)")
+    else:
+        fwd_ratio, step_ratio = bf16["fwd_ms"] / fp32["fwd_ms"], bf16["fwd_bwd_ms"] / fp32["fwd_bwd_ms"]
+        what = "bf16 / fp32 time, fwd and fwd+bwd"
+    rows += [(what, f"{fwd_ratio:.2f}, {step_ratio:.2f}", "<= 1", max(fwd_ratio, step_ratio) <= 1),
              ("saved for backward (B/elem)", f"{saved:.3f}", "<= 2.25", saved <= 2.25),
              ("spikes != reference (fp32)", str(fp32["spikes_mismatch"]), "0", fp32["spikes_mismatch"] == 0),
-             ("grad x relative error (fp32)", f"{fp32['grad_x_rel_err']:.2e}", "<= 1e-4", fp32["grad_x_rel_err"] <= 1e-4)]
+             ("grad x relative error (fp32)", f"{fp32['grad_x_rel_err']:.2e}", "<= 1e-4",
+              fp32["grad_x_rel_err"] <= 1e-4)]
     lines = ["## Done-when of issue 2 (this run)", "", "| point | measured | target | met |", "|---|---|---|---|"]
     lines += [f"| {name} | {value} | {target} | {'yes' if ok else 'NO'} |" for name, value, target, ok in rows]
     return "\n".join(lines)

@@ -321,10 +321,10 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
 # H100 (benchmarks/results/lif.md): 1024-2048 programs of 1-2 warps, 2 neurons per thread, 16-32 rows in flight;
 # BLOCK 32 was 5-25x slower there, so small N keeps BLOCK 64.
 LAUNCH = {
-    ("forward", 4): [(50_000, 64, 16, 1), (0, 64, 16, 1)],
-    ("forward", 2): [(50_000, 64, 32, 1), (0, 64, 16, 1)],
-    ("backward", 4): [(50_000, 128, 32, 2), (0, 64, 32, 1)],
-    ("backward", 2): [(50_000, 64, 32, 1), (0, 64, 32, 1)],
+    ("forward", 4): [(50_000, 64, 16, 1), (0, 64, 8, 1)],
+    ("forward", 2): [(50_000, 64, 32, 1), (0, 64, 8, 1)],
+    ("backward", 4): [(50_000, 128, 16, 1), (0, 64, 16, 1)],
+    ("backward", 2): [(50_000, 64, 32, 1), (0, 64, 16, 1)],
 }
 
 
