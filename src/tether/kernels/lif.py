@@ -178,7 +178,7 @@ def lif_fwd_kernel(x_ptr, v_init_ptr, decay_ptr, threshold_ptr,
 
 
 @triton.jit
-def _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t0, T, N, offs, mask, sg_peak,
+def _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t0, T, N, offs, mask,
                SAVE: tl.constexpr, DETACH_RESET: tl.constexpr, CHUNK: tl.constexpr):
     """One chunk's tiles (a, aux) and its spike word: a = dL/ds [CHUNK, BLOCK] fp32; aux = the code pairs
     [CHUNK / 2, BLOCK] int32 (COMPACT, decoded per step by _bwd_chunk) or h [CHUNK, BLOCK] fp32 (MEMBRANE)."""
@@ -288,10 +288,10 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
     if n_full < T:
         t_top = n_full
     a_tile, aux_tile, word = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t_top, T, N, offs, mask,
-                                        sg_peak, SAVE, DETACH_RESET, CHUNK)
+                                        SAVE, DETACH_RESET, CHUNK)
     if n_full < T:
         ahead_a, ahead_aux, ahead_word = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, n_full - CHUNK, T, N,
-                                                    offs, mask, sg_peak, SAVE, DETACH_RESET, CHUNK)
+                                                    offs, mask, SAVE, DETACH_RESET, CHUNK)
         gv, g_h_next, g_decay, g_threshold = _bwd_chunk(
             a_tile, aux_tile, word, n_full, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
             beta, theta, alpha, v_reset, sg_peak, grad_x_ptr,
@@ -300,7 +300,7 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
     for i in range(0, n_full // CHUNK):
         t0 = n_full - CHUNK - i * CHUNK
         ahead_a, ahead_aux, ahead_word = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t0 - CHUNK, T, N,
-                                                    offs, mask, sg_peak, SAVE, DETACH_RESET, CHUNK)
+                                                    offs, mask, SAVE, DETACH_RESET, CHUNK)
         gv, g_h_next, g_decay, g_threshold = _bwd_chunk(
             a_tile, aux_tile, word, t0, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
             beta, theta, alpha, v_reset, sg_peak, grad_x_ptr,
