@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv
+
 SAVE_NONE, SAVE_COMPACT, SAVE_MEMBRANE = 0, 1, 2
 SURROGATE_IDS = {"arctan": 0, "sigmoid": 1, "fast_sigmoid": 2}
 
@@ -330,8 +332,9 @@ LAUNCH = {
 
 def launch_config(kernel: str, N: int, element_size: int):
     """(BLOCK, CHUNK, WARPS) for kernel "forward" or "backward" on N neurons of element_size-byte x."""
-    key = (kernel, 4 if element_size == 4 else 2)
-    return next(cfg[1:] for cfg in LAUNCH[key] if N >= cfg[0])
+    for min_n, block, chunk, warps in LAUNCH[kernel, 4 if element_size == 4 else 2]:
+        if N >= min_n:
+            return block, chunk, warps
 
 
 def _param_args(p):
@@ -348,7 +351,7 @@ def saved_buffers(T: int, N: int, save: int, like):
 
     if save == SAVE_COMPACT:
         saved = like.new_empty((T + 1) // 2, N, dtype=torch.int32)  # [T/2, N] 2 sg' codes a word
-        bits = like.new_empty(triton.cdiv(T, 32), N, dtype=torch.int32)  # [T/32, N] 32 steps a word
+        bits = like.new_empty(cdiv(T, 32), N, dtype=torch.int32)  # [T/32, N] 32 steps a word
     elif save == SAVE_MEMBRANE:
         saved = like.new_empty(T, N, dtype=torch.int32)  # [T, N] fp32 h_t, bit for bit
         bits = like.new_empty(0, dtype=torch.int32)
@@ -369,7 +372,7 @@ def lif_forward(x, v_init, decay, threshold, *, surrogate: int, alpha: float, ha
     decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
     threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
     block, chunk, warps = launch_config("forward", N, x.element_size())
-    lif_fwd_kernel[(triton.cdiv(N, block),)](
+    lif_fwd_kernel[(cdiv(N, block),)](
         x, v_init, decay_ptr, threshold_ptr, spikes, v_final, saved, bits,
         T, N, c_decay, c_threshold, decay_val, threshold_val, alpha, v_reset, inv_sg_peak,
         SURROGATE=surrogate, HARD=hard, DECAY_TENSOR=decay_tensor, THRESHOLD_TENSOR=threshold_tensor,
@@ -392,7 +395,7 @@ def lif_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshol
     decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
     threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
     block, chunk, warps = launch_config("backward", N, grad_spikes.element_size())
-    lif_bwd_kernel[(triton.cdiv(N, block),)](
+    lif_bwd_kernel[(cdiv(N, block),)](
         grad_spikes, grad_v_final, saved, bits, v_init, decay_ptr, threshold_ptr,
         grad_x, grad_v_init, g_decay, g_threshold,
         T, N, c_decay, c_threshold, decay_val, threshold_val, alpha, v_reset, sg_peak,

@@ -7,6 +7,8 @@ Layout: spikes [R, n] contiguous <-> packed uint8 [R, nb], nb = ceil(n / 8); bit
 import triton
 import triton.language as tl
 
+from . import cdiv
+
 
 @triton.jit
 def _byte_tile(b, n, nb, total):
@@ -43,12 +45,12 @@ def pack_spikes(s):
     import torch
 
     n = s.shape[-1]
-    nb = triton.cdiv(n, 8)
+    nb = cdiv(n, 8)
     packed = torch.empty(*s.shape[:-1], nb, device=s.device, dtype=torch.uint8)  # [..., nb]
     total = packed.numel()
     if s.dtype == torch.bool:
         s = s.view(torch.uint8)
-    pack_kernel[(triton.cdiv(total, BLOCK),)](s, packed, n, nb, total, BLOCK=BLOCK)
+    pack_kernel[(cdiv(total, BLOCK),)](s, packed, n, nb, total, BLOCK=BLOCK)
     return packed
 
 
@@ -59,5 +61,5 @@ def unpack_spikes(packed, n: int, dtype):
     s = torch.empty(*packed.shape[:-1], n, device=packed.device, dtype=dtype)  # [..., n]
     total = packed.numel()
     out = s.view(torch.uint8) if dtype == torch.bool else s
-    unpack_kernel[(triton.cdiv(total, BLOCK),)](packed, out, n, packed.shape[-1], total, BLOCK=BLOCK)
+    unpack_kernel[(cdiv(total, BLOCK),)](packed, out, n, packed.shape[-1], total, BLOCK=BLOCK)
     return s

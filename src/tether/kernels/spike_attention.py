@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv
+
 CHUNK = 32
 CARRY_BLOCK = 128
 
@@ -138,8 +140,8 @@ def _chunk_backward_kernel(q_ptr, k_ptr, v_ptr, gamma_ptr, entering_ptr, adjoint
 def _grids(T: int, B: int, H: int, D: int):
     # 32 keeps the [CHUNK, BLOCK_D] tiles in registers and the grid large (4096 programs at the bench shape)
     block_d = min(32, triton.next_power_of_2(D))
-    n_chunks = triton.cdiv(T, CHUNK)
-    return block_d, (n_chunks, B * H, triton.cdiv(D, block_d)), (triton.cdiv(B * H * D, CARRY_BLOCK),)
+    n_chunks = cdiv(T, CHUNK)
+    return block_d, (n_chunks, B * H, cdiv(D, block_d)), (cdiv(B * H * D, CARRY_BLOCK),)
 
 
 def spike_attention_forward(q, k, v, gamma, state):
