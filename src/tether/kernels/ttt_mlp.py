@@ -208,31 +208,17 @@ def _kblock(p, k0, CS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _z1_put(z1, x2_p, k0, GPP: tl.constexpr, DT: tl.constexpr, CS: tl.constexpr, K: tl.constexpr,
-            BK: tl.constexpr):
-    """GELU of a Z1 block and its derivatives, evaluated once where Z1 is made: gelu(Z1) into the [CS, K]
-    scratch tile x2_p, gelu'(Z1) into the next tile and, with GPP (the backward step), gelu''(Z1) into the
-    one after. The later passes load them: recomputing them in every pass was ~57% of the backward's
-    instructions (ncu, H100). Returns gelu(Z1)."""
-    x2, gp, gpp = _gelu_grads(z1, DT)
-    tl.store(_kblock(x2_p, k0, CS, K, BK), x2)
-    tl.store(_kblock(x2_p + CS * K, k0, CS, K, BK), gp)
-    if GPP:
-        tl.store(_kblock(x2_p + 2 * CS * K, k0, CS, K, BK), gpp)
-    return x2
-
-
-@triton.jit
-def _z2_pass(xk, w1_p, b1_p, w2_p, x2_p, xb, cnt, ex, p, GPP: tl.constexpr, DT: tl.constexpr,
-             PREC: tl.constexpr, CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-             P: tl.constexpr):
+def _z2_pass(xk, w1_p, b1_p, w2_p, z1_p, xb, cnt, ex, p, DT: tl.constexpr, PREC: tl.constexpr,
+             CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
     """First pass over K: gelu(XK W1 + b1) W2 (Z2 without b2), summed over the P programs' blocks (one
-    exchange; returns the next exchange's index). gelu(Z1) and its derivatives are kept in the scratch tiles
-    at x2_p (_z1_put; L1/L2) for the later passes: loads instead of a matmul and the GELU math."""
+    exchange; returns the next exchange's index). Z1 is kept in the scratch z1_p [CS, K] (L1/L2) for the
+    later passes: a load instead of a matmul."""
     z2 = tl.zeros([CS, F], tl.float32)
     for k0 in range(p * BK, K, P * BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        z2 = _dot(_z1_put(_dot(xk, w1, DT, PREC) + b1[None, :], x2_p, k0, GPP, DT, CS, K, BK), w2, DT, PREC, z2)
+        z1 = _dot(xk, w1, DT, PREC) + b1[None, :]
+        tl.store(_kblock(z1_p, k0, CS, K, BK), z1)
+        z2 = _dot(_gelu(z1, DT), w2, DT, PREC, z2)
     tile = _tile_offs(CS, F)
     _xput(xb, ex, p, tile, z2, P, CS, F)
     _xsync(cnt, ex, P)
@@ -250,15 +236,14 @@ def _inner_loss_grad(z2, xk, xv, gamma, beta, F: tl.constexpr):
 
 @triton.jit
 def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2, b2,
-                  w1_s, b1_s, w2_s, w1_d, b1_d, w2_d, x2_p,
-                  xk_next_p, x2_next_p, has_next, w1_c, b1_c, w2_c, b2_c, save_ckpt, xb, cnt, ex, p,
+                  w1_s, b1_s, w2_s, w1_d, b1_d, w2_d, z1_p,
+                  xk_next_p, z1_next_p, has_next, w1_c, b1_c, w2_c, b2_c, save_ckpt, xb, cnt, ex, p,
                   WITH_OUTPUT: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                   CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
     """One mini-batch: state (w1_s..w2_s, b2) -> next state (w1_d..w2_d, may alias the source; returned
-    b2), optionally the outputs. z2 (full) and this program's columns of gelu(Z1), gelu'(Z1) (the [CS, K]
-    tiles x2_p, x2_p + CS*K) come from the first pass over K of this mini-batch. Each block of the next state
-    is used at once for the next mini-batch's first pass when has_next (tokens xk_next_p, its GELU tiles into
-    x2_next_p; returns its z2), and copied into the
+    b2), optionally the outputs. z2 (full) and this program's Z1 tiles in z1_p [CS, K] come from the first
+    pass over K of this mini-batch. Each block of the next state is used at once for the next mini-batch's
+    first pass when has_next (tokens xk_next_p, its Z1 into z1_next_p; returns its z2), and copied into the
     checkpoint (w1_c..b2_c) when save_ckpt: one pass over the state per mini-batch instead of two.
     Outputs: causal in the dual form; non-causal tokens read the updated state, so each updated block is
     used right away (Zq1 = XQ W1' + b1', Zq2 = gelu(Zq1) W2' + b2': two matmuls a block instead of four).
@@ -280,8 +265,8 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2, b2,
     z2_next = tl.zeros([CS, F], tl.float32)
     for k0 in range(p * BK, K, P * BK):
         w1, b1, w2 = _load_block(w1_s, b1_s, w2_s, k0, F, K, BK)
-        x2 = tl.load(_kblock(x2_p, k0, CS, K, BK))
-        gz1 = _dot(gz2, tl.trans(w2), DT, PREC) * tl.load(_kblock(x2_p + CS * K, k0, CS, K, BK))
+        x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)), DT)
+        gz1 = _dot(gz2, tl.trans(w2), DT, PREC) * gp
         if WITH_OUTPUT and CAUSAL:
             xq2 = _gelu(_dot(a1, -gz1, DT, PREC, _dot(xq, w1, DT, PREC) + b1[None, :]), DT)
             zq2 = _dot(xq2, w2, DT, PREC, zq2)
@@ -298,8 +283,9 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2, b2,
         if WITH_OUTPUT and not CAUSAL:
             zq2 = _dot(_gelu(_dot(xq, w1, DT, PREC) + b1[None, :], DT), w2, DT, PREC, zq2)
         if has_next:
-            x2n = _z1_put(_dot(xk_next, w1, DT, PREC) + b1[None, :], x2_next_p, k0, False, DT, CS, K, BK)
-            z2_next = _dot(x2n, w2, DT, PREC, z2_next)
+            z1 = _dot(xk_next, w1, DT, PREC) + b1[None, :]
+            tl.store(_kblock(z1_next_p, k0, CS, K, BK), z1)
+            z2_next = _dot(_gelu(z1, DT), w2, DT, PREC, z2_next)
     if save_ckpt & (p == 0):
         tl.store(b2_c + fc, b2_next)
     tile = _tile_offs(CS, F)
@@ -331,8 +317,7 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
     """Forward scan; program pid = bh * P + p owns the K blocks p*BK, (p+P)*BK, ... of head bh.
     w1..b2 hold the initial state on entry and the final state on exit (updated in place); checkpoint k
     (w1_c..b2_c [B*NH, NK, ...]) is the state at the start of mini-batch k*G.
-    work: [B*NH, 2, 2, CS, K] fp32 scratch (gelu(Z1), gelu'(Z1) of this and of the next mini-batch; columns
-    by owner).
+    work: [B*NH, 2, CS, K] fp32 scratch (Z1 of this and of the next mini-batch; columns by owner).
     xbuf [B*NH, 2, P, XSZ] fp32, cnt [B*NH] int32 zeros: the exchanges of the sums over K."""
     pid = tl.program_id(0)
     p = pid % P
@@ -346,7 +331,7 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
     b1 += bh * K
     w2 += bh * K * F
     b2 += bh * F
-    work += bh * 4 * CS * K
+    work += bh * 2 * CS * K
     xb = xbuf + bh * 2 * P * (3 * CS * F + CS * CS + CS)
     cnt += bh
     c = bh * NK
@@ -355,7 +340,7 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
     if p == 0:
         tl.store(b2_c + c * F + fc, b2v)
     ex = p * 0  # index of the next exchange (a tensor: it is carried through the loops)
-    z2, ex = _z2_pass(_load_tokens(xk + bh * NC * CS * F, CS, F), w1, b1, w2, work, xb, cnt, ex, p, False,
+    z2, ex = _z2_pass(_load_tokens(xk + bh * NC * CS * F, CS, F), w1, b1, w2, work, xb, cnt, ex, p,
                       xq.dtype.element_ty, PREC, CS, F, K, BK, P)
     for n in range(NC):
         tok = (bh * NC + n) * CS * F
@@ -363,8 +348,8 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
         c = bh * NK + (n + 1) // G
         tl.debug_barrier()  # the previous step's stores are visible to every thread
         z2, b2v, ex = _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n) * CS, ts, out + tok, gamma,
-                                    beta, z2, b2v, w1, b1, w2, w1, b1, w2, work + (n % 2) * 2 * CS * K,
-                                    xk + tok + has_next.to(tl.int64) * CS * F, work + ((n + 1) % 2) * 2 * CS * K,
+                                    beta, z2, b2v, w1, b1, w2, w1, b1, w2, work + (n % 2) * CS * K,
+                                    xk + tok + has_next.to(tl.int64) * CS * F, work + ((n + 1) % 2) * CS * K,
                                     has_next, w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, b2_c + c * F,
                                     has_next & ((n + 1) % G == 0), xb, cnt, ex, p,
                                     True, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK, P)
@@ -395,21 +380,17 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     likewise. Returns the next exchange's index. The [F] vectors (LN weights, b2 and the sums) are loaded
     where they are used, not held: in the matmul layouts each takes ~16 registers a thread, which spilled.
     Every sum over K is an exchange among the P programs (four per mini-batch).
-    work_p: the head's fp32 scratch, this program's columns of [CS, K] tiles gelu(Z1), gelu'(Z1), gelu''(Z1),
-    G1 = gZ2 W2^T, gelu(Zq1), gelu'(Zq1) of the forward (each evaluated once a mini-batch; loads instead of
-    matmuls and GELU math in the later passes), dL/dZq1, dL/dG1 and the part of dL/dZ1 known before dL/dZ2 is;
-    small_p: the program's own xh, gZ2, target [CS, F] and dL/deta [CS, CS], parked while the K loop
-    needs the registers."""
+    work_p: the head's fp32 scratch, this program's columns of [CS, K] tiles Z1, G1 = gZ2 W2^T and Zq1 of
+    the forward (loads instead of matmuls in the later passes), dL/dZq1, dL/dG1 and the part of dL/dZ1
+    known before dL/dZ2 is; small_p: the program's own xh, gZ2, target [CS, F] and dL/deta [CS, CS],
+    parked while the K loop needs the registers."""
     rows = tl.arange(0, CS)
     fc = tl.arange(0, F)
     tile = _tile_offs(CS, F)
-    x2_p = work_p  # the tiles of _z1_put
-    gp_p = x2_p + CS * K
-    gpp_p = gp_p + CS * K
-    g1_p = gpp_p + CS * K
-    xq2_p = g1_p + CS * K
-    gqp_p = xq2_p + CS * K
-    dzq1_p = gqp_p + CS * K
+    z1_p = work_p
+    g1_p = z1_p + CS * K
+    zq1_p = g1_p + CS * K
+    dzq1_p = zq1_p + CS * K
     dg1_p = dzq1_p + CS * K
     dz1_p = dg1_p + CS * K
     xh_p = small_p
@@ -421,7 +402,7 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
 
     # recompute the step's forward: gZ2, then the output pre-norm Zq2 (second pass over K)
-    z2, ex = _z2_pass(xk, w1_p, b1_p, w2_p, x2_p, xb, cnt, ex, p, True, DT, PREC, CS, F, K, BK, P)
+    z2, ex = _z2_pass(xk, w1_p, b1_p, w2_p, z1_p, xb, cnt, ex, p, DT, PREC, CS, F, K, BK, P)
     gz2, xh, rstd, target = _inner_loss_grad(z2 + tl.load(b2_p + fc)[None, :], xk, _load_tokens(xv_p, CS, F),
                                              tl.load(lnw_p + fc), tl.load(lnb_p + fc), F)
     tl.store(_tile_ptrs(xh_p, CS, F), xh)
@@ -433,12 +414,12 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     a2raw = tl.zeros([CS, CS], tl.float32)
     for k0 in range(p * BK, K, P * BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
+        x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)), DT)
         g1pre = _dot(gz2_dt, tl.trans(w2), DT, PREC)
         tl.store(_kblock(g1_p, k0, CS, K, BK), g1pre)
-        gz1 = g1pre * tl.load(_kblock(gp_p, k0, CS, K, BK))
-        xq2 = _z1_put(_dot(a1, -gz1, DT, PREC, _dot(xq, w1, DT, PREC) + b1[None, :]), xq2_p, k0, False, DT, CS,
-                      K, BK)  # Zq1 in the dual form
-        x2 = tl.load(_kblock(x2_p, k0, CS, K, BK))
+        zq1 = _dot(a1, -(g1pre * gp), DT, PREC, _dot(xq, w1, DT, PREC) + b1[None, :])  # dual form
+        tl.store(_kblock(zq1_p, k0, CS, K, BK), zq1)
+        xq2 = _gelu(zq1, DT)
         zq2 = _dot(xq2, w2, DT, PREC, zq2)
         a2raw = _dot(xq2, tl.trans(x2), DT, PREC, a2raw)
     _xput(xb, ex, p, CS * F + tile, zq2, P, CS, F)
@@ -474,11 +455,12 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     # (a) through the outputs: dZq1, dXQ, dA1
     for k0 in range(p * BK, K, P * BK):
         w1, _, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        dzq1 = (_dot(da2raw, tl.load(_kblock(x2_p, k0, CS, K, BK)), DT, PREC, _dot(dzq2_dt, tl.trans(w2), DT, PREC))
-                * tl.load(_kblock(gqp_p, k0, CS, K, BK)))
+        x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)), DT)
+        g1pre = tl.load(_kblock(g1_p, k0, CS, K, BK))
+        _, gqp, _ = _gelu_grads(tl.load(_kblock(zq1_p, k0, CS, K, BK)), DT)
+        dzq1 = _dot(da2raw, x2, DT, PREC, _dot(dzq2_dt, tl.trans(w2), DT, PREC)) * gqp
         dxq = _dot(dzq1, tl.trans(w1), DT, PREC, dxq)
-        gz1 = tl.load(_kblock(g1_p, k0, CS, K, BK)) * tl.load(_kblock(gp_p, k0, CS, K, BK))
-        da1 = _dot(-dzq1, tl.trans(gz1), DT, PREC, da1)
+        da1 = _dot(-dzq1, tl.trans(g1pre * gp), DT, PREC, da1)
         tl.store(_kblock(dzq1_p, k0, CS, K, BK), dzq1)
     # the dXQ and dA1 partials go to the next exchange's slot now, so that their tiles are not live in (b)
     _xput(xb, ex, p, 2 * CS * F + tile, dxq, P, CS, F)
@@ -496,7 +478,7 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     for k0 in range(p * BK, K, P * BK):
         _, _, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
         dw1, db1, _ = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
-        gp = tl.load(_kblock(gp_p, k0, CS, K, BK))
+        _, gp, gpp = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)), DT)
         g1pre = tl.load(_kblock(g1_p, k0, CS, K, BK))
         gz1 = g1pre * gp
         h1 = _dot(xk, dw1, DT, PREC) + db1[None, :]
@@ -506,7 +488,7 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
         dgz1 = _dot(tl.trans(a1), -dzq1, DT, PREC) - e[:, None] * h1
         dg1pre = dgz1 * gp
         dgz2 = _dot(dg1pre, w2, DT, PREC, dgz2)
-        tl.store(_kblock(dz1_p, k0, CS, K, BK), dgz1 * g1pre * tl.load(_kblock(gpp_p, k0, CS, K, BK)))
+        tl.store(_kblock(dz1_p, k0, CS, K, BK), dgz1 * g1pre * gpp)
         tl.store(_kblock(dg1_p, k0, CS, K, BK), dg1pre)
         tl.debug_barrier()  # every thread has read the carried block before it is overwritten
         dw1, db1, _ = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
@@ -515,10 +497,11 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     # (b2) through X2 (in Zq2's dual form and in W2' = W2 - X2^T (e gZ2)) and W2'
     for k0 in range(p * BK, K, P * BK):
         _, _, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
-        xq2 = tl.load(_kblock(xq2_p, k0, CS, K, BK))
-        h2 = _dot(tl.load(_kblock(x2_p, k0, CS, K, BK)), dw2, DT, PREC, h2)
+        x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)), DT)
+        xq2 = _gelu(tl.load(_kblock(zq1_p, k0, CS, K, BK)), DT)
+        h2 = _dot(x2, dw2, DT, PREC, h2)
         dx2 = _dot(egz2, tl.trans(-dw2), DT, PREC, _dot(tl.trans(da2raw), xq2, DT, PREC))
-        dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) + dx2 * tl.load(_kblock(gp_p, k0, CS, K, BK))
+        dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) + dx2 * gp
         dg1pre = tl.load(_kblock(dg1_p, k0, CS, K, BK))
         tl.debug_barrier()  # every thread has read the carried block and dz1 before they are overwritten
         tl.store(_kblock(dz1_p, k0, CS, K, BK), dz1)
@@ -569,13 +552,13 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     dz2 = dz2.to(DT)
     for k0 in range(p * BK, K, P * BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        dz1 = (tl.load(_kblock(dz1_p, k0, CS, K, BK))
-               + _dot(dz2, tl.trans(w2), DT, PREC) * tl.load(_kblock(gp_p, k0, CS, K, BK)))
+        x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)), DT)
+        dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) + _dot(dz2, tl.trans(w2), DT, PREC) * gp
         dxk = _dot(dz1, tl.trans(w1), DT, PREC, dxk)
         tl.debug_barrier()
         dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
         _store_block(dw1_p, db1_p, dw2_p, k0, _dot(tl.trans(xk), dz1, DT, PREC, dw1), db1 + tl.sum(dz1, 0),
-                     _dot(tl.trans(tl.load(_kblock(x2_p, k0, CS, K, BK))), dz2, DT, PREC, dw2), F, K, BK)
+                     _dot(tl.trans(x2), dz2, DT, PREC, dw2), F, K, BK)
     _xput(xb, ex, p, tile, dxk, P, CS, F)
     _xsync(cnt, ex, P)
     dxk = _xsum(xb, ex, tile, P, CS, F)
@@ -595,7 +578,7 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
     scratch w1_s..w2_s [B*NH, G, ...] (blocks by owner; b2_s [B*NH*P, G, F] per program: every program
     holds b2), then its mini-batches are reversed in order. dw1..db2 hold the gradient of the final state
     on entry and that of the initial state on exit. dts [B*NH, CS], dln_w, dln_b [B*NH, F]: per
-    (batch, head) sums over the mini-batches (program 0 adds to them). work [B*NH, 9, CS, K], small
+    (batch, head) sums over the mini-batches (program 0 adds to them). work [B*NH, 6, CS, K], small
     [B*NH*P, 3*CS*F + CS*CS + F]: see _backward_step, and the program's copy of the b2 gradient; xbuf
     [B*NH, 2, P, XSZ], cnt [B*NH] int32 zeros: the exchanges."""
     pid = tl.program_id(0)
@@ -610,7 +593,7 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
     b1_s += bh * G * K
     w2_s += bh * G * K * F
     b2_s += pid.to(tl.int64) * G * F
-    work += bh * 9 * CS * K
+    work += bh * 6 * CS * K
     small += pid.to(tl.int64) * (3 * CS * F + CS * CS + F)
     xb = xbuf + bh * 2 * P * (3 * CS * F + CS * CS + CS)
     cnt += bh
@@ -640,9 +623,8 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
         _copy_state(w1, b1, w2, w1_s, b1_s, w2_s, p, F, K, BK, P)
         b2v = tl.load(b2_c + c * F + fc)
         tl.store(b2_s + fc, b2v)
-        # the state-only forward steps; gelu(Z1), gelu'(Z1) alternate between tiles 0, 1 and 2, 3 of the work
-        # scratch
-        z2, ex = _z2_pass(_load_tokens(xk + (bh * NC + n0) * CS * F, CS, F), w1, b1, w2, work, xb, cnt, ex, p, False,
+        # the state-only forward steps; Z1 alternates between the first two [CS, K] tiles of the work scratch
+        z2, ex = _z2_pass(_load_tokens(xk + (bh * NC + n0) * CS * F, CS, F), w1, b1, w2, work, xb, cnt, ex, p,
                           xq.dtype.element_ty, PREC, CS, F, K, BK, P)
         for t in range(1, glen):
             tok = (bh * NC + n0 + t - 1) * CS * F
@@ -652,9 +634,8 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
                                         tl.load(ln_w + fc), tl.load(ln_b + fc), z2, b2v,
                                         w1_s + (t - 1) * F * K, b1_s + (t - 1) * K, w2_s + (t - 1) * K * F,
                                         w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F,
-                                        work + ((t - 1) % 2) * 2 * CS * K,
-                                        xk + tok + has_next.to(tl.int64) * CS * F, work + (t % 2) * 2 * CS * K,
-                                        has_next, w1_c, b1_c, w2_c, b2_c, False,
+                                        work + ((t - 1) % 2) * CS * K, xk + tok + has_next.to(tl.int64) * CS * F,
+                                        work + (t % 2) * CS * K, has_next, w1_c, b1_c, w2_c, b2_c, False,
                                         xb, cnt, ex, p, False, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK, P)
             tl.store(b2_s + t * F + fc, b2v)
         for tt in range(glen):
@@ -808,8 +789,7 @@ def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
     xq, xk, xv, lr = (t.contiguous() for t in (xq, xk, xv, lr))
     ts = token_scale.contiguous() if causal else lr  # not read when non-causal
     BK, warps, stages, P = _config(F, block_k, num_warps, num_stages, split, B * NH, dev, backward=False)
-    # per head: gelu(Z1), gelu'(Z1) of 2 mini-batches
-    work = torch.empty(B * NH, 2, 2, CS, 4 * F, dtype=torch.float32, device=dev)
+    work = torch.empty(B * NH, 2, CS, 4 * F, dtype=torch.float32, device=dev)  # per head: Z1 of 2 mini-batches
     _ttt_fwd_kernel[(B * NH * P,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *last, *ckpt,
                                    out, work, *_exchange(B, NH, CS, F, P, dev),
                                    NH, NC, G, CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=4 * F, BK=BK,
@@ -847,7 +827,7 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
     # a group's start states: W1, b1, W2 per head (blocks by owner), b2 per program (each holds it)
     scratch = [torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, F, (G,))[:3]]
     scratch.append(torch.empty(B * NH * P, G, F, dtype=torch.float32, device=dev))
-    work = torch.empty(B * NH, 9, CS, K, dtype=torch.float32, device=dev)  # per head, columns by owner
+    work = torch.empty(B * NH, 6, CS, K, dtype=torch.float32, device=dev)  # per head, columns by owner
     small = torch.empty(B * NH * P, 3 * CS * F + CS * CS + F, dtype=torch.float32, device=dev)  # per program
     dts = torch.empty(B * NH, CS, dtype=torch.float32, device=dev)
     xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
