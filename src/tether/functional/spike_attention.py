@@ -30,11 +30,12 @@ _elementwise = torch.library.custom_op("tether::spike_attention_elementwise", _e
 
 @_elementwise.register_fake
 def _(q, k, v, gamma, state):
+    from tether.kernels import cdiv
     from tether.kernels.spike_attention import CHUNK
 
     T, B, H, D = q.shape
     return (q.new_empty(T, B, H, D, dtype=torch.float32), q.new_empty(B, H, D, dtype=torch.float32),
-            q.new_empty(-(-T // CHUNK), B, H, D, dtype=torch.float32))
+            q.new_empty(cdiv(T, CHUNK), B, H, D, dtype=torch.float32))
 
 
 def _elementwise_backward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,

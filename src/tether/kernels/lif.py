@@ -54,6 +54,15 @@ def _param(ptr, value, offs, mask, C, IS_TENSOR: tl.constexpr):
 
 
 @triton.jit
+def _vector(ptr, offs, mask, BLOCK: tl.constexpr, PRESENT: tl.constexpr):
+    """A [BLOCK] fp32 per-neuron vector (v_init, dL/dv_final), or zeros when the caller passed none."""
+    if PRESENT:
+        return tl.load(ptr + offs, mask=mask, other=0.0)
+    else:
+        return tl.zeros([BLOCK], dtype=tl.float32)
+
+
+@triton.jit
 def _neurons(BLOCK: tl.constexpr, WARPS: tl.constexpr):
     """This program's BLOCK neuron indices; each thread holds BLOCK // (32 WARPS) of them. The contiguity hint
     makes every dtype (fp32, bf16, uint16) use exactly that vector width, so all tiles share one register
@@ -158,10 +167,7 @@ def lif_fwd_kernel(x_ptr, v_init_ptr, decay_ptr, threshold_ptr,
     mask = offs < N
     beta = _param(decay_ptr, decay, offs, mask, C_decay, DECAY_TENSOR)
     theta = _param(threshold_ptr, threshold, offs, mask, C_threshold, THRESHOLD_TENSOR)
-    if HAS_V_INIT:
-        v = tl.load(v_init_ptr + offs, mask=mask, other=0.0)
-    else:
-        v = tl.zeros([BLOCK], dtype=tl.float32)
+    v = _vector(v_init_ptr, offs, mask, BLOCK, HAS_V_INIT)
     bits = tl.zeros([BLOCK], dtype=tl.int32)
     n_full = T // CHUNK * CHUNK
     tile = _tile(x_ptr, 0, T, N, offs, mask, CHUNK)
@@ -278,10 +284,7 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
     mask = offs < N
     beta = _param(decay_ptr, decay, offs, mask, C_decay, DECAY_TENSOR)
     theta = _param(threshold_ptr, threshold, offs, mask, C_threshold, THRESHOLD_TENSOR)
-    if HAS_GRAD_V_FINAL:
-        gv = tl.load(grad_v_final_ptr + offs, mask=mask, other=0.0)
-    else:
-        gv = tl.zeros([BLOCK], dtype=tl.float32)
+    gv = _vector(grad_v_final_ptr, offs, mask, BLOCK, HAS_GRAD_V_FINAL)
     g_h_next = tl.zeros([BLOCK], dtype=tl.float32)
     g_decay = tl.zeros([BLOCK], dtype=tl.float32)
     g_threshold = tl.zeros([BLOCK], dtype=tl.float32)
@@ -310,8 +313,7 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
         a_tile, aux_tile, word = ahead_a, ahead_aux, ahead_word
     tl.store(grad_v_init_ptr + offs, gv, mask=mask)
     if GRAD_DECAY:
-        if HAS_V_INIT:
-            g_decay += g_h_next * tl.load(v_init_ptr + offs, mask=mask, other=0.0)  # dL/dh_0 * v_init
+        g_decay += g_h_next * _vector(v_init_ptr, offs, mask, BLOCK, HAS_V_INIT)  # dL/dh_0 * v_init
         tl.store(grad_decay_ptr + offs, g_decay, mask=mask)
     if GRAD_THRESHOLD:
         tl.store(grad_threshold_ptr + offs, g_threshold, mask=mask)

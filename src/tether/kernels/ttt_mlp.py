@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv
 from .._backend import interpreting
 from .._checks import check_tensor
 
@@ -311,6 +312,15 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2, b2,
 
 
 @triton.jit
+def _program(NH, NC, G, P: tl.constexpr):
+    """This program's K share p, its (batch, head) row bh (int64, for offsets) and head h, and the number
+    of checkpoints NK = ceil(NC / G). Programs pid = bh * P + p: a head's P programs are launched together."""
+    pid = tl.program_id(0)
+    bh = (pid // P).to(tl.int64)
+    return pid % P, bh, bh % NH, tl.cdiv(NC, G)
+
+
+@triton.jit
 def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, w2_c, b2_c, out, work, xbuf, cnt,
                     NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
                     CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
@@ -319,11 +329,7 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
     (w1_c..b2_c [B*NH, NK, ...]) is the state at the start of mini-batch k*G.
     work: [B*NH, 2, CS, K] fp32 scratch (Z1 of this and of the next mini-batch; columns by owner).
     xbuf [B*NH, 2, P, XSZ] fp32, cnt [B*NH] int32 zeros: the exchanges of the sums over K."""
-    pid = tl.program_id(0)
-    p = pid % P
-    bh = (pid // P).to(tl.int64)
-    h = bh % NH
-    NK = tl.cdiv(NC, G)
+    p, bh, h, NK = _program(NH, NC, G, P)
     fc = tl.arange(0, F)
     gamma = tl.load(ln_w + h * F + fc)
     beta = tl.load(ln_b + h * F + fc)
@@ -581,20 +587,16 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
     (batch, head) sums over the mini-batches (program 0 adds to them). work [B*NH, 6, CS, K], small
     [B*NH*P, 3*CS*F + CS*CS + F]: see _backward_step, and the program's copy of the b2 gradient; xbuf
     [B*NH, 2, P, XSZ], cnt [B*NH] int32 zeros: the exchanges."""
-    pid = tl.program_id(0)
-    p = pid % P
-    bh = (pid // P).to(tl.int64)
-    h = bh % NH
-    NK = tl.cdiv(NC, G)
+    p, bh, h, NK = _program(NH, NC, G, P)
     fc = tl.arange(0, F)
     ln_w += h * F
     ln_b += h * F
     w1_s += bh * G * F * K
     b1_s += bh * G * K
     w2_s += bh * G * K * F
-    b2_s += pid.to(tl.int64) * G * F
+    b2_s += (bh * P + p) * G * F
     work += bh * 6 * CS * K
-    small += pid.to(tl.int64) * (3 * CS * F + CS * CS + F)
+    small += (bh * P + p) * (3 * CS * F + CS * CS + F)
     xb = xbuf + bh * 2 * P * (3 * CS * F + CS * CS + CS)
     cnt += bh
     dw1 += bh * F * K
@@ -777,7 +779,7 @@ def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
     B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal,
                                      checkpoint_group_size)
     G = checkpoint_group_size
-    NK = -(-NC // G)
+    NK = cdiv(NC, G)
     dev = xq.device
     shapes = _state_shapes(B, NH, F)
     state = _state_in(("w1", "b1", "w2", "b2"), (w1, b1, w2, b2), shapes, dev)
@@ -805,7 +807,7 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
     B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal,
                                      checkpoint_group_size)
     G = checkpoint_group_size
-    NK = -(-NC // G)
+    NK = cdiv(NC, G)
     K = 4 * F
     dev = xq.device
     ckpt = _state_in(("w1_ckpt", "b1_ckpt", "w2_ckpt", "b2_ckpt"), (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt),
