@@ -376,7 +376,8 @@ def _tile_ptrs(p, R: tl.constexpr, C: tl.constexpr):
 
 @triton.jit
 def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dlr_p, lnw_p, lnb_p,
-                   w1_p, b1_p, w2_p, b2_p, dw1_p, db1_p, dw2_p, db2s_p, work_p, small_p, dlnw_p, dlnb_p, dts_p,
+                   w1_p, b1_p, w2_p, b2_p, dw1_p, db1_p, dw2_p, db2s_p, work_p, acts_p, small_p, dlnw_p, dlnb_p,
+                   dts_p,
                    xb, cnt, ex, p, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
                    CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
     """Reverse of one mini-batch from its start state (w1_p..w2_p, b2_p): program 0 writes the token and
@@ -386,23 +387,28 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     likewise. Returns the next exchange's index. The [F] vectors (LN weights, b2 and the sums) are loaded
     where they are used, not held: in the matmul layouts each takes ~16 registers a thread, which spilled.
     Every sum over K is an exchange among the P programs (four per mini-batch).
-    work_p: the head's fp32 scratch, this program's columns of [CS, K] tiles Z1, G1 = gZ2 W2^T and Zq1 of
-    the forward (loads instead of matmuls in the later passes), dL/dZq1, dL/dG1 and the part of dL/dZ1
-    known before dL/dZ2 is; small_p: the program's own xh, gZ2, target [CS, F] and dL/deta [CS, CS],
-    parked while the K loop needs the registers."""
+    work_p: the head's fp32 scratch, this program's columns of [CS, K] tiles Z1, gelu'(Z1), gZ1 and
+    gelu'(Zq1) of the forward (loads instead of matmuls and GELU evaluations in the later passes), dL/dZq1,
+    dL/dG1 and the part of dL/dZ1 known before dL/dZ2 is (pass 2 leaves G1 gelu''(Z1) there); acts_p: the
+    head's input-dtype scratch, gelu(Z1) and gelu(Zq1) [CS, K] (only matmul operands: stored as they are
+    cast); small_p: the program's own xh, gZ2, target [CS, F] and dL/deta [CS, CS], parked while the K loop
+    needs the registers. GELU and its derivatives are evaluated once per mini-batch, in pass 2."""
     rows = tl.arange(0, CS)
     fc = tl.arange(0, F)
     tile = _tile_offs(CS, F)
     z1_p = work_p
-    g1_p = z1_p + CS * K
-    zq1_p = g1_p + CS * K
-    dzq1_p = zq1_p + CS * K
+    gp_p = z1_p + CS * K  # gelu'(Z1)
+    gz1_p = gp_p + CS * K  # gZ1 = G1 gelu'(Z1)
+    gqp_p = gz1_p + CS * K  # gelu'(Zq1)
+    dzq1_p = gqp_p + CS * K
     dg1_p = dzq1_p + CS * K
     dz1_p = dg1_p + CS * K
     xh_p = small_p
     gz2_p = xh_p + CS * F
     target_p = gz2_p + CS * F
     deta_p = target_p + CS * F
+    x2_p = acts_p  # gelu(Z1)
+    xq2_p = acts_p + CS * K  # gelu(Zq1)
     xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
     xk = _load_tokens(xk_p, CS, F)
     eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
@@ -420,12 +426,19 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     a2raw = tl.zeros([CS, CS], tl.float32)
     for k0 in range(p * BK, K, P * BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)), DT)
+        x2, gp, gpp = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)), DT)
+        x2 = x2.to(DT)
+        tl.store(_kblock(x2_p, k0, CS, K, BK), x2)
+        tl.store(_kblock(gp_p, k0, CS, K, BK), gp)
         g1pre = _dot(gz2_dt, tl.trans(w2), DT, PREC)
-        tl.store(_kblock(g1_p, k0, CS, K, BK), g1pre)
-        zq1 = _dot(a1, -(g1pre * gp), DT, PREC, _dot(xq, w1, DT, PREC) + b1[None, :])  # dual form
-        tl.store(_kblock(zq1_p, k0, CS, K, BK), zq1)
-        xq2 = _gelu(zq1, DT)
+        tl.store(_kblock(dz1_p, k0, CS, K, BK), g1pre * gpp)  # (b1) multiplies it by dL/dgZ1
+        gz1 = g1pre * gp
+        tl.store(_kblock(gz1_p, k0, CS, K, BK), gz1)
+        zq1 = _dot(a1, -gz1, DT, PREC, _dot(xq, w1, DT, PREC) + b1[None, :])  # dual form
+        xq2, gqp, _ = _gelu_grads(zq1, DT)
+        xq2 = xq2.to(DT)
+        tl.store(_kblock(xq2_p, k0, CS, K, BK), xq2)
+        tl.store(_kblock(gqp_p, k0, CS, K, BK), gqp)
         zq2 = _dot(xq2, w2, DT, PREC, zq2)
         a2raw = _dot(xq2, tl.trans(x2), DT, PREC, a2raw)
     _xput(xb, ex, p, CS * F + tile, zq2, P, CS, F)
@@ -461,12 +474,11 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     # (a) through the outputs: dZq1, dXQ, dA1
     for k0 in range(p * BK, K, P * BK):
         w1, _, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)), DT)
-        g1pre = tl.load(_kblock(g1_p, k0, CS, K, BK))
-        _, gqp, _ = _gelu_grads(tl.load(_kblock(zq1_p, k0, CS, K, BK)), DT)
+        x2 = tl.load(_kblock(x2_p, k0, CS, K, BK))
+        gqp = tl.load(_kblock(gqp_p, k0, CS, K, BK))
         dzq1 = _dot(da2raw, x2, DT, PREC, _dot(dzq2_dt, tl.trans(w2), DT, PREC)) * gqp
         dxq = _dot(dzq1, tl.trans(w1), DT, PREC, dxq)
-        da1 = _dot(-dzq1, tl.trans(g1pre * gp), DT, PREC, da1)
+        da1 = _dot(-dzq1, tl.trans(tl.load(_kblock(gz1_p, k0, CS, K, BK))), DT, PREC, da1)
         tl.store(_kblock(dzq1_p, k0, CS, K, BK), dzq1)
     # the dXQ and dA1 partials go to the next exchange's slot now, so that their tiles are not live in (b)
     _xput(xb, ex, p, 2 * CS * F + tile, dxq, P, CS, F)
@@ -484,30 +496,29 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     for k0 in range(p * BK, K, P * BK):
         _, _, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
         dw1, db1, _ = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
-        _, gp, gpp = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)), DT)
-        g1pre = tl.load(_kblock(g1_p, k0, CS, K, BK))
-        gz1 = g1pre * gp
+        gz1 = tl.load(_kblock(gz1_p, k0, CS, K, BK))
         h1 = _dot(xk, dw1, DT, PREC) + db1[None, :]
         de -= tl.sum(h1 * gz1, 1)
         dxk = _dot(e[:, None] * gz1, tl.trans(-dw1), DT, PREC, dxk)
         dzq1 = tl.load(_kblock(dzq1_p, k0, CS, K, BK))
         dgz1 = _dot(tl.trans(a1), -dzq1, DT, PREC) - e[:, None] * h1
-        dg1pre = dgz1 * gp
+        dg1pre = dgz1 * tl.load(_kblock(gp_p, k0, CS, K, BK))
         dgz2 = _dot(dg1pre, w2, DT, PREC, dgz2)
-        tl.store(_kblock(dz1_p, k0, CS, K, BK), dgz1 * g1pre * gpp)
         tl.store(_kblock(dg1_p, k0, CS, K, BK), dg1pre)
-        tl.debug_barrier()  # every thread has read the carried block before it is overwritten
+        dz1 = dgz1 * tl.load(_kblock(dz1_p, k0, CS, K, BK))  # the gelu'' part: dL/dgZ1 G1 gelu''(Z1)
+        tl.debug_barrier()  # every thread has read the carried block and G1 gelu'' before they are overwritten
+        tl.store(_kblock(dz1_p, k0, CS, K, BK), dz1)
         dw1, db1, _ = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
         _store_w1(dw1_p, db1_p, k0, _dot(tl.trans(xq), dzq1, DT, PREC, dw1), db1 + tl.sum(dzq1, 0), F, K, BK)
     tl.debug_barrier()
     # (b2) through X2 (in Zq2's dual form and in W2' = W2 - X2^T (e gZ2)) and W2'
     for k0 in range(p * BK, K, P * BK):
         _, _, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
-        x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)), DT)
-        xq2 = _gelu(tl.load(_kblock(zq1_p, k0, CS, K, BK)), DT)
+        x2 = tl.load(_kblock(x2_p, k0, CS, K, BK))
+        xq2 = tl.load(_kblock(xq2_p, k0, CS, K, BK))
         h2 = _dot(x2, dw2, DT, PREC, h2)
         dx2 = _dot(egz2, tl.trans(-dw2), DT, PREC, _dot(tl.trans(da2raw), xq2, DT, PREC))
-        dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) + dx2 * gp
+        dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) + dx2 * tl.load(_kblock(gp_p, k0, CS, K, BK))
         dg1pre = tl.load(_kblock(dg1_p, k0, CS, K, BK))
         tl.debug_barrier()  # every thread has read the carried block and dz1 before they are overwritten
         tl.store(_kblock(dz1_p, k0, CS, K, BK), dz1)
@@ -558,13 +569,13 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     dz2 = dz2.to(DT)
     for k0 in range(p * BK, K, P * BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        x2, gp, _ = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)), DT)
-        dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) + _dot(dz2, tl.trans(w2), DT, PREC) * gp
+        dz1 = (tl.load(_kblock(dz1_p, k0, CS, K, BK))
+               + _dot(dz2, tl.trans(w2), DT, PREC) * tl.load(_kblock(gp_p, k0, CS, K, BK)))
         dxk = _dot(dz1, tl.trans(w1), DT, PREC, dxk)
         tl.debug_barrier()
         dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
         _store_block(dw1_p, db1_p, dw2_p, k0, _dot(tl.trans(xk), dz1, DT, PREC, dw1), db1 + tl.sum(dz1, 0),
-                     _dot(tl.trans(x2), dz2, DT, PREC, dw2), F, K, BK)
+                     _dot(tl.trans(tl.load(_kblock(x2_p, k0, CS, K, BK))), dz2, DT, PREC, dw2), F, K, BK)
     _xput(xb, ex, p, tile, dxk, P, CS, F)
     _xsync(cnt, ex, P)
     dxk = _xsum(xb, ex, tile, P, CS, F)
@@ -575,7 +586,7 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
 
 @triton.jit
 def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout,
-                    w1_s, b1_s, w2_s, b2_s, work, small, xbuf, cnt, dw1, db1, dw2, db2,
+                    w1_s, b1_s, w2_s, b2_s, work, acts, small, xbuf, cnt, dw1, db1, dw2, db2,
                     dxq, dxk, dxv, dlr, dts, dln_w, dln_b,
                     NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
                     CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
@@ -584,7 +595,8 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
     scratch w1_s..w2_s [B*NH, G, ...] (blocks by owner; b2_s [B*NH*P, G, F] per program: every program
     holds b2), then its mini-batches are reversed in order. dw1..db2 hold the gradient of the final state
     on entry and that of the initial state on exit. dts [B*NH, CS], dln_w, dln_b [B*NH, F]: per
-    (batch, head) sums over the mini-batches (program 0 adds to them). work [B*NH, 6, CS, K], small
+    (batch, head) sums over the mini-batches (program 0 adds to them). work [B*NH, 7, CS, K] fp32, acts
+    [B*NH, 2, CS, K] input dtype, small
     [B*NH*P, 3*CS*F + CS*CS + F]: see _backward_step, and the program's copy of the b2 gradient; xbuf
     [B*NH, 2, P, XSZ], cnt [B*NH] int32 zeros: the exchanges."""
     p, bh, h, NK = _program(NH, NC, G, P)
@@ -595,7 +607,8 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
     b1_s += bh * G * K
     w2_s += bh * G * K * F
     b2_s += (bh * P + p) * G * F
-    work += bh * 6 * CS * K
+    work += bh * 7 * CS * K
+    acts += bh * 2 * CS * K
     small += (bh * P + p) * (3 * CS * F + CS * CS + F)
     xb = xbuf + bh * 2 * P * (3 * CS * F + CS * CS + CS)
     cnt += bh
@@ -648,7 +661,7 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
                 xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t) * CS, ts, dout + tok,
                 dxq + tok, dxk + tok, dxv + tok, dlr + (bh * NC + n0 + t) * CS, ln_w, ln_b,
                 w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F,
-                dw1, db1, dw2, db2s, work, small, dln_w, dln_b, dts, xb, cnt, ex, p,
+                dw1, db1, dw2, db2s, work, acts, small, dln_w, dln_b, dts, xb, cnt, ex, p,
                 CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK, P)
     tl.debug_barrier()  # the last step's stores of the b2 gradient are visible to every thread
     if p == 0:
@@ -829,13 +842,14 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
     # a group's start states: W1, b1, W2 per head (blocks by owner), b2 per program (each holds it)
     scratch = [torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, F, (G,))[:3]]
     scratch.append(torch.empty(B * NH * P, G, F, dtype=torch.float32, device=dev))
-    work = torch.empty(B * NH, 6, CS, K, dtype=torch.float32, device=dev)  # per head, columns by owner
+    work = torch.empty(B * NH, 7, CS, K, dtype=torch.float32, device=dev)  # per head, columns by owner
+    acts = torch.empty(B * NH, 2, CS, K, dtype=xq.dtype, device=dev)  # gelu(Z1), gelu(Zq1): matmul operands
     small = torch.empty(B * NH * P, 3 * CS * F + CS * CS + F, dtype=torch.float32, device=dev)  # per program
     dts = torch.empty(B * NH, CS, dtype=torch.float32, device=dev)
     xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
     ts = token_scale.contiguous() if causal else lr
     kernel = _ttt_bwd_kernel[(B * NH * P,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *ckpt,
-                                   grad_out, *scratch, work, small, *_exchange(B, NH, CS, F, P, dev),
+                                   grad_out, *scratch, work, acts, small, *_exchange(B, NH, CS, F, P, dev),
                                    grads["w1"], grads["b1"], grads["w2"], grads["b2"],
                                    grads["xq"], grads["xk"], grads["xv"], grads["lr"], dts,
                                    grads["ln_weight"], grads["ln_bias"],
