@@ -407,6 +407,7 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     gz2_p = xh_p + CS * F
     target_p = gz2_p + CS * F
     deta_p = target_p + CS * F
+    dxk_park = deta_p + CS * CS + F  # after the b2 gradient
     x2_p = acts_p  # gelu(Z1)
     xq2_p = acts_p + CS * K  # gelu(Zq1)
     xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
@@ -510,6 +511,10 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
         tl.store(_kblock(dz1_p, k0, CS, K, BK), dz1)
         dw1, db1, _ = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
         _store_w1(dw1_p, db1_p, k0, _dot(tl.trans(xq), dzq1, DT, PREC, dw1), db1 + tl.sum(dzq1, 0), F, K, BK)
+    # dgZ2 and de are complete here: to their exchange slot; dXK's partial to the program's scratch until pass 4
+    _xput(xb, ex, p, CS * F + tile, dgz2, P, CS, F)
+    _xput(xb, ex, p, 3 * CS * F + CS * CS + rows, de, P, CS, F)
+    tl.store(_tile_ptrs(dxk_park, CS, F), dxk)
     tl.debug_barrier()
     # (b2) through X2 (in Zq2's dual form and in W2' = W2 - X2^T (e gZ2)) and W2'
     for k0 in range(p * BK, K, P * BK):
@@ -526,8 +531,6 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
         _store_w2(dw2_p, k0, _dot(tl.trans(xq2), dzq2, DT, PREC, _dot(tl.trans(dg1pre), gz2_dt, DT, PREC, dw2)),
                   F, BK)
     _xput(xb, ex, p, tile, h2, P, CS, F)
-    _xput(xb, ex, p, CS * F + tile, dgz2, P, CS, F)
-    _xput(xb, ex, p, 3 * CS * F + CS * CS + rows, de, P, CS, F)
     _xsync(cnt, ex, P)
     h2 = _xsum(xb, ex, tile, P, CS, F)
     dgz2 = _xsum(xb, ex, CS * F + tile, P, CS, F)
@@ -549,7 +552,8 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
     deta = tl.load(_tile_ptrs(deta_p, CS, CS)) + da1 * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)
     da1raw = da1 * eta
-    dxk += tl.where(first, _dot(tl.trans(da1raw), xq, DT, PREC) - dtarget, 0.0)  # full terms: program 0
+    dxk = tl.load(_tile_ptrs(dxk_park, CS, F)) + tl.where(first, _dot(tl.trans(da1raw), xq, DT, PREC) - dtarget,
+                                                          0.0)  # full terms: program 0
     if CAUSAL:  # eta[i, j] = ts[i] lr[j] (j <= i), e = ts[CS-1] lr
         ts = tl.load(ts_p + rows)
         deta = tl.where(rows[None, :] <= rows[:, None], deta, 0.0)
@@ -609,7 +613,7 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
     b2_s += (bh * P + p) * G * F
     work += bh * 7 * CS * K
     acts += bh * 2 * CS * K
-    small += (bh * P + p) * (3 * CS * F + CS * CS + F)
+    small += (bh * P + p) * (4 * CS * F + CS * CS + F)
     xb = xbuf + bh * 2 * P * (3 * CS * F + CS * CS + CS)
     cnt += bh
     dw1 += bh * F * K
@@ -844,7 +848,7 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
     scratch.append(torch.empty(B * NH * P, G, F, dtype=torch.float32, device=dev))
     work = torch.empty(B * NH, 7, CS, K, dtype=torch.float32, device=dev)  # per head, columns by owner
     acts = torch.empty(B * NH, 2, CS, K, dtype=xq.dtype, device=dev)  # gelu(Z1), gelu(Zq1): matmul operands
-    small = torch.empty(B * NH * P, 3 * CS * F + CS * CS + F, dtype=torch.float32, device=dev)  # per program
+    small = torch.empty(B * NH * P, 4 * CS * F + CS * CS + F, dtype=torch.float32, device=dev)  # per program
     dts = torch.empty(B * NH, CS, dtype=torch.float32, device=dev)
     xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
     ts = token_scale.contiguous() if causal else lr
