@@ -36,11 +36,13 @@ def mock_launchers():
         return (torch.empty_like(x), x.new_empty(x.shape[1:], dtype=torch.float32),
                 *lif_kernels.saved_buffers(T, N, save, x))
 
-    def lif_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshold, *, grad_decay,
-                     grad_threshold, **_):
-        N, f32 = grad_spikes[0].numel(), grad_spikes.new_empty(0, dtype=torch.float32)
-        return (torch.empty_like(grad_spikes), f32.new_empty(grad_spikes.shape[1:]),
-                f32.new_empty(N if grad_decay else 0), f32.new_empty(N if grad_threshold else 0))
+    def lif_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshold, *, grad_v_init,
+                     grad_decay, grad_threshold, **_):
+        N, f32 = grad_spikes[0].numel(), torch.float32
+        return (torch.empty_like(grad_spikes),
+                grad_spikes.new_empty(grad_spikes.shape[1:], dtype=f32) if grad_v_init else None,
+                grad_spikes.new_empty(N, dtype=f32) if grad_decay else None,
+                grad_spikes.new_empty(N, dtype=f32) if grad_threshold else None)
 
     def attention_forward(q, k, v, gamma, state):
         T, B, H, D = q.shape

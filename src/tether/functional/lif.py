@@ -3,7 +3,7 @@ custom ops with fake impls and a registered backward (what torch.compile traces;
 through a plain autograd.Function, half the Python time per call), or the pure-PyTorch reference where no kernel
 runs."""
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -28,105 +28,144 @@ def _param(p):
     return None, float(p)
 
 
-def _lif_forward_kernel(x: Tensor, v_init: Optional[Tensor], decay: Optional[Tensor], decay_value: float,
-                      threshold: Optional[Tensor], threshold_value: float, surrogate: str, alpha: float, hard: bool,
-                      v_reset: float, detach_reset: bool, save: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+class _Config(NamedTuple):
+    """lif's non-tensor arguments, as the kernels and the backward take them."""
+    decay_value: float  # used when decay is None (a float decay)
+    threshold_value: float
+    surrogate: str
+    alpha: float
+    hard: bool
+    v_reset: float
+    detach_reset: bool  # only matters to the backward
+    save: int  # kernels.SAVE_*
+
+
+def _forward(x: Tensor, v_init: Optional[Tensor], decay: Optional[Tensor], threshold: Optional[Tensor],
+             cfg: _Config):
     """x [T, N], v_init [N] fp32 or None (zeros) -> spikes [T, N], v_final [N] fp32, saved, bits (see
-    tether.kernels.lif for what is saved).
-    detach_reset only matters to the backward; it is an input so that setup_context can keep it."""
+    tether.kernels.lif for what is saved; None where a save has no such part)."""
     return kernels.lif_forward(
-        x, v_init, decay_value if decay is None else decay, threshold_value if threshold is None else threshold,
-        surrogate=kernels.SURROGATE_IDS[surrogate], alpha=alpha, hard=hard, v_reset=v_reset, save=save,
-        inv_sg_peak=1.0 / _sg_peak(surrogate, alpha))
+        x, v_init, cfg.decay_value if decay is None else decay,
+        cfg.threshold_value if threshold is None else threshold, surrogate=kernels.SURROGATE_IDS[cfg.surrogate],
+        alpha=cfg.alpha, hard=cfg.hard, v_reset=cfg.v_reset, save=cfg.save,
+        inv_sg_peak=1.0 / _sg_peak(cfg.surrogate, cfg.alpha))
 
 
-# the op torch.compile traces; eager calls go through _LIF to the launcher without the custom-op dispatch
-_lif_forward = torch.library.custom_op("tether::lif_forward", _lif_forward_kernel, mutates_args=())
+def _backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], saved: Optional[Tensor], bits: Optional[Tensor],
+              v_init: Optional[Tensor], decay: Optional[Tensor], threshold: Optional[Tensor], cfg: _Config,
+              needs: tuple[bool, bool, bool]):
+    """-> grad_x [T, N], then grad_v_init [N], per-neuron grad_decay [N], grad_threshold [N], each None unless
+    needs (v_init, decay, threshold) asks for it. grad_v_final / v_init None: zeros."""
+    return kernels.lif_backward(
+        grad_spikes, grad_v_final, saved, bits, v_init, cfg.decay_value if decay is None else decay,
+        cfg.threshold_value if threshold is None else threshold,
+        surrogate=kernels.SURROGATE_IDS[cfg.surrogate], alpha=cfg.alpha, hard=cfg.hard, v_reset=cfg.v_reset,
+        detach_reset=cfg.detach_reset, save=cfg.save, sg_peak=_sg_peak(cfg.surrogate, cfg.alpha),
+        grad_v_init=needs[0], grad_decay=needs[1], grad_threshold=needs[2])
+
+
+def _empty_if_none(tensors, like: Tensor):
+    """A custom op returns tensors: the parts a kernel did not make become empty ones."""
+    return tuple(like.new_empty(0, dtype=torch.int32) if t is None else t for t in tensors)
+
+
+# The custom ops torch.compile traces (eager calls go through _LIF, without the custom-op dispatch). Their
+# arguments are _Config's fields spelled out, which torch.library's schema needs.
+@torch.library.custom_op("tether::lif_forward", mutates_args=())
+def _lif_forward(x: Tensor, v_init: Optional[Tensor], decay: Optional[Tensor], decay_value: float,
+                 threshold: Optional[Tensor], threshold_value: float, surrogate: str, alpha: float, hard: bool,
+                 v_reset: float, detach_reset: bool, save: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    cfg = _Config(decay_value, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save)
+    return _empty_if_none(_forward(x, v_init, decay, threshold, cfg), x)
 
 
 @_lif_forward.register_fake
 def _(x, v_init, decay, decay_value, threshold, threshold_value, surrogate, alpha, hard, v_reset, detach_reset,
       save):
-    saved, bits = kernels.saved_buffers(x.shape[0], math.prod(x.shape[1:]), save, x)
-    return torch.empty_like(x), x.new_empty(x.shape[1:], dtype=torch.float32), saved, bits
+    parts = kernels.saved_buffers(x.shape[0], math.prod(x.shape[1:]), save, x)
+    return torch.empty_like(x), x.new_empty(x.shape[1:], dtype=torch.float32), *_empty_if_none(parts, x)
 
 
-def _lif_backward_kernel(grad_spikes: Tensor, grad_v_final: Optional[Tensor], saved: Tensor, bits: Tensor,
-                         v_init: Optional[Tensor], decay: Optional[Tensor], decay_value: float,
-                         threshold: Optional[Tensor], threshold_value: float, surrogate: str, alpha: float,
-                         hard: bool, v_reset: float, detach_reset: bool, save: int, grad_decay: bool,
-                         grad_threshold: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> grad_x [T, N], grad_v_init [N], per-neuron grad_decay [N], grad_threshold [N] (empty unless asked).
-    grad_v_final / v_init None: zeros."""
-    return kernels.lif_backward(
-        grad_spikes, grad_v_final, saved, bits, v_init, decay_value if decay is None else decay,
-        threshold_value if threshold is None else threshold, surrogate=kernels.SURROGATE_IDS[surrogate],
-        alpha=alpha, hard=hard, v_reset=v_reset, detach_reset=detach_reset, save=save,
-        sg_peak=_sg_peak(surrogate, alpha), grad_decay=grad_decay, grad_threshold=grad_threshold)
-
-
-_lif_backward = torch.library.custom_op("tether::lif_backward", _lif_backward_kernel, mutates_args=())
+@torch.library.custom_op("tether::lif_backward", mutates_args=())
+def _lif_backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], saved: Tensor, bits: Tensor,
+                  v_init: Optional[Tensor], decay: Optional[Tensor], decay_value: float, threshold: Optional[Tensor],
+                  threshold_value: float, surrogate: str, alpha: float, hard: bool, v_reset: float,
+                  detach_reset: bool, save: int, grad_v_init: bool, grad_decay: bool,
+                  grad_threshold: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    cfg = _Config(decay_value, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save)
+    return _empty_if_none(_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshold, cfg,
+                                    (grad_v_init, grad_decay, grad_threshold)), grad_spikes)
 
 
 @_lif_backward.register_fake
 def _(grad_spikes, grad_v_final, saved, bits, v_init, decay, decay_value, threshold, threshold_value, surrogate,
-      alpha, hard, v_reset, detach_reset, save, grad_decay, grad_threshold):
+      alpha, hard, v_reset, detach_reset, save, grad_v_init, grad_decay, grad_threshold):
     N = math.prod(grad_spikes.shape[1:])
     f32 = grad_spikes.new_empty(0, dtype=torch.float32)
-    return (torch.empty_like(grad_spikes), f32.new_empty(grad_spikes.shape[1:]),
+    return (torch.empty_like(grad_spikes), f32.new_empty(grad_spikes.shape[1:] if grad_v_init else 0),
             f32.new_empty(N if grad_decay else 0), f32.new_empty(N if grad_threshold else 0))
+
+
+def _save(ctx, x, v_init, decay, threshold, cfg: _Config, saved, bits):
+    # v_init only feeds dL/ddecay, which only the MEMBRANE save computes
+    ctx.save_for_backward(saved, bits, v_init if cfg.save == kernels.SAVE_MEMBRANE else None, decay, threshold)
+    ctx.cfg, ctx.spikes_dtype, ctx.shape = cfg, x.dtype, x.shape
+
+
+def _grads(ctx, grad_spikes, grad_v_final, backward, needs):
+    """(grad_x, grad_v_init, grad_decay [C], grad_threshold [C]), each None unless needs (v_init, decay,
+    threshold) asks for it; backward: _backward (eager) or the custom op's call (traced)."""
+    saved, bits, v_init, decay, threshold = ctx.saved_tensors
+    if grad_spikes is None:  # only v_final was used
+        grad_spikes = torch.zeros(ctx.shape, device=saved.device, dtype=ctx.spikes_dtype)  # [T, N]
+    if grad_v_final is not None:  # None: zeros, inside the kernel
+        grad_v_final = grad_v_final.contiguous()
+    grad_x, grad_v_init, grad_decay, grad_threshold = backward(
+        grad_spikes.contiguous(), grad_v_final, saved, bits, v_init, decay, threshold, ctx.cfg, needs)
+    # per-neuron sums -> the parameter's [C] (neuron n reads channel n % C)
+    grad_decay = grad_decay.view(-1, decay.numel()).sum(0) if needs[1] else None
+    grad_threshold = grad_threshold.view(-1, threshold.numel()).sum(0) if needs[2] else None
+    return grad_x, grad_v_init if needs[0] else None, grad_decay, grad_threshold
 
 
 def _setup_context(ctx, inputs, output):
     x, v_init, decay, decay_value, threshold, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, \
         save = inputs
-    _, _, saved, bits = output
-    # v_init only feeds dL/ddecay, which only the MEMBRANE save computes
-    ctx.save_for_backward(saved, bits, v_init if save == kernels.SAVE_MEMBRANE else None, decay, threshold)
-    ctx.args = (decay_value, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save)
-    ctx.spikes_dtype, ctx.shape = x.dtype, x.shape
+    cfg = _Config(decay_value, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save)
+    _save(ctx, x, v_init, decay, threshold, cfg, *output[2:])
 
 
-def _backward_with(lif_backward, ctx, grad_spikes, grad_v_final):
-    """The 12 input gradients; lif_backward: the custom op (traced) or its kernel body (eager)."""
-    saved, bits, v_init, decay, threshold = ctx.saved_tensors
-    decay_value, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save = ctx.args
-    need_decay, need_threshold = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
-    if grad_spikes is None:  # only v_final was used
-        grad_spikes = torch.zeros(ctx.shape, device=saved.device, dtype=ctx.spikes_dtype)  # [T, N]
-    if grad_v_final is not None:  # None: zeros, inside the kernel
-        grad_v_final = grad_v_final.contiguous()
-    grad_x, grad_v_init, grad_decay, grad_threshold = lif_backward(
-        grad_spikes.contiguous(), grad_v_final, saved, bits, v_init, decay, decay_value, threshold,
-        threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save, need_decay, need_threshold)
-    # per-neuron sums -> the parameter's [C] (neuron n reads channel n % C)
-    grad_decay = grad_decay.view(-1, decay.numel()).sum(0) if need_decay else None
-    grad_threshold = grad_threshold.view(-1, threshold.numel()).sum(0) if need_threshold else None
-    grad_v_init = grad_v_init if ctx.needs_input_grad[1] else None  # v_init may be None
+def _traced_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshold, cfg, needs):
+    return torch.ops.tether.lif_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, cfg.decay_value,
+                                         threshold, cfg.threshold_value, cfg.surrogate, cfg.alpha, cfg.hard,
+                                         cfg.v_reset, cfg.detach_reset, cfg.save, *needs)
+
+
+def _op_backward(ctx, grad_spikes, grad_v_final, _grad_saved, _grad_bits):
+    needs = ctx.needs_input_grad
+    grad_x, grad_v_init, grad_decay, grad_threshold = _grads(ctx, grad_spikes, grad_v_final, _traced_backward,
+                                                             (needs[1], needs[2], needs[4]))
     return grad_x, grad_v_init, grad_decay, None, grad_threshold, None, None, None, None, None, None, None
 
 
-def _backward(ctx, grad_spikes, grad_v_final, _grad_saved, _grad_bits):
-    return _backward_with(torch.ops.tether.lif_backward, ctx, grad_spikes, grad_v_final)
-
-
-_lif_forward.register_autograd(_backward, setup_context=_setup_context)
+_lif_forward.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 class _LIF(torch.autograd.Function):
-    """Eager mode: the same forward / backward as the custom op's, calling the launchers directly. The
-    custom-op + register_autograd dispatch cost about 2x the Python time of this path per call."""
+    """Eager mode: the custom op's forward and backward, calling the launchers directly with the non-tensor
+    arguments in one _Config (the custom-op + register_autograd dispatch, and each extra input of apply, cost
+    host time on every call)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _lif_forward_kernel(*inputs)
-        _setup_context(ctx, inputs, output)
+    def forward(ctx, x, v_init, decay, threshold, cfg):
+        spikes, v_final, saved, bits = _forward(x, v_init, decay, threshold, cfg)
+        _save(ctx, x, v_init, decay, threshold, cfg, saved, bits)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to allocate
-        return output[0], output[1]
+        return spikes, v_final
 
     @staticmethod
     def backward(ctx, grad_spikes, grad_v_final):
-        return _backward_with(_lif_backward_kernel, ctx, grad_spikes, grad_v_final)
+        return *_grads(ctx, grad_spikes, grad_v_final, _backward, ctx.needs_input_grad[1:4]), None
 
 
 def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surrogate="arctan",
@@ -149,12 +188,13 @@ def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surroga
         save = kernels.SAVE_MEMBRANE
     else:
         save = kernels.SAVE_COMPACT
-    inputs = (x2, v0, decay_t, decay_value, threshold_t, threshold_value, args.surrogate, args.alpha, args.hard,
-              float(v_reset), detach_reset, save)
+    cfg = _Config(decay_value, threshold_value, args.surrogate, args.alpha, args.hard, float(v_reset), detach_reset,
+                  save)
     if torch.compiler.is_compiling():
-        spikes, v_final, _, _ = torch.ops.tether.lif_forward(*inputs)
+        spikes, v_final, _, _ = torch.ops.tether.lif_forward(x2, v0, decay_t, decay_value, threshold_t,
+                                                             threshold_value, *cfg[2:])
     elif save == kernels.SAVE_NONE:  # nothing needs a gradient: no autograd node
-        spikes, v_final, _, _ = _lif_forward_kernel(*inputs)
+        spikes, v_final, _, _ = _forward(x2, v0, decay_t, threshold_t, cfg)
     else:
-        spikes, v_final = _LIF.apply(*inputs)
+        spikes, v_final = _LIF.apply(x2, v0, decay_t, threshold_t, cfg)
     return spikes, v_final

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv
+from . import Launcher, cdiv
 
 SAVE_NONE, SAVE_COMPACT, SAVE_MEMBRANE = 0, 1, 2
 SURROGATE_IDS = {"arctan": 0, "sigmoid": 1, "fast_sigmoid": 2}
@@ -276,10 +276,12 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
                    T, N, C_decay, C_threshold, decay, threshold, alpha, v_reset, sg_peak,
                    SURROGATE: tl.constexpr, HARD: tl.constexpr, DETACH_RESET: tl.constexpr,
                    DECAY_TENSOR: tl.constexpr, THRESHOLD_TENSOR: tl.constexpr, SAVE: tl.constexpr,
-                   GRAD_DECAY: tl.constexpr, GRAD_THRESHOLD: tl.constexpr, HAS_GRAD_V_FINAL: tl.constexpr,
-                   HAS_V_INIT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, WARPS: tl.constexpr):
-    """Reverse time: dL/dx [T, N], dL/dv_init [N], per-neuron dL/ddecay and dL/dthreshold [N] (summed over t).
-    grad_v_final: [N] fp32, or zeros when not HAS_GRAD_V_FINAL; v_init (read for dL/ddecay): likewise."""
+                   GRAD_DECAY: tl.constexpr, GRAD_THRESHOLD: tl.constexpr, GRAD_V_INIT: tl.constexpr,
+                   HAS_GRAD_V_FINAL: tl.constexpr, HAS_V_INIT: tl.constexpr,
+                   BLOCK: tl.constexpr, CHUNK: tl.constexpr, WARPS: tl.constexpr):
+    """Reverse time: dL/dx [T, N]; dL/dv_init [N], per-neuron dL/ddecay and dL/dthreshold [N] (summed over t)
+    when asked for (GRAD_*). grad_v_final: [N] fp32, or zeros when not HAS_GRAD_V_FINAL; v_init (read for
+    dL/ddecay): likewise."""
     offs = _neurons(BLOCK, WARPS)
     mask = offs < N
     beta = _param(decay_ptr, decay, offs, mask, C_decay, DECAY_TENSOR)
@@ -311,7 +313,8 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
             beta, theta, alpha, v_reset, sg_peak, grad_x_ptr,
             SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD, CHUNK, True)
         a_tile, aux_tile, word = ahead_a, ahead_aux, ahead_word
-    tl.store(grad_v_init_ptr + offs, gv, mask=mask)
+    if GRAD_V_INIT:
+        tl.store(grad_v_init_ptr + offs, gv, mask=mask)
     if GRAD_DECAY:
         g_decay += g_h_next * _vector(v_init_ptr, offs, mask, BLOCK, HAS_V_INIT)  # dL/dh_0 * v_init
         tl.store(grad_decay_ptr + offs, g_decay, mask=mask)
@@ -348,25 +351,24 @@ def _param_args(p):
 
 def saved_buffers(T: int, N: int, save: int, like):
     """Empty (saved, bits) tensors, on like's device, that the forward fills for backward (also the fake
-    impl's shapes)."""
-    import torch
-
+    impl's shapes); None where the save has no such part."""
     if save == SAVE_COMPACT:
         saved = like.new_empty((T + 1) // 2, N, dtype=torch.int32)  # [T/2, N] 2 sg' codes a word
         bits = like.new_empty(cdiv(T, 32), N, dtype=torch.int32)  # [T/32, N] 32 steps a word
-    elif save == SAVE_MEMBRANE:
-        saved = like.new_empty(T, N, dtype=torch.int32)  # [T, N] fp32 h_t, bit for bit
-        bits = like.new_empty(0, dtype=torch.int32)
-    else:
-        saved = like.new_empty(0, dtype=torch.uint16)
-        bits = like.new_empty(0, dtype=torch.int32)
-    return saved, bits
+        return saved, bits
+    if save == SAVE_MEMBRANE:
+        return like.new_empty(T, N, dtype=torch.int32), None  # [T, N] fp32 h_t, bit for bit
+    return None, None
+
+
+_forward_kernel, _backward_kernel = Launcher(lif_fwd_kernel), Launcher(lif_bwd_kernel)
 
 
 def lif_forward(x, v_init, decay, threshold, *, surrogate: int, alpha: float, hard: bool, v_reset: float,
                 save: int, inv_sg_peak: float):
     """x [T, *rest] contiguous (fp32/bf16/fp16; N = prod(rest) neurons), v_init [*rest] fp32 or None (zeros)
-    -> spikes [T, *rest], v_final [*rest], saved, bits. Outputs keep x's shape: no views for autograd."""
+    -> spikes [T, *rest], v_final [*rest], saved, bits (see saved_buffers). Outputs keep x's shape: no views
+    for autograd."""
     T, N = x.shape[0], math.prod(x.shape[1:])
     spikes = torch.empty_like(x)  # [T, *rest]
     v_final = x.new_empty(x.shape[1:], dtype=torch.float32)  # [*rest]
@@ -374,7 +376,7 @@ def lif_forward(x, v_init, decay, threshold, *, surrogate: int, alpha: float, ha
     decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
     threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
     block, chunk, warps = launch_config("forward", N, x.element_size())
-    lif_fwd_kernel[(cdiv(N, block),)](
+    _forward_kernel[(cdiv(N, block),)](
         x, v_init, decay_ptr, threshold_ptr, spikes, v_final, saved, bits,
         T, N, c_decay, c_threshold, decay_val, threshold_val, alpha, v_reset, inv_sg_peak,
         SURROGATE=surrogate, HARD=hard, DECAY_TENSOR=decay_tensor, THRESHOLD_TENSOR=threshold_tensor,
@@ -385,24 +387,25 @@ def lif_forward(x, v_init, decay, threshold, *, surrogate: int, alpha: float, ha
 
 def lif_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshold, *, surrogate: int, alpha: float,
                  hard: bool, v_reset: float, detach_reset: bool, save: int, sg_peak: float,
-                 grad_decay: bool, grad_threshold: bool):
+                 grad_v_init: bool, grad_decay: bool, grad_threshold: bool):
     """grad_spikes [T, *rest] contiguous, grad_v_final [*rest] fp32 or None (zeros), v_init [*rest] fp32 or
-    None (zeros; read only for grad_decay) -> grad_x [T, *rest] (grad_spikes' dtype), grad_v_init [*rest],
-    per-neuron grad_decay [N] and grad_threshold [N] (empty when not asked for)."""
+    None (zeros; read only for grad_decay) -> grad_x [T, *rest] (grad_spikes' dtype), and, each None unless
+    asked for: grad_v_init [*rest], per-neuron grad_decay [N] and grad_threshold [N]."""
     T, N = grad_spikes.shape[0], math.prod(grad_spikes.shape[1:])
     grad_x = torch.empty_like(grad_spikes)  # [T, *rest]
-    grad_v_init = grad_spikes.new_empty(grad_spikes.shape[1:], dtype=torch.float32)  # [*rest]
-    g_decay = grad_spikes.new_empty(N if grad_decay else 0, dtype=torch.float32)  # [N]
-    g_threshold = grad_spikes.new_empty(N if grad_threshold else 0, dtype=torch.float32)  # [N]
+    f32 = torch.float32
+    g_v_init = grad_spikes.new_empty(grad_spikes.shape[1:], dtype=f32) if grad_v_init else None  # [*rest]
+    g_decay = grad_spikes.new_empty(N, dtype=f32) if grad_decay else None  # [N]
+    g_threshold = grad_spikes.new_empty(N, dtype=f32) if grad_threshold else None  # [N]
     decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
     threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
     block, chunk, warps = launch_config("backward", N, grad_spikes.element_size())
-    lif_bwd_kernel[(cdiv(N, block),)](
+    _backward_kernel[(cdiv(N, block),)](
         grad_spikes, grad_v_final, saved, bits, v_init, decay_ptr, threshold_ptr,
-        grad_x, grad_v_init, g_decay, g_threshold,
+        grad_x, g_v_init, g_decay, g_threshold,
         T, N, c_decay, c_threshold, decay_val, threshold_val, alpha, v_reset, sg_peak,
         SURROGATE=surrogate, HARD=hard, DETACH_RESET=detach_reset, DECAY_TENSOR=decay_tensor,
         THRESHOLD_TENSOR=threshold_tensor, SAVE=save, GRAD_DECAY=grad_decay, GRAD_THRESHOLD=grad_threshold,
-        HAS_GRAD_V_FINAL=grad_v_final is not None, HAS_V_INIT=v_init is not None,
+        GRAD_V_INIT=grad_v_init, HAS_GRAD_V_FINAL=grad_v_final is not None, HAS_V_INIT=v_init is not None,
         BLOCK=block, CHUNK=chunk, WARPS=warps, num_warps=warps)
-    return grad_x, grad_v_init, g_decay, g_threshold
+    return grad_x, g_v_init, g_decay, g_threshold
