@@ -13,12 +13,13 @@ def cdiv(a: int, b: int) -> int:
 
 def _spec(arg):
     """What Triton specializes a runtime argument on (triton 3.6 and 3.9, NVIDIA): a tensor's dtype and
-    16-byte alignment; an int's being 1 (then a constant), a multiple of 16, or outside int32; None (a
-    constant). Floats (always fp32) and bools are not specialized."""
+    16-byte alignment; an int's being 1 (then a constant), a multiple of 16, and its type (i32, i64, u64);
+    None (a constant). Floats (always fp32) and bools are only typed (tests/test_launcher.py checks this
+    against Triton's own specialization)."""
     if arg is None or isinstance(arg, (float, bool)):
-        return arg is None
+        return type(arg)
     if isinstance(arg, int):
-        return arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31
+        return arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31, arg < 2**63  # i32, i64 or u64
     return arg.dtype, arg.data_ptr() % 16 == 0
 
 
