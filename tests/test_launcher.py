@@ -18,8 +18,8 @@ def _triton_spec(arg):
 def _samples():
     base = torch.zeros(64)
     ints = [0, 1, 2, 15, 16, 17, 32, 1000, 2**31 - 16, 2**31, 2**31 + 1, 2**40, 2**63, 2**64 - 16, -1, -16, -2**31, -2**31 - 1]
-    tensors = [base, base[1:], base[4:], base.to(torch.bfloat16), base.to(torch.bfloat16)[8:], base.to(torch.int32),
-               base.to(torch.int32)[3:], base.to(torch.float16)[1:], torch.zeros(0)]
+    tensors = [base, base[1:], base[4:], base.to(torch.bfloat16), base.to(torch.bfloat16)[8:],
+               base.to(torch.int32), base.to(torch.int32)[3:], base.to(torch.float16)[1:], torch.zeros(0)]
     return ints + tensors + [None, 0.5, 1.0, -3.0, True, False]
 
 
