@@ -589,20 +589,63 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
 
 
 @triton.jit
-def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout,
-                    w1_s, b1_s, w2_s, b2_s, work, acts, small, xbuf, cnt, dw1, db1, dw2, db2,
-                    dxq, dxk, dxv, dlr, dts, dln_w, dln_b,
-                    NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+def _ttt_remat_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, w1_s, b1_s, w2_s, b2_s, work, xbuf,
+                      cnt, ck, NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                      CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+    """The start states of checkpoint group ck's mini-batches, rematerialised from checkpoint ck into the
+    scratch w1_s..b2_s [B*NH, G, ...] by the state-only forward step. work [B*NH, 2, CS, K]: Z1 of two
+    mini-batches; xbuf, cnt: the exchanges (as in the forward kernel)."""
+    p, bh, h, NK = _program(NH, NC, G, P)
+    fc = tl.arange(0, F)
+    gamma = tl.load(ln_w + h * F + fc)
+    beta = tl.load(ln_b + h * F + fc)
+    n0 = ck * G
+    glen = tl.minimum(G, NC - n0)
+    c = bh * NK + ck
+    w1_s += bh * G * F * K
+    b1_s += bh * G * K
+    w2_s += bh * G * K * F
+    b2_s += bh * G * F
+    work += bh * 2 * CS * K
+    xb = xbuf + bh * 2 * P * (3 * CS * F + CS * CS + CS)
+    cnt += bh
+    w1 = w1_c + c * F * K
+    b1 = b1_c + c * K
+    w2 = w2_c + c * K * F
+    _copy_state(w1, b1, w2, w1_s, b1_s, w2_s, p, F, K, BK, P)
+    b2v = tl.load(b2_c + c * F + fc)
+    if p == 0:
+        tl.store(b2_s + fc, b2v)
+    ex = p * 0  # index of the next exchange (a tensor: it is carried through the loop)
+    z2, ex = _z2_pass(_load_tokens(xk + (bh * NC + n0) * CS * F, CS, F), w1, b1, w2, work, xb, cnt, ex, p,
+                      xq.dtype.element_ty, PREC, CS, F, K, BK, P)
+    for t in range(1, glen):
+        tok = (bh * NC + n0 + t - 1) * CS * F
+        has_next = t + 1 < glen
+        tl.debug_barrier()  # the previous step's stores are visible to every thread
+        z2, b2v, ex = _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t - 1) * CS, ts, xq, gamma,
+                                    beta, z2, b2v, w1_s + (t - 1) * F * K, b1_s + (t - 1) * K, w2_s + (t - 1) * K * F,
+                                    w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F,
+                                    work + ((t - 1) % 2) * CS * K, xk + tok + has_next.to(tl.int64) * CS * F,
+                                    work + (t % 2) * CS * K, has_next, w1_c, b1_c, w2_c, b2_c, False,
+                                    xb, cnt, ex, p, False, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK, P)
+        if p == 0:
+            tl.store(b2_s + t * F + fc, b2v)
+
+
+@triton.jit
+def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, dout, w1_s, b1_s, w2_s, b2_s, work, acts, small, xbuf, cnt,
+                    dw1, db1, dw2, db2, dxq, dxk, dxv, dlr, dts, dln_w, dln_b,
+                    ck, NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
                     CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
-    """Backward scan, group by group in reverse; program pid = bh * P + p owns the K blocks p*BK,
-    (p+P)*BK, ... of head bh. The group's start states are rematerialised from its checkpoint into the
-    scratch w1_s..w2_s [B*NH, G, ...] (blocks by owner; b2_s [B*NH*P, G, F] per program: every program
-    holds b2), then its mini-batches are reversed in order. dw1..db2 hold the gradient of the final state
-    on entry and that of the initial state on exit. dts [B*NH, CS], dln_w, dln_b [B*NH, F]: per
-    (batch, head) sums over the mini-batches (program 0 adds to them). work [B*NH, 7, CS, K] fp32, acts
-    [B*NH, 2, CS, K] input dtype, small
-    [B*NH*P, 3*CS*F + CS*CS + F]: see _backward_step, and the program's copy of the b2 gradient; xbuf
-    [B*NH, 2, P, XSZ], cnt [B*NH] int32 zeros: the exchanges."""
+    """Backward of checkpoint group ck (the launcher goes through the groups in reverse), from its start
+    states w1_s..b2_s [B*NH, G, ...] (_ttt_remat_kernel); program pid = bh * P + p owns the K blocks p*BK,
+    (p+P)*BK, ... of head bh. dw1..db2 hold the gradient of the state after the group on entry and that
+    of the state before it on exit (the last group: of the final state; group 0: of the initial state).
+    dts [B*NH, CS], dln_w, dln_b [B*NH, F]: per (batch, head) sums over the mini-batches (program 0 zeroes
+    them in the first launch and adds to them). work [B*NH, 7, CS, K] fp32, acts [B*NH, 2, CS, K] input
+    dtype, small [B*NH*P, 4*CS*F + CS*CS + F]: see _backward_step; small also holds the program's copy of
+    the b2 gradient from launch to launch. xbuf [B*NH, 2, P, XSZ], cnt [B*NH] int32 zeros: the exchanges."""
     p, bh, h, NK = _program(NH, NC, G, P)
     fc = tl.arange(0, F)
     ln_w += h * F
@@ -610,7 +653,7 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
     w1_s += bh * G * F * K
     b1_s += bh * G * K
     w2_s += bh * G * K * F
-    b2_s += (bh * P + p) * G * F
+    b2_s += bh * G * F
     work += bh * 7 * CS * K
     acts += bh * 2 * CS * K
     small += (bh * P + p) * (4 * CS * F + CS * CS + F)
@@ -621,55 +664,32 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, dout
     dw2 += bh * K * F
     db2 += bh * F
     db2s = small + 3 * CS * F + CS * CS  # [F]: every program carries the b2 gradient (a full [F] value)
-    tl.store(db2s + fc, tl.load(db2 + fc))
     dln_w += bh * F
     dln_b += bh * F
     dts += bh * CS
-    if p == 0:
-        tl.store(dln_w + fc, tl.zeros([F], tl.float32))
-        tl.store(dln_b + fc, tl.zeros([F], tl.float32))
-        tl.store(dts + tl.arange(0, CS), tl.zeros([CS], tl.float32))
-    ex = p * 0  # index of the next exchange (a tensor: it is carried through the loops)
-    for kk in range(NK):
-        ck = NK - 1 - kk
-        n0 = ck * G
-        glen = tl.minimum(G, NC - n0)
-        c = bh * NK + ck
+    if ck == NK - 1:  # the first launch
+        tl.store(db2s + fc, tl.load(db2 + fc))
+        if p == 0:
+            tl.store(dln_w + fc, tl.zeros([F], tl.float32))
+            tl.store(dln_b + fc, tl.zeros([F], tl.float32))
+            tl.store(dts + tl.arange(0, CS), tl.zeros([CS], tl.float32))
+    n0 = ck * G
+    glen = tl.minimum(G, NC - n0)
+    ex = p * 0  # index of the next exchange (a tensor: it is carried through the loop)
+    for tt in range(glen):
+        t = glen - 1 - tt
+        tok = (bh * NC + n0 + t) * CS * F
         tl.debug_barrier()
-        w1 = w1_c + c * F * K
-        b1 = b1_c + c * K
-        w2 = w2_c + c * K * F
-        _copy_state(w1, b1, w2, w1_s, b1_s, w2_s, p, F, K, BK, P)
-        b2v = tl.load(b2_c + c * F + fc)
-        tl.store(b2_s + fc, b2v)
-        # the state-only forward steps; Z1 alternates between the first two [CS, K] tiles of the work scratch
-        z2, ex = _z2_pass(_load_tokens(xk + (bh * NC + n0) * CS * F, CS, F), w1, b1, w2, work, xb, cnt, ex, p,
-                          xq.dtype.element_ty, PREC, CS, F, K, BK, P)
-        for t in range(1, glen):
-            tok = (bh * NC + n0 + t - 1) * CS * F
-            has_next = t + 1 < glen
-            tl.debug_barrier()
-            z2, b2v, ex = _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t - 1) * CS, ts, dout,
-                                        tl.load(ln_w + fc), tl.load(ln_b + fc), z2, b2v,
-                                        w1_s + (t - 1) * F * K, b1_s + (t - 1) * K, w2_s + (t - 1) * K * F,
-                                        w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F,
-                                        work + ((t - 1) % 2) * CS * K, xk + tok + has_next.to(tl.int64) * CS * F,
-                                        work + (t % 2) * CS * K, has_next, w1_c, b1_c, w2_c, b2_c, False,
-                                        xb, cnt, ex, p, False, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK, P)
-            tl.store(b2_s + t * F + fc, b2v)
-        for tt in range(glen):
-            t = glen - 1 - tt
-            tok = (bh * NC + n0 + t) * CS * F
-            tl.debug_barrier()
-            ex = _backward_step(
-                xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t) * CS, ts, dout + tok,
-                dxq + tok, dxk + tok, dxv + tok, dlr + (bh * NC + n0 + t) * CS, ln_w, ln_b,
-                w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F,
-                dw1, db1, dw2, db2s, work, acts, small, dln_w, dln_b, dts, xb, cnt, ex, p,
-                CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK, P)
-    tl.debug_barrier()  # the last step's stores of the b2 gradient are visible to every thread
-    if p == 0:
-        tl.store(db2 + fc, tl.load(db2s + fc))
+        ex = _backward_step(
+            xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t) * CS, ts, dout + tok,
+            dxq + tok, dxk + tok, dxv + tok, dlr + (bh * NC + n0 + t) * CS, ln_w, ln_b,
+            w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F,
+            dw1, db1, dw2, db2s, work, acts, small, dln_w, dln_b, dts, xb, cnt, ex, p,
+            CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK, P)
+    if ck == 0:  # the last launch
+        tl.debug_barrier()  # the last step's stores of the b2 gradient are visible to every thread
+        if p == 0:
+            tl.store(db2 + fc, tl.load(db2s + fc))
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -737,11 +757,12 @@ def _prefer_l1(kernel):
         pass
 
 
-def _exchange(B, NH, CS, F, P, device):
+def _exchange(B, NH, CS, F, P, device, launches=1):
     """A head's exchange buffers: [B*NH, 2, P, XSZ] fp32 partials (two slots, P programs, three [CS, F]
-    tiles, a [CS, CS] tile and a [CS] vector) and [B*NH] int32 arrival counters, zero at launch."""
+    tiles, a [CS, CS] tile and a [CS] vector) and [launches, B*NH] int32 arrival counters, zero at launch
+    (row i for the i-th launch of a kernel that shares the partials buffer)."""
     xbuf = torch.empty(B * NH, 2, P, 3 * CS * F + CS * CS + CS, dtype=torch.float32, device=device)
-    return xbuf, torch.zeros(B * NH, dtype=torch.int32, device=device)
+    return xbuf, torch.zeros(launches, B * NH, dtype=torch.int32, device=device)
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -787,6 +808,41 @@ def _state_in(names, tensors, shapes, device):
     for name, t, shape in zip(names, tensors, shapes):
         check_tensor(name, t, shape=shape, dtypes=(torch.float32,), device=device)
     return [t.contiguous() for t in tensors]
+
+
+_SIDE_STREAMS = {}  # device index -> the stream the rematerialisation runs on
+
+
+def _backward_groups(NK, remat, backward, device):
+    """Run the checkpoint groups in reverse: remat(ck) fills states[ck % 2], backward(ck) reads them. On the
+    GPU the rematerialisation of group ck - 1 runs on a side stream while group ck's backward runs: the
+    backward (B=1, ttt-tk's shape) fills 96 of 132 SMs with one program each, the remat's 48 programs fit
+    beside it. Its programs never wait for each other (one per head), so the backward's programs, which do
+    wait for their partners, are held up by them at most until they finish (no deadlock). Events order
+    remat(ck) before backward(ck), and backward(ck + 1) before remat(ck - 1) (same state buffer); the
+    caller's stream waits for everything (backward(0) comes after the last remat)."""
+    if _sequential(device):
+        for ck in reversed(range(NK)):
+            remat(ck)
+            backward(ck)
+        return
+    main = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.setdefault(device.index, torch.cuda.Stream(device))
+    side.wait_stream(main)  # the inputs and buffers are ready
+    with torch.cuda.stream(side):
+        remat(NK - 1)
+    remat_done = {NK - 1: side.record_event()}
+    backward_done = {}
+    for ck in reversed(range(NK)):
+        main.wait_event(remat_done[ck])
+        backward(ck)
+        backward_done[ck] = main.record_event()
+        if ck > 0:
+            with torch.cuda.stream(side):
+                if ck + 1 < NK:
+                    side.wait_event(backward_done[ck + 1])
+                remat(ck - 1)
+            remat_done[ck - 1] = side.record_event()
 
 
 def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, *, causal,
@@ -843,24 +899,38 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
     for name, g in zip(("w1", "b1", "w2", "b2"), grad_last):
         grads[name].copy_(g)  # the carried state gradient starts as that of the final state
     BK, warps, stages, P = _config(F, block_k, num_warps, num_stages, split, B * NH, dev, backward=True)
-    # a group's start states: W1, b1, W2 per head (blocks by owner), b2 per program (each holds it)
-    scratch = [torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, F, (G,))[:3]]
-    scratch.append(torch.empty(B * NH * P, G, F, dtype=torch.float32, device=dev))
+    # rematerialisation: one program per head, which waits for no other program (see _backward_groups)
+    rBK, rwarps, _, _ = _config(F, None, None, None, 1, B * NH, dev, backward=False)
+    # two sets of a group's start states (W1, b1, W2, b2 per head, blocks by owner): the next group's are
+    # rematerialised while this group's are read
+    states = [[torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, F, (G,))]
+              for _ in range(2)]
+    rwork = torch.empty(B * NH, 2, CS, K, dtype=torch.float32, device=dev)  # remat: Z1 of 2 mini-batches
     work = torch.empty(B * NH, 7, CS, K, dtype=torch.float32, device=dev)  # per head, columns by owner
     acts = torch.empty(B * NH, 2, CS, K, dtype=xq.dtype, device=dev)  # gelu(Z1), gelu(Zq1): matmul operands
     small = torch.empty(B * NH * P, 4 * CS * F + CS * CS + F, dtype=torch.float32, device=dev)  # per program
     dts = torch.empty(B * NH, CS, dtype=torch.float32, device=dev)
+    rxbuf, rcnt = _exchange(B, NH, CS, F, 1, dev, NK)
+    xbuf, cnt = _exchange(B, NH, CS, F, P, dev, NK)
     xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
     ts = token_scale.contiguous() if causal else lr
-    kernel = _ttt_bwd_kernel[(B * NH * P,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *ckpt,
-                                   grad_out, *scratch, work, acts, small, *_exchange(B, NH, CS, F, P, dev),
-                                   grads["w1"], grads["b1"], grads["w2"], grads["b2"],
-                                   grads["xq"], grads["xk"], grads["xv"], grads["lr"], dts,
-                                   grads["ln_weight"], grads["ln_bias"],
-                                   NH, NC, G, CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=K, BK=BK,
-                                   P=P, num_warps=warps, num_stages=stages)
-    if not _sequential(dev):
-        _prefer_l1(kernel)
+    common = dict(CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=K, num_stages=stages)
+    lnw, lnb = ln_weight.contiguous(), ln_bias.contiguous()
+
+    def remat(ck):
+        _ttt_remat_kernel[(B * NH,)](xq, xk, xv, lr, ts, lnw, lnb, *ckpt, *states[ck % 2], rwork, rxbuf, rcnt[ck],
+                                     ck, NH, NC, G, BK=rBK, P=1, num_warps=rwarps, **common)
+
+    def backward(ck):
+        kernel = _ttt_bwd_kernel[(B * NH * P,)](xq, xk, xv, lr, ts, lnw, lnb, grad_out, *states[ck % 2], work, acts,
+                                                small, xbuf, cnt[ck], grads["w1"], grads["b1"], grads["w2"],
+                                                grads["b2"], grads["xq"], grads["xk"], grads["xv"], grads["lr"], dts,
+                                                grads["ln_weight"], grads["ln_bias"], ck, NH, NC, G, BK=BK, P=P,
+                                                num_warps=warps, **common)
+        if not _sequential(dev):
+            _prefer_l1(kernel)
+
+    _backward_groups(NK, remat, backward, dev)
     if not causal:
         grads["token_scale"] = None
     elif grads.get("token_scale") is None:
