@@ -819,46 +819,39 @@ def _state_in(names, tensors, shapes, device):
     return [t.contiguous() for t in tensors]
 
 
-_STREAMS = {}  # device index -> (the backward's stream, high priority; the rematerialisation's stream)
+_SIDE_STREAMS = {}  # device index -> the stream the rematerialisation runs on
 
 
 def _backward_groups(NK, remat, backward, device):
-    """Run the checkpoint groups in reverse: remat(ck, alone) fills states[ck % 2], backward(ck) reads them.
-    On the GPU the rematerialisation of group ck - 1 runs on a side stream while group ck's backward runs:
-    the backward (B=1, ttt-tk's shape) fills 96 of 132 SMs with one program each, the remat's programs fit
-    beside it. The backward's stream has the higher priority, so that its programs are placed first when
-    both kernels are ready at once. The overlapped remats run one program per head (alone=False): such
-    programs never wait for each other, so the backward's programs, which do wait for their partners, are
-    held up by them at most until they finish (no deadlock); the first remat runs alone and may split K.
-    Events order remat(ck) before backward(ck), and backward(ck + 1) before remat(ck - 1) (same state
-    buffer); the caller's stream waits for the backward's, which comes after every remat."""
+    """Run the checkpoint groups in reverse: remat(ck) fills states[ck % 2], backward(ck) reads them. On the
+    GPU the rematerialisation of group ck - 1 runs on a side stream while group ck's backward runs: the
+    backward (B=1, ttt-tk's shape) fills 96 of 132 SMs with one program each, the remat's 48 programs fit
+    beside it. Its programs never wait for each other (one per head), so the backward's programs, which do
+    wait for their partners, are held up by them at most until they finish (no deadlock). Events order
+    remat(ck) before backward(ck), and backward(ck + 1) before remat(ck - 1) (same state buffer); the
+    caller's stream waits for everything (backward(0) comes after the last remat)."""
     if _sequential(device):
         for ck in reversed(range(NK)):
-            remat(ck, True)
+            remat(ck)
             backward(ck)
         return
     main = torch.cuda.current_stream(device)
-    if device.index not in _STREAMS:
-        _STREAMS[device.index] = (torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device))
-    fast, side = _STREAMS[device.index]
-    fast.wait_stream(main)  # the inputs and buffers are ready
-    side.wait_stream(main)
+    side = _SIDE_STREAMS.setdefault(device.index, torch.cuda.Stream(device))
+    side.wait_stream(main)  # the inputs and buffers are ready
     with torch.cuda.stream(side):
-        remat(NK - 1, True)
+        remat(NK - 1)
     remat_done = {NK - 1: side.record_event()}
     backward_done = {}
     for ck in reversed(range(NK)):
-        fast.wait_event(remat_done[ck])
-        with torch.cuda.stream(fast):
-            backward(ck)
-        backward_done[ck] = fast.record_event()
+        main.wait_event(remat_done[ck])
+        backward(ck)
+        backward_done[ck] = main.record_event()
         if ck > 0:
             with torch.cuda.stream(side):
                 if ck + 1 < NK:
                     side.wait_event(backward_done[ck + 1])
-                remat(ck - 1, False)
+                remat(ck - 1)
             remat_done[ck - 1] = side.record_event()
-    main.wait_stream(fast)
 
 
 def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, *, causal,
@@ -915,8 +908,8 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
     for name, g in zip(("w1", "b1", "w2", "b2"), grad_last):
         grads[name].copy_(g)  # the carried state gradient starts as that of the final state
     BK, warps, stages, P = _config(F, block_k, num_warps, num_stages, split, B * NH, dev, backward=True)
-    # rematerialisation (see _backward_groups): the forward's config; one program per head beside the backward
-    rBK, rwarps, _, rP = _config(F, None, None, None, None, B * NH, dev, backward=False)
+    # rematerialisation: one program per head, which waits for no other program (see _backward_groups)
+    rBK, rwarps, _, _ = _config(F, None, None, None, 1, B * NH, dev, backward=False)
     # two sets of a group's start states (W1, b1, W2, b2 per head, blocks by owner): the next group's are
     # rematerialised while this group's are read
     states = [[torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, F, (G,))]
@@ -926,17 +919,16 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
     acts = torch.empty(B * NH, 2, CS, K, dtype=xq.dtype, device=dev)  # gelu(Z1), gelu(Zq1): matmul operands
     small = torch.empty(B * NH * P, 4 * CS * F + CS * CS + F, dtype=torch.float32, device=dev)  # per program
     dts = torch.empty(B * NH, CS, dtype=torch.float32, device=dev)
-    rxbuf, rcnt = _exchange(B, NH, CS, F, rP, dev, NK)
+    rxbuf, rcnt = _exchange(B, NH, CS, F, 1, dev, NK)
     xbuf, cnt = _exchange(B, NH, CS, F, P, dev, NK)
     xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
     ts = token_scale.contiguous() if causal else lr
     common = dict(CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=K, num_stages=stages)
     lnw, lnb = ln_weight.contiguous(), ln_bias.contiguous()
 
-    def remat(ck, alone):
-        rp = rP if alone else 1
-        _ttt_remat_kernel[(B * NH * rp,)](xq, xk, xv, lr, ts, lnw, lnb, *ckpt, *states[ck % 2], rwork, rxbuf,
-                                          rcnt[ck], ck, NH, NC, G, BK=rBK, P=rp, num_warps=rwarps, **common)
+    def remat(ck):
+        _ttt_remat_kernel[(B * NH,)](xq, xk, xv, lr, ts, lnw, lnb, *ckpt, *states[ck % 2], rwork, rxbuf, rcnt[ck],
+                                     ck, NH, NC, G, BK=rBK, P=1, num_warps=rwarps, **common)
 
     def backward(ck):
         kernel = _ttt_bwd_kernel[(B * NH * P,)](xq, xk, xv, lr, ts, lnw, lnb, grad_out, *states[ck % 2], work, acts,
