@@ -107,7 +107,8 @@ def _inner_loss_grad_bwd(u, xh, rstd, gz2, gamma, beta, target, F: tl.constexpr)
 
 @triton.jit
 def _eta(lr_p, ts_p, CAUSAL: tl.constexpr, CS: tl.constexpr):
-    """eta [CS, CS] (row i reads, column j writes), its last row e [CS] and the rates lr [CS], fp32."""
+    """eta [CS, CS] (row i reads, column j writes; non-causal: the [1, CS] row all rows equal), its last row
+    e [CS] and the rates lr [CS], fp32."""
     rows = tl.arange(0, CS)
     lr = tl.load(lr_p + rows).to(tl.float32)
     if CAUSAL:
@@ -115,7 +116,7 @@ def _eta(lr_p, ts_p, CAUSAL: tl.constexpr, CS: tl.constexpr):
         eta = tl.where(rows[None, :] <= rows[:, None], ts[:, None] * lr[None, :], 0.0)
         e = tl.load(ts_p + CS - 1) * lr
     else:
-        eta = tl.zeros([CS, CS], tl.float32) + lr[None, :]
+        eta = lr[None, :]  # [1, CS]: a row that broadcasts, not a [CS, CS] tile held in registers
         e = lr
     return eta, e, lr
 
@@ -126,8 +127,8 @@ def _load_tokens(p, CS: tl.constexpr, F: tl.constexpr):
 
 
 @triton.jit
-def _store_tokens(p, x, CS: tl.constexpr, F: tl.constexpr):
-    tl.store(p + tl.arange(0, CS)[:, None] * F + tl.arange(0, F)[None, :], x.to(p.dtype.element_ty))
+def _store_tokens(p, x, CS: tl.constexpr, F: tl.constexpr, mask=None):
+    tl.store(p + tl.arange(0, CS)[:, None] * F + tl.arange(0, F)[None, :], x.to(p.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -366,6 +367,14 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
 
 
 @triton.jit
+def _first(x, p):
+    """A mask of x's shape, true in program p == 0: the full-width values (token and rate gradients, sums) are
+    program 0's to store. A predicate, not a branch around the stores: the branch made the compiler spill the
+    tiles live across it (sm_90a, Triton 3.6: backward stack 1528 -> 1424 B a thread)."""
+    return (tl.zeros(x.shape, tl.int32) + p) == 0
+
+
+@triton.jit
 def _tile_offs(R: tl.constexpr, C: tl.constexpr):
     """Element offsets of a row-major [R, C] tile."""
     return tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
@@ -450,15 +459,15 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     zq2 = _xsum(xb, ex, CS * F + tile, P, CS, F)
     a2raw = _xsum(xb, ex, 3 * CS * F + _tile_offs(CS, CS), P, CS, F)
     ex += 1
+    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)  # reloaded (L1): not held through pass 2 (1424 -> 1352 B)
     a2 = (eta * (a2raw + 1.0)).to(DT)
     xhq, rstdq = _ln_stats(_dot(a2, -gz2_dt, DT, PREC, zq2 + tl.load(b2_p + fc)[None, :]), F)
 
     # output LayerNorm and the dual-form product A2 gZ2
     dout = _load_tokens(dout_p, CS, F).to(tl.float32)
     first = p == 0
-    if first:
-        tl.store(dlnw_p + fc, tl.load(dlnw_p + fc) + tl.sum(dout * xhq, 0))
-        tl.store(dlnb_p + fc, tl.load(dlnb_p + fc) + tl.sum(dout, 0))
+    tl.store(dlnw_p + fc, tl.load(dlnw_p + fc) + tl.sum(dout * xhq, 0), mask=_first(fc, p))
+    tl.store(dlnb_p + fc, tl.load(dlnb_p + fc) + tl.sum(dout, 0), mask=_first(fc, p))
     dzq2 = _ln_bwd(dout * tl.load(lnw_p + fc)[None, :], xhq, rstdq, F)
     da2 = -_dot(dzq2, tl.trans(gz2_dt), DT, PREC)  # [CS, CS]
     tl.store(_tile_ptrs(deta_p, CS, CS), da2 * (a2raw + 1.0))
@@ -547,11 +556,12 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     dz2, dgm, dbt, dtarget = _inner_loss_grad_bwd(dgz2, tl.load(_tile_ptrs(xh_p, CS, F)), rstd, gz2,
                                                   tl.load(lnw_p + fc), tl.load(lnb_p + fc),
                                                   tl.load(_tile_ptrs(target_p, CS, F)), F)
-    if first:
-        tl.store(dlnw_p + fc, tl.load(dlnw_p + fc) + dgm)
-        tl.store(dlnb_p + fc, tl.load(dlnb_p + fc) + dbt)
+    tl.store(dlnw_p + fc, tl.load(dlnw_p + fc) + dgm, mask=_first(fc, p))
+    tl.store(dlnb_p + fc, tl.load(dlnb_p + fc) + dbt, mask=_first(fc, p))
     tl.store(db2s_p + fc, tl.load(db2s_p + fc) + tl.sum(dz2, 0))
     eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
+    xq = _load_tokens(xq_p, CS, F)  # reloaded: not held through pass 3 (stack 1352 -> 1128 B a thread)
+    xk = _load_tokens(xk_p, CS, F)
     deta = tl.load(_tile_ptrs(deta_p, CS, CS)) + da1 * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)
     da1raw = da1 * eta
     dxk = tl.load(_tile_ptrs(dxk_park, CS, F)) + tl.where(first, _dot(tl.trans(da1raw), xq, DT, PREC) - dtarget,
@@ -560,15 +570,13 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
         ts = tl.load(ts_p + rows)
         deta = tl.where(rows[None, :] <= rows[:, None], deta, 0.0)
         dlr = tl.sum(deta * ts[:, None], 0) + de * tl.load(ts_p + CS - 1)
-        if first:
-            tl.store(dts_p + rows, tl.load(dts_p + rows) + tl.sum(deta * lr[None, :], 1)
-                     + tl.where(rows == CS - 1, tl.sum(de * lr, 0), 0.0))
+        tl.store(dts_p + rows, tl.load(dts_p + rows) + tl.sum(deta * lr[None, :], 1)
+                 + tl.where(rows == CS - 1, tl.sum(de * lr, 0), 0.0), mask=_first(rows, p))
     else:  # eta[i, j] = e[j] = lr[j]
         dlr = tl.sum(deta, 0) + de
-    if first:
-        _store_tokens(dxv_p, dtarget, CS, F)
-        _store_tokens(dxq_p, _dot(da1raw, xk, DT, PREC, dxq), CS, F)
-        tl.store(dlr_p + rows, dlr.to(dlr_p.dtype.element_ty))
+    _store_tokens(dxv_p, dtarget, CS, F, _first(tile, p))
+    _store_tokens(dxq_p, _dot(da1raw, xk, DT, PREC, dxq), CS, F, _first(tile, p))
+    tl.store(dlr_p + rows, dlr.to(dlr_p.dtype.element_ty), mask=_first(rows, p))
     tl.debug_barrier()  # the dz1 scratch and carried blocks are visible to every thread
 
     # fourth pass over K: the dL/dZ2 terms
@@ -585,8 +593,7 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     _xput(xb, ex, p, tile, dxk, P, CS, F)
     _xsync(cnt, ex, P)
     dxk = _xsum(xb, ex, tile, P, CS, F)
-    if first:
-        _store_tokens(dxk_p, dxk, CS, F)
+    _store_tokens(dxk_p, dxk, CS, F, _first(tile, p))
     return ex + 1
 
 
