@@ -25,3 +25,8 @@ def check_tensor(name: str, t, *, ndim: Optional[int] = None, min_ndim: Optional
             raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
     if device is not None and t.device != torch.device(device):
         raise ValueError(f"{name}: expected a tensor on {device} (same device as the input), got {t.device}")
+
+
+def check_group_size(checkpoint_group_size) -> None:
+    if not isinstance(checkpoint_group_size, int) or checkpoint_group_size < 1:
+        raise ValueError(f"checkpoint_group_size: expected a positive int, got {checkpoint_group_size!r}")

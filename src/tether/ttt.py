@@ -6,8 +6,8 @@ activations, any head dim F (K = 4F), any mini-batch size, NC not a multiple of 
 """
 import torch
 
-from tether._checks import check_tensor
-from tether.functional.ttt_mlp import STATE_DTYPES, backward, check_group_size, check_inputs, forward
+from tether._checks import check_group_size, check_tensor
+from tether.functional.ttt_mlp import STATE_DTYPES, backward, check_inputs, forward
 from tether.reference.ttt_mlp import default_token_scale
 
 _NAMES = ("XQ", "XK", "XV", "last_eta", "ttt_norm_weight", "ttt_norm_bias", "W1_init", "b1_init", "W2_init",

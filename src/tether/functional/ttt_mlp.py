@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from tether._backend import use_triton
-from tether._checks import check_tensor
+from tether._checks import check_group_size, check_tensor
 from tether.reference.ttt_mlp import compute_dtype, default_token_scale, ttt_mlp_scan
 from tether.reference.ttt_mlp import ttt_mlp as reference_ttt_mlp
 
@@ -36,11 +36,6 @@ def check_inputs(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, token_scale
         check_tensor(n[name], t, shape=shape, dtypes=(w1.dtype,) if name != "w1" else STATE_DTYPES, device=dev)
     if token_scale is not None:
         check_tensor(n["token_scale"], token_scale, shape=(CS,), dtypes=(w1.dtype,), device=dev)
-
-
-def check_group_size(checkpoint_group_size) -> None:
-    if not isinstance(checkpoint_group_size, int) or checkpoint_group_size < 1:
-        raise ValueError(f"checkpoint_group_size: expected a positive int, got {checkpoint_group_size!r}")
 
 
 def _kernels(xq: torch.Tensor, state: torch.Tensor):

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import cdiv
 from .._backend import interpreting
-from .._checks import check_tensor
+from .._checks import check_group_size, check_tensor
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -793,8 +793,7 @@ def _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal, check
         check_tensor("token_scale", token_scale, shape=(CS,), dtypes=(torch.float32,), device=xq.device)
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         check_tensor(name, t, shape=(NH, F), dtypes=(torch.float32,), device=xq.device)
-    if not isinstance(checkpoint_group_size, int) or checkpoint_group_size < 1:
-        raise ValueError(f"checkpoint_group_size: expected a positive int, got {checkpoint_group_size!r}")
+    check_group_size(checkpoint_group_size)
     return B, NH, NC, CS, F
 
 
