@@ -1,165 +1,227 @@
-"""Spiking LM benchmark (GPU): training tokens/s and peak memory of the default model, fused kernels vs the
-same model built from eager PyTorch ops (loop LIF, cumsum attention, float spikes saved); generation time
-and memory per token at 1k and 16k tokens of context (O(1) state: should not grow).
+"""Language-model benchmark (GPU): the three mixers of the default model side by side in one run.
 
-Run: PYTHONPATH=src python benchmarks/bench_lm.py [--batch 64] [--iters 10]
-Writes benchmarks/results/lm_bench.json and .md (or under $OUT).
+- training (bf16 autocast, AdamW, grad clip): tokens/s and peak memory at batch 64 and 256, eager and with the
+  step replayed from a CUDA graph (`tether.step.TrainStep`, what `tether train` runs);
+- `tether train`'s own steady tokens/s (a short run in a subprocess, with --data);
+- generation (`tether.generate.Decoder`, greedy): ms a token at batch 1 and tokens/s at batch 64, after 256,
+  1k and 16k tokens of context, eager and graphed.
+
+Run: PYTHONPATH=src python benchmarks/bench_lm.py [--data PATH] [--profile]
+Writes lm_bench.json, .md and .png under benchmarks/results (or $OUT).
 """
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from common import markdown_table, write_results
+from tether.generate import Decoder, _tensors
 from tether.models import LMConfig, build_model
+from tether.step import TrainStep, make_optimizer
+
+MIXERS = ("spiking", "softmax", "ttt-mlp")
 
 
-def state_bytes(state) -> int:
-    if isinstance(state, torch.Tensor):
-        return state.numel() * state.element_size()
-    return sum(state_bytes(s) for s in state)
-
-
-def check_fused_vs_eager(cfg: LMConfig) -> dict:
-    """Same weights: largest fp32 logit difference, and the losses under bf16 autocast, fused vs eager."""
-    fused = build_model(replace(cfg, backend="fused")).cuda()
-    eager = build_model(replace(cfg, backend="eager")).cuda()
-    eager.load_state_dict(fused.state_dict())
-    idx = torch.randint(cfg.vocab_size, (4, 129), device="cuda")  # [B, T + 1]
-    with torch.no_grad():
-        diff = (fused(idx[:, :-1])[0] - eager(idx[:, :-1])[0]).abs().max().item()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            losses = [m(idx[:, :-1], idx[:, 1:])[1].item() for m in (fused, eager)]
-    return {"fp32_max_logit_diff": diff, "bf16_loss_fused": losses[0], "bf16_loss_eager": losses[1]}
-
-
-def make_train_step(cfg: LMConfig, batch: int):
-    """One AdamW step (bf16 autocast forward + backward + update) on a random batch of block_size tokens."""
+def make_step(cfg: LMConfig, batch: int, cuda_graph: bool):
+    """(step(), model): one training step of the default recipe on a fixed random batch."""
     model = build_model(cfg).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    opt = make_optimizer(model, 1e-3, 0.1, torch.device("cuda"))
+    step = TrainStep(model, model, opt, grad_clip=1.0, device=torch.device("cuda"), cuda_graph=cuda_graph)
     idx = torch.randint(cfg.vocab_size, (batch, cfg.block_size + 1), device="cuda")  # [B, T + 1]
-
-    def train_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = model(idx[:, :-1], idx[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    for _ in range(3):  # compile kernels, allocate optimizer state
-        train_step()
-    return train_step
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+    return (lambda: step(x, y, 1e-3)), step
 
 
-def measure_training(cfg: LMConfig, batch: int, iters: int) -> dict:
-    train_step = make_train_step(cfg, batch)
+def measure_training(cfg: LMConfig, batch: int, cuda_graph: bool, iters: int) -> dict:
+    torch.cuda.empty_cache()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    start = time.perf_counter()
-    for _ in range(iters):
-        loss = train_step()
+    run, step = make_step(cfg, batch, cuda_graph)
+    for _ in range(step.warmup + 2):
+        run()  # compile kernels, allocate optimizer state, capture the graph
     torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / iters
-    return {"backend": cfg.backend, "batch": batch, "ms_per_step": seconds * 1e3,
-            "tokens_per_s": batch * cfg.block_size / seconds,
-            "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20, "loss": loss.item()}
+    step.take_sums()
+    times = []
+    for _ in range(3):  # three timed rounds: the median
+        start = time.perf_counter()
+        for _ in range(iters):
+            run()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / iters)
+    loss, rate, _ = step.take_sums()
+    seconds = sorted(times)[1]
+    return {"mixer": cfg.mixer, "batch": batch, "path": "cuda graph" if cuda_graph else "eager",
+            "ms_per_step": seconds * 1e3, "tokens_per_s": batch * cfg.block_size / seconds,
+            "peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20, "loss": loss, "firing_rate": rate}
 
 
-def profile_training(cfg: LMConfig, batch: int, steps: int = 3) -> None:
-    """Print where the GPU time of a fused training step goes (torch.profiler, top ops by CUDA time)."""
+def profile_training(cfg: LMConfig, batch: int, steps: int = 3) -> str:
+    """Where the GPU time of an eager step goes: top kernels by CUDA time (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    train_step = make_train_step(cfg, batch)
+    run, _ = make_step(cfg, batch, cuda_graph=False)
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            train_step()
+            run()
         torch.cuda.synchronize()
-    print(f"per step over {steps} steps:")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
 
 
-def measure_generation(cfg: LMConfig, contexts, tokens: int, rounds: int) -> list:
-    """Per-token latency of model.step (batch 1) after a prompt of each context length.
-
-    The contexts take turns (``rounds`` times ``tokens`` steps each) so that drift of the machine (clocks,
-    other load) hits them alike; the median round is reported.
-    """
+def measure_generation(cfg: LMConfig, batch: int, contexts, tokens: int, cuda_graph: bool) -> list:
+    """ms a token of Decoder.step (greedy) after a prompt of each context length; per context, the median of
+    5 rounds of `tokens` steps."""
     model = build_model(cfg).cuda().eval()
-    runs = {}
-    with torch.no_grad():
-        for context in contexts:
-            prompt = torch.randint(cfg.vocab_size, (1, context), device="cuda")  # [1, context]
-            logits, state = model.prefill(prompt, model.init_state(1, "cuda"))
-            runs[context] = {"token": logits.argmax(-1), "state": state, "ms": [], "peak": 0}  # token [1]
-        for _ in range(rounds):
-            for context, run in runs.items():
-                token, state = run["token"], run["state"]
+    rows = []
+    for context in contexts:
+        decoder = Decoder(model, batch, "cuda", cuda_graph=cuda_graph)
+        with torch.no_grad():
+            prompt = torch.randint(cfg.vocab_size, (batch, context), device="cuda")  # [B, context]
+            token = decoder.prefill(prompt).argmax(-1)  # [B]
+            for _ in range(5):  # warm-up and capture
+                token = decoder.step(token).argmax(-1)
+            rounds = []
+            for _ in range(5):
                 torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
                 start = time.perf_counter()
                 for _ in range(tokens):
-                    logits, state = model.step(token, state)
-                    token = logits.argmax(-1)
+                    token = decoder.step(token).argmax(-1)
                 torch.cuda.synchronize()
-                run["ms"].append((time.perf_counter() - start) / tokens * 1e3)
-                run["peak"] = max(run["peak"], torch.cuda.max_memory_allocated() - base)
-                run["token"], run["state"] = token, state
-    rows = []
-    for context, run in runs.items():
-        ms = sorted(run["ms"][1:])  # the first round warms up
-        rows.append({"context": context, "ms_per_token": ms[len(ms) // 2], "ms_min": ms[0], "ms_max": ms[-1],
-                     "state_kib": state_bytes(run["state"]) / 2**10, "peak_extra_mib": run["peak"] / 2**20})
+                rounds.append((time.perf_counter() - start) / tokens)
+        seconds = sorted(rounds)[2]
+        state = sum(t.numel() * t.element_size() for t in _tensors(decoder.state))
+        rows.append({"mixer": cfg.mixer, "path": "cuda graph" if decoder.graph is not None else "eager",
+                     "batch": batch, "context": context, "ms_per_token": seconds * 1e3,
+                     "tokens_per_s": batch / seconds, "state_kib_per_seq": state / batch / 2**10})
+        del decoder
     return rows
+
+
+def measure_trainer(data: str, mixer: str, iters: int) -> dict:
+    """`tether train`'s own steady tokens/s (its summary.json), a short run of the default model."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "tether.train", "--data", data, "--mixer", mixer, "--out", out,
+               "--max-iters", str(iters), "--eval-interval", str(iters), "--sample-tokens", "20"]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        summary = json.loads((Path(out) / "summary.json").read_text())
+    return {"mixer": mixer, "steps": summary["steps"], "tokens_per_s_steady": summary["tokens_per_s_steady"],
+            "tokens_per_s_mean": summary["tokens_per_s"]}
+
+
+def plot(training: list, generation: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [f"{r['mixer']}\nB{r['batch']} {r['path']}" for r in training]
+    colors = {"spiking": "tab:orange", "softmax": "tab:blue", "ttt-mlp": "tab:green"}
+    ax1.bar(range(len(training)), [r["tokens_per_s"] / 1e6 for r in training],
+            color=[colors[r["mixer"]] for r in training], alpha=0.9)
+    ax1.set_xticks(range(len(training)), labels, fontsize=7, rotation=60)
+    ax1.set_ylabel("training tokens/s (M)")
+    ax1.set_title("training step, bf16 autocast + AdamW")
+    for mixer in MIXERS:
+        for path, style in (("cuda graph", "-o"), ("eager", "--x")):
+            rows = [r for r in generation if r["mixer"] == mixer and r["batch"] == 1 and r["path"] == path]
+            if rows:
+                ax2.plot([r["context"] for r in rows], [r["ms_per_token"] for r in rows], style,
+                         color=colors[mixer], label=f"{mixer} {path}")
+    ax2.set_xscale("log", base=2)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("context (tokens)")
+    ax2.set_ylabel("ms a token, batch 1")
+    ax2.set_title("generation")
+    ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--eager-iters", type=int, default=3)
-    parser.add_argument("--gen-tokens", type=int, default=100, help="tokens per generation round")
-    parser.add_argument("--gen-rounds", type=int, default=6)
-    parser.add_argument("--profile", action="store_true", help="only print a profile of the fused training step")
+    parser.add_argument("--batches", default="64,256")
+    parser.add_argument("--iters", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--mixers", default=",".join(MIXERS))
+    parser.add_argument("--contexts", default="256,1024,16384")
+    parser.add_argument("--gen-tokens", type=int, default=100)
+    parser.add_argument("--data", help="corpus for the tether train runs (skipped without it)")
+    parser.add_argument("--trainer-iters", type=int, default=300)
+    parser.add_argument("--profile", action="store_true", help="also print a profile of the spiking step")
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = LMConfig()
-    if args.profile:
-        return profile_training(cfg, args.batch)
-    check = check_fused_vs_eager(cfg)
-    print("fused vs eager:", check, flush=True)
+    mixers = args.mixers.split(",")
+    contexts = [int(c) for c in args.contexts.split(",")]
+    training, generation, trainer = [], [], []
+    for mixer in mixers:
+        for batch in map(int, args.batches.split(",")):
+            for cuda_graph in (False, True):
+                iters = args.iters if cuda_graph or mixer != "ttt-mlp" else max(2, args.iters // 5)
+                row = measure_training(replace(cfg, mixer=mixer), batch, cuda_graph, iters)
+                training.append(row)
+                print(row, flush=True)
+    eager64 = {r["mixer"]: r["tokens_per_s"] for r in training if r["batch"] == 64 and r["path"] == "eager"}
+    for row in training:
+        if "softmax" in eager64:
+            row["vs_softmax_eager_b64"] = row["tokens_per_s"] / eager64["softmax"]
+        same = [r for r in training if r["mixer"] == "softmax" and r["batch"] == row["batch"]
+                and r["path"] == row["path"]]
+        if same:
+            row["vs_softmax_same"] = row["tokens_per_s"] / same[0]["tokens_per_s"]
+            row["memory_vs_softmax_same"] = row["peak_mib"] / same[0]["peak_mib"]
+    for mixer in mixers:
+        for batch in (1, 64):
+            # ttt-mlp reruns its 256-token window on every token (a growing state: never graphed)
+            for cuda_graph in (False, True) if mixer != "ttt-mlp" else (False,):
+                ctx, tokens = (contexts, args.gen_tokens) if mixer != "ttt-mlp" else (contexts[:1], 10)
+                rows = measure_generation(replace(cfg, mixer=mixer), batch, ctx, tokens, cuda_graph)
+                generation.extend(rows)
+                for row in rows:
+                    print(row, flush=True)
+    if args.data:
+        for mixer in mixers:
+            row = measure_trainer(args.data, mixer, args.trainer_iters // (6 if mixer == "ttt-mlp" else 1))
+            bench = [r for r in training if r["mixer"] == mixer and r["batch"] == 64 and r["path"] == "cuda graph"]
+            row["vs_bench_step"] = row["tokens_per_s_steady"] / bench[0]["tokens_per_s"] if bench else None
+            trainer.append(row)
+            print(row, flush=True)
+    profile = profile_training(cfg, 64) if args.profile else None
+    if profile:
+        print(profile)
 
-    fused = measure_training(cfg, args.batch, args.iters)
-    print(fused, flush=True)
-    eager = measure_training(replace(cfg, backend="eager"), args.batch, args.eager_iters)
-    print(eager, flush=True)
-    softmax = measure_training(replace(cfg, mixer="softmax"), args.batch, args.iters)  # context: the baseline
-    softmax["backend"] = "softmax mixer (SDPA)"
-    for row in (fused, eager, softmax):
-        row["speedup_vs_eager"] = row["tokens_per_s"] / eager["tokens_per_s"]
-        row["memory_vs_eager"] = row["peak_extra_mib"] / eager["peak_extra_mib"]
-
-    generation = measure_generation(cfg, (1024, 16384), args.gen_tokens, args.gen_rounds)
-    for row in generation:
-        row["vs_1k"] = row["ms_per_token"] / generation[0]["ms_per_token"]
-    print(generation, flush=True)
-
-    table = ("Training step (AdamW, bf16 autocast), default model "
-             f"(d_model {cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head} heads, T {cfg.block_size}), "
-             f"batch {args.batch}:\n\n"
-             + markdown_table([fused, eager, softmax], ["backend", "ms_per_step", "tokens_per_s", "peak_extra_mib",
-                                               "speedup_vs_eager", "memory_vs_eager"])
-             + f"\n\nGeneration (model.step, batch 1, fp32) after a prompt of `context` tokens, median of "
-             f"{args.gen_rounds - 1} rounds of {args.gen_tokens} tokens (contexts take turns):\n\n"
-             + markdown_table(generation, ["context", "ms_per_token", "ms_min", "ms_max", "vs_1k", "state_kib",
-                                           "peak_extra_mib"]))
-    payload = {"config": cfg.to_dict(), "fused_vs_eager": check,
-               "training": [fused, eager, softmax], "generation": generation}
+    table = (f"Default model (d_model {cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head} heads, "
+             f"{cfg.block_size} tokens), bf16 autocast, AdamW (fused, capturable), grad clip 1. Median of 3 rounds "
+             f"of {args.iters} steps. `cuda graph`: the step replayed from a CUDA graph (tether.step.TrainStep).\n\n"
+             + markdown_table(training, ["mixer", "batch", "path", "ms_per_step", "tokens_per_s", "peak_mib",
+                                         "vs_softmax_eager_b64", "vs_softmax_same", "memory_vs_softmax_same"])
+             + "\n\n`tether train` (default model and arguments, --max-iters "
+             f"{args.trainer_iters}): steady tokens/s (median of its log intervals) vs the graphed bench step.\n\n"
+             + (markdown_table(trainer, ["mixer", "steps", "tokens_per_s_steady", "tokens_per_s_mean",
+                                         "vs_bench_step"]) if trainer else "(not run: no --data)")
+             + f"\n\nGeneration (`Decoder.step`, greedy, fp32), median of 5 rounds of {args.gen_tokens} tokens after "
+             "a prompt of `context` tokens. Softmax: KV cache of its 256-token window (learned positions; the "
+             "window restarts from its last 128 tokens when full). TTT-MLP: reruns its 256-token window.\n\n"
+             + markdown_table(generation, ["mixer", "batch", "path", "context", "ms_per_token", "tokens_per_s",
+                                           "state_kib_per_seq"]))
+    payload = {"config": cfg.to_dict(), "training": training, "trainer": trainer, "generation": generation,
+               "profile": profile}
     print(table)
-    write_results("lm_bench", payload, table)
+    md = write_results("lm_bench", payload, table)
+    plot(training, generation, md.with_suffix(".png"))
 
 
 if __name__ == "__main__":

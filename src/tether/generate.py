@@ -12,10 +12,95 @@ from tether import checkpoint
 from tether.data import Vocab
 
 
-@torch.no_grad()
-def sample(model, vocab: Vocab, prompt: str, tokens: int, temperature: float = 0.8, top_k: Optional[int] = 40,
-           generator: Optional[torch.Generator] = None, on_text: Optional[Callable[[str], None]] = None) -> str:
-    """prompt followed by `tokens` sampled characters; on_text(ch) sees each character as it is made."""
+def _tensors(state) -> list:
+    """The tensors of a model state (nested lists and tuples, or a KVCache), in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if hasattr(state, "tensors"):
+        return state.tensors()
+    return [t for part in state for t in _tensors(part)]
+
+
+class Decoder:
+    """``model.step`` over a fixed batch with the state in fixed buffers, updated in place.
+
+    ``cuda_graph`` (default: on CUDA): after two eager steps the step is captured as a CUDA graph and
+    replayed, so a token costs one replay of host time instead of a forward's worth of launches. A state
+    that grows (the TTT-MLP mixer's token context) is replaced on every step and never graphed.
+    ``prefill(idx [B, T])`` and ``step(idx [B])`` return the logits of the last token ``[B, V]`` (a view of a
+    fixed buffer when graphed: read it before the next call).
+    """
+
+    WARMUP = 2
+
+    def __init__(self, model, batch_size: int, device, cuda_graph: Optional[bool] = None):
+        self.model, self.device = model, torch.device(device)
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph: expected a CUDA device, got {device}")
+        self.state = model.init_state(batch_size, self.device)
+        self.fixed = not isinstance(self.state, torch.Tensor)  # a token context grows: no fixed buffers
+        self.cuda_graph = self.cuda_graph and self.fixed
+        self.buffers = _tensors(self.state)
+        self.idx = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # [B]
+        self.graph, self.logits, self.steps = None, None, 0
+
+    def _keep(self, state) -> None:
+        """Copy a state the model returned into the fixed buffers (a KVCache is already them)."""
+        if not self.fixed:
+            self.state = state
+            return
+        for buffer, new in zip(self.buffers, _tensors(state)):
+            if new is not buffer:
+                buffer.copy_(new)
+
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
+        logits, state = self.model.prefill(idx, self.state)
+        self._keep(state)
+        return logits
+
+    def _full(self) -> bool:
+        """A KVCache whose window is full: the step rebuilds it (host work a graph cannot hold)."""
+        return hasattr(self.state, "length") and self.state.length >= self.model.cfg.block_size
+
+    @torch.no_grad()
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        if self.graph is None and self.cuda_graph and self.steps > self.WARMUP and not self._full():
+            self._capture(idx)
+        if self.graph is None or self._full():
+            logits, state = self.model.step(idx, self.state)
+            self._keep(state)
+            return logits
+        self.idx.copy_(idx)
+        self.graph.replay()
+        if hasattr(self.state, "length"):
+            self.state.length += 1  # the captured step advanced the device position; this is its host copy
+        return self.logits
+
+    def _capture(self, idx: torch.Tensor) -> None:
+        self.idx.copy_(idx)
+        length = getattr(self.state, "length", None)
+        torch.cuda.synchronize(self.device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, state = self.model.step(self.idx, self.state)
+            self._keep(state)
+        if length is not None:
+            self.state.length = length  # capture ran the host side of the step once, the device side not
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: Optional[int], generator) -> torch.Tensor:
+    """logits [B, V] -> sampled token ids [B]."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).view(-1)  # [B]
+
+
+def _check_sampling(prompt: str, tokens: int, temperature: float, top_k: Optional[int], batch_size: int) -> None:
     if not prompt:
         raise ValueError("prompt: expected at least one character, got an empty string")
     if tokens < 0:
@@ -24,28 +109,39 @@ def sample(model, vocab: Vocab, prompt: str, tokens: int, temperature: float = 0
         raise ValueError(f"temperature: expected > 0, got {temperature}")
     if top_k is not None and top_k <= 0:
         raise ValueError(f"top_k: expected a positive integer or None, got {top_k}")
+    if batch_size <= 0:
+        raise ValueError(f"batch: expected a positive number of samples, got {batch_size}")
+
+
+@torch.no_grad()
+def samples(model, vocab: Vocab, prompt: str, tokens: int, batch_size: int, temperature: float = 0.8,
+            top_k: Optional[int] = 40, generator: Optional[torch.Generator] = None,
+            on_text: Optional[Callable[[str], None]] = None, cuda_graph: Optional[bool] = None) -> list:
+    """``batch_size`` continuations of ``prompt``, each ``tokens`` sampled characters, generated together.
+    on_text(ch) sees each character of the first sample as it is made (a sync per token: only then)."""
+    _check_sampling(prompt, tokens, temperature, top_k, batch_size)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     ids = vocab.encode(prompt, "prompt").to(device)  # [len(prompt)]
-    state = model.init_state(1, device)
-    # The prompt goes through step too: the state after it is exactly what a full forward would carry.
-    for token in ids:
-        logits, state = model.step(token.view(1), state)  # [1, V]
+    decoder = Decoder(model, batch_size, device, cuda_graph)
+    logits = decoder.prefill(ids[None].expand(batch_size, -1))  # [B, V]
     out = []
     for _ in range(tokens):
-        logits = logits.float() / temperature
-        if top_k is not None and top_k < logits.shape[-1]:
-            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [1, 1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).view(1)  # [1]
-        char = vocab.chars[token.item()]
-        out.append(char)
+        token = _pick(logits, temperature, top_k, generator)  # [B]
+        out.append(token)
         if on_text is not None:
-            on_text(char)
-        logits, state = model.step(token, state)
+            on_text(vocab.chars[token[0].item()])
+        logits = decoder.step(token)
     model.train(was_training)
-    return prompt + "".join(out)
+    rows = torch.stack(out, 1).tolist() if out else [[] for _ in range(batch_size)]  # [B, tokens]
+    return [prompt + vocab.decode(row) for row in rows]
+
+
+def sample(model, vocab: Vocab, prompt: str, tokens: int, temperature: float = 0.8, top_k: Optional[int] = 40,
+           generator: Optional[torch.Generator] = None, on_text: Optional[Callable[[str], None]] = None) -> str:
+    """prompt followed by `tokens` sampled characters; on_text(ch) sees each character as it is made."""
+    return samples(model, vocab, prompt, tokens, 1, temperature, top_k, generator, on_text)[0]
 
 
 def load(ckpt_dir, device):
@@ -68,6 +164,7 @@ def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentPar
     p.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest characters (0: all)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--batch", type=int, default=1, help="samples generated together (the first is streamed)")
     return p
 
 
@@ -81,9 +178,12 @@ def run(args: argparse.Namespace) -> str:
         sys.stdout.write(char)
         sys.stdout.flush()
 
-    text = sample(model, vocab, args.prompt, args.tokens, args.temperature, args.top_k or None, generator, stream)
+    texts = samples(model, vocab, args.prompt, args.tokens, args.batch, args.temperature, args.top_k or None,
+                    generator, stream)
     sys.stdout.write("\n")
-    return text
+    for i, text in enumerate(texts[1:], 2):
+        sys.stdout.write(f"--- sample {i} ---\n{text}\n")
+    return texts[0]
 
 
 def main(argv=None) -> int:

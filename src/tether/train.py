@@ -17,7 +17,6 @@ import platform
 import random
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from tether import checkpoint
 from tether.data import CharCorpus
 from tether.progress import ProgressBar
+from tether.step import TrainStep, autocast, make_optimizer
 
 # Train arguments that differ between a GPU and a CPU run; anything given on the command line wins,
 # and on --resume the saved run's values come before these.
@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float, help="max global grad norm")
     p.add_argument("--seed", type=int)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the training step from a CUDA graph (default: on for one CUDA process "
+                        "without --compile)")
     p.add_argument("--sample-tokens", type=int, help="characters generated at the end")
 
 
@@ -152,17 +155,6 @@ def learning_rate(args, step: int, elapsed_s: float) -> float:
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """The training batch of a step depends only on (seed, step): a resumed run sees the same data."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-
-
-def make_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
-
-
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 @torch.no_grad()
@@ -256,7 +248,7 @@ def train(args: argparse.Namespace) -> dict:
                          "got a different character set")
     config = model_config(args, len(corpus.vocab), saved_config["model"] if saved_config else None)
     raw = build_model(config).to(device)
-    optimizer = make_optimizer(raw, args, device)
+    optimizer = make_optimizer(raw, args.lr, args.weight_decay, device)
     step, elapsed_before, train_time, tokens_seen = 0, 0.0, 0.0, 0
     best_val = (float("inf"), 0)  # (loss, step) of the lowest validation loss, whose weights are in out/best
     if args.resume:
@@ -306,11 +298,16 @@ def train(args: argparse.Namespace) -> dict:
         checkpoint.save(out, raw, run_config, state)
         files.plot()
 
+    cuda_graph = args.cuda_graph
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and world.world == 1 and not args.compile
+    elif cuda_graph and (device.type != "cuda" or world.world > 1 or args.compile):
+        raise ValueError("--cuda-graph: expected one CUDA process without --compile, got "
+                         f"device {device}, {world.world} processes, compile {bool(args.compile)}")
+    train_step = TrainStep(model, raw, optimizer, grad_clip=args.grad_clip, device=device, cuda_graph=cuda_graph)
     bar = ProgressBar(args.max_iters, 60 * args.time_budget)
     tokens_per_step = args.batch_size * args.block_size
     synced_elapsed = world.from_main(elapsed())
-    loss_sum = torch.zeros((), device=device)
-    rate_sum = torch.zeros((), device=device)
     interval_steps, interval_start, paused = 0, time.monotonic(), 0.0
     interval_rates = []  # tokens/s of each log interval, for a steady-state figure without the JIT warmup
     val_loss, firing, energy, train_loss = None, None, {}, None
@@ -326,28 +323,17 @@ def train(args: argparse.Namespace) -> dict:
     try:
         while not stop:
             lr = learning_rate(args, step, synced_elapsed)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             x, y = corpus.batch("train", args.batch_size, args.block_size, step_generator(args.seed, step, device),
                                 world.rows(args.batch_size))
-            with autocast(device):
-                _, loss = model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float()
-            rate = raw.firing_rate()
-            if rate is not None:
-                rate_sum += rate.detach().float()
+            train_step(x, y, lr)
             step += 1
             interval_steps += 1
             tokens_seen += tokens_per_step
             last = step >= args.max_iters
             if step % args.log_interval == 0 or last:
-                train_loss, firing = world.mean([loss_sum.item() / interval_steps,
-                                                 rate_sum.item() / interval_steps])
-                firing = firing if rate is not None else None
+                train_loss, firing, _ = train_step.take_sums()
+                train_loss, firing_mean = world.mean([train_loss, firing or 0.0])
+                firing = firing_mean if firing is not None else None
                 # Validation and checkpoint time (paused) is not training time.
                 seconds = time.monotonic() - interval_start - paused
                 train_time += seconds
@@ -361,8 +347,6 @@ def train(args: argparse.Namespace) -> dict:
                     fr = f" | fr {firing:.3f}" if firing is not None else ""
                     bar.update(step, synced_elapsed,
                                f"loss {train_loss:.3f} | {tokens_per_s / 1e3:.0f}k tok/s{fr} | lr {lr:.1e}")
-                loss_sum.zero_()
-                rate_sum.zero_()
                 interval_steps, interval_start, paused = 0, time.monotonic(), 0.0
             if step % args.eval_interval == 0 and not last:
                 eval_start = time.monotonic()

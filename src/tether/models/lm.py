@@ -54,8 +54,35 @@ class LMConfig:
         return cls(**d)
 
 
+class KVCache:
+    """The softmax baseline's generation state, updated in place: keys and values of the last ``L =
+    block_size`` tokens, ``k, v [n_layer, B, H, L, D]``, the tokens themselves ``[B, L]`` (to rebuild the
+    window when it is full), ``length`` (host int) and ``position`` (the same as a 0-d device long, which a
+    CUDA graph of ``step`` reads and advances)."""
+
+    def __init__(self, n_layer: int, batch_size: int, n_heads: int, block_size: int, head_dim: int, device,
+                 dtype=torch.float32):
+        shape = (n_layer, batch_size, n_heads, block_size, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.tokens = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)  # [B, L]
+        self.length = 0
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+
+    def tensors(self):
+        return [self.k, self.v, self.tokens, self.position]
+
+    def reset(self) -> None:
+        self.length = 0
+        self.position.zero_()
+
+
 class CausalSelfAttention(nn.Module):
-    """Softmax baseline mixer: ``[B, T, C] -> [B, T, C]`` with PyTorch SDPA (causal)."""
+    """Softmax baseline mixer: ``[B, T, C] -> [B, T, C]`` with PyTorch SDPA (causal).
+
+    With ``cache = (k, v [B, H, L, D], positions [T])`` the new tokens' keys and values are written into the
+    cache at ``positions`` and the queries attend to every cached key at or before their own position
+    (static shapes: a CUDA graph of one generated token captures it)."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
@@ -63,10 +90,19 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # [B, H, T, D]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            k_cache, v_cache, positions = cache
+            k_cache.index_copy_(2, positions, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
+            keys = torch.arange(k_cache.shape[2], device=x.device)  # [L]
+            mask = keys[None, :] <= positions[:, None]  # [T, L]
+            y = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -85,8 +121,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(C, cfg.mlp_ratio * C), nn.GELU(), nn.Linear(cfg.mlp_ratio * C, C))
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
-        x = x + self.dropout(self.mixer(self.norm1(x)))
+    def forward(self, x, cache=None):
+        h = self.norm1(x)
+        x = x + self.dropout(self.mixer(h) if cache is None else self.mixer(h, cache))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
@@ -156,14 +193,19 @@ class SpikingLM(nn.Module):
         return logits, loss
 
     def init_state(self, batch_size: int, device):
-        """Spiking: every block's membranes and attention memory (zeros). Others: the token context ``[B, 0]``."""
+        """Spiking: every block's membranes and attention memory (zeros). Softmax: an empty ``KVCache``.
+        TTT-MLP: the token context ``[B, 0]``."""
         if self.spiking:
             return [block.init_state(batch_size, device) for block in self.blocks]
+        cfg = self.cfg
+        if cfg.mixer == "softmax":
+            return KVCache(cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, cfg.d_model // cfg.n_head, device)
         return torch.zeros(batch_size, 0, dtype=torch.long, device=device)
 
     def step(self, idx: torch.Tensor, state):
-        """One token ``idx [B]`` -> (logits ``[B, V]``, state). Spiking: O(1) per token. Others: a rerun of the
-        last ``block_size`` tokens (correct, not O(1))."""
+        """One token ``idx [B]`` -> (logits ``[B, V]``, state). Spiking: O(1) per token. Softmax: one query
+        against the KV cache (the cache is updated in place). TTT-MLP: a rerun of the last ``block_size``
+        tokens (correct, not O(1))."""
         if idx.dim() != 1 or idx.dtype != torch.long:
             raise ValueError(f"idx: expected a [B] long tensor, got shape {tuple(idx.shape)} {idx.dtype}")
         return self.prefill(idx[:, None], state)
@@ -173,6 +215,8 @@ class SpikingLM(nn.Module):
         in one call, the same as T calls of ``step``."""
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx: expected a [B, T] long tensor, got shape {tuple(idx.shape)} {idx.dtype}")
+        if isinstance(state, KVCache):
+            return self._prefill_cached(idx, state), state
         if not self.spiking:
             context = torch.cat([state, idx], dim=1)[:, -self.cfg.block_size:]  # [B, <= block_size]
             logits, _ = self(context)
@@ -183,6 +227,24 @@ class SpikingLM(nn.Module):
             x, block_state = block(x, block_state)
             new_state.append(block_state)
         return self._logits(x[-1]), new_state
+
+    def _prefill_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Softmax mixer: ``idx [B, T]`` appended to the cache -> logits of the last token ``[B, V]``. When the
+        window of ``block_size`` tokens is full (learned positions end there), it restarts from the last
+        ``block_size // 2`` tokens (or the last ``block_size`` of a longer input), as nanoGPT's crop does."""
+        T, L = idx.shape[1], self.cfg.block_size
+        if cache.length + T > L:
+            context = torch.cat([cache.tokens[:, :cache.length], idx], dim=1)[:, -max(min(T, L), L // 2):]
+            cache.reset()
+            return self._prefill_cached(context, cache)
+        positions = cache.position + torch.arange(T, device=idx.device)  # [T]
+        cache.tokens.index_copy_(1, positions, idx)
+        x = self.tok_emb(idx) + self.pos_emb(positions)  # [B, T, C]
+        for i, block in enumerate(self.blocks):
+            x = block(x, (cache.k[i], cache.v[i], positions))
+        cache.length += T
+        cache.position += T
+        return self._logits(x[:, -1])
 
     def firing_rate(self):
         """Mean firing rate over the neuron groups in the last forward (0-d device tensor), None if not spiking."""
