@@ -29,25 +29,30 @@ from tether.step import TrainStep, make_optimizer
 MIXERS = ("spiking", "softmax", "ttt-mlp")
 
 
-def make_step(cfg: LMConfig, batch: int, cuda_graph: bool):
+PATHS = {"eager": (False, False), "cuda graph": (True, False), "compile + cuda graph": (True, True)}
+
+
+def make_step(cfg: LMConfig, batch: int, cuda_graph: bool, compile: bool = False):
     """(step(), model): one training step of the default recipe on a fixed random batch."""
     model = build_model(cfg).cuda()
     opt = make_optimizer(model, 1e-3, 0.1, torch.device("cuda"))
-    step = TrainStep(model, model, opt, grad_clip=1.0, device=torch.device("cuda"), cuda_graph=cuda_graph)
+    step = TrainStep(torch.compile(model) if compile else model, model, opt, grad_clip=1.0, device=torch.device("cuda"), cuda_graph=cuda_graph)
     idx = torch.randint(cfg.vocab_size, (batch, cfg.block_size + 1), device="cuda")  # [B, T + 1]
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
     return (lambda: step(x, y, 1e-3)), step
 
 
-def measure_training(cfg: LMConfig, batch: int, cuda_graph: bool, iters: int) -> dict:
+def measure_training(cfg: LMConfig, batch: int, path: str, iters: int) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    run, step = make_step(cfg, batch, cuda_graph)
+    run, step = make_step(cfg, batch, *PATHS[path])
+    start = time.perf_counter()
     for _ in range(step.warmup + 2):
         run()  # compile kernels, allocate optimizer state, capture the graph
     torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - start
     step.take_sums()
     times = []
     for _ in range(3):  # three timed rounds: the median
@@ -58,16 +63,15 @@ def measure_training(cfg: LMConfig, batch: int, cuda_graph: bool, iters: int) ->
         times.append((time.perf_counter() - start) / iters)
     loss, rate, _ = step.take_sums()
     seconds = sorted(times)[1]
-    return {"mixer": cfg.mixer, "batch": batch, "path": "cuda graph" if cuda_graph else "eager",
-            "ms_per_step": seconds * 1e3, "tokens_per_s": batch * cfg.block_size / seconds,
+    return {"mixer": cfg.mixer, "batch": batch, "path": path, "warmup_s": warmup_s, "ms_per_step": seconds * 1e3, "tokens_per_s": batch * cfg.block_size / seconds,
             "peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20, "loss": loss, "firing_rate": rate}
 
 
-def profile_training(cfg: LMConfig, batch: int, steps: int = 3) -> str:
-    """Where the GPU time of an eager step goes: top kernels by CUDA time (torch.profiler)."""
+def profile_training(cfg: LMConfig, batch: int, compile: bool, steps: int = 3) -> str:
+    """Where the GPU time of a step goes (not graphed: the same kernels): top kernels by CUDA time."""
     from torch.profiler import ProfilerActivity, profile
 
-    run, _ = make_step(cfg, batch, cuda_graph=False)
+    run, _ = make_step(cfg, batch, cuda_graph=False, compile=compile)
     for _ in range(3):
         run()
     torch.cuda.synchronize()
@@ -75,7 +79,7 @@ def profile_training(cfg: LMConfig, batch: int, steps: int = 3) -> str:
         for _ in range(steps):
             run()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
 
 
 def measure_generation(cfg: LMConfig, batch: int, contexts, tokens: int, cuda_graph: bool) -> list:
@@ -152,15 +156,20 @@ def plot(training: list, generation: list, path: Path) -> None:
 
 
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--plot":  # redraw the plot of a results file
+        payload = json.loads(Path(sys.argv[2]).read_text())
+        return plot(payload["training"], payload["generation"], Path(sys.argv[2]).with_suffix(".png"))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="64,256")
     parser.add_argument("--iters", type=int, default=10, help="timed steps per round")
     parser.add_argument("--mixers", default=",".join(MIXERS))
+    parser.add_argument("--paths", default="eager,cuda graph", help=f"training paths, of {list(PATHS)}")
+    parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--contexts", default="256,1024,16384")
     parser.add_argument("--gen-tokens", type=int, default=100)
     parser.add_argument("--data", help="corpus for the tether train runs (skipped without it)")
     parser.add_argument("--trainer-iters", type=int, default=300)
-    parser.add_argument("--profile", action="store_true", help="also print a profile of the spiking step")
+    parser.add_argument("--profile", choices=["eager", "compile"], help="also print a profile of the spiking step")
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = LMConfig()
@@ -169,9 +178,9 @@ def main():
     training, generation, trainer = [], [], []
     for mixer in mixers:
         for batch in map(int, args.batches.split(",")):
-            for cuda_graph in (False, True):
-                iters = args.iters if cuda_graph or mixer != "ttt-mlp" else max(2, args.iters // 5)
-                row = measure_training(replace(cfg, mixer=mixer), batch, cuda_graph, iters)
+            for path in args.paths.split(","):
+                iters = args.iters if path != "eager" or mixer != "ttt-mlp" else max(2, args.iters // 5)
+                row = measure_training(replace(cfg, mixer=mixer), batch, path, iters)
                 training.append(row)
                 print(row, flush=True)
     eager64 = {r["mixer"]: r["tokens_per_s"] for r in training if r["batch"] == 64 and r["path"] == "eager"}
@@ -183,7 +192,7 @@ def main():
         if same:
             row["vs_softmax_same"] = row["tokens_per_s"] / same[0]["tokens_per_s"]
             row["memory_vs_softmax_same"] = row["peak_mib"] / same[0]["peak_mib"]
-    for mixer in mixers:
+    for mixer in mixers if not args.skip_generation else ():
         for batch in (1, 64):
             # ttt-mlp reruns its 256-token window on every token (a growing state: never graphed)
             for cuda_graph in (False, True) if mixer != "ttt-mlp" else (False,):
@@ -199,14 +208,14 @@ def main():
             row["vs_bench_step"] = row["tokens_per_s_steady"] / bench[0]["tokens_per_s"] if bench else None
             trainer.append(row)
             print(row, flush=True)
-    profile = profile_training(cfg, 64) if args.profile else None
+    profile = profile_training(cfg, 64, args.profile == "compile") if args.profile else None
     if profile:
         print(profile)
 
     table = (f"Default model (d_model {cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head} heads, "
              f"{cfg.block_size} tokens), bf16 autocast, AdamW (fused, capturable), grad clip 1. Median of 3 rounds "
              f"of {args.iters} steps. `cuda graph`: the step replayed from a CUDA graph (tether.step.TrainStep).\n\n"
-             + markdown_table(training, ["mixer", "batch", "path", "ms_per_step", "tokens_per_s", "peak_mib",
+             + markdown_table(training, ["mixer", "batch", "path", "warmup_s", "ms_per_step", "tokens_per_s", "peak_mib",
                                          "vs_softmax_eager_b64", "vs_softmax_same", "memory_vs_softmax_same"])
              + "\n\n`tether train` (default model and arguments, --max-iters "
              f"{args.trainer_iters}): steady tokens/s (median of its log intervals) vs the graphed bench step.\n\n"

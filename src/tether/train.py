@@ -31,11 +31,14 @@ from tether.step import TrainStep, autocast, make_optimizer
 # and on --resume the saved run's values come before these.
 # GPU dropout 0.2: in a 90 s H100 check (dropout 0.1) train loss was already 0.21 below val loss, and a
 # 9.5 minute run sees the 1M-character corpus ~200 times.
+# On a GPU the step is compiled (torch.compile fuses the norms, casts and dropout around the kernels) and
+# replayed from a CUDA graph: benchmarks/results/lm_bench.md.
 GPU_DEFAULTS = dict(batch_size=64, block_size=256, d_model=None, n_layer=4, lr=1e-3, max_iters=100_000,
-                    time_budget=9.5, eval_interval=500, eval_iters=20, log_interval=10, dropout=0.2)
+                    time_budget=9.5, eval_interval=500, eval_iters=20, log_interval=10, dropout=0.2, compile=True)
 CPU_DEFAULTS = dict(batch_size=16, block_size=64, d_model=128, n_layer=4, lr=2e-3, max_iters=2_000,
-                    time_budget=3.0, eval_interval=100, eval_iters=10, log_interval=10, dropout=None)
-COMMON_DEFAULTS = dict(data=None, mixer="spiking", out="runs/tether", seed=1337, compile=False,
+                    time_budget=3.0, eval_interval=100, eval_iters=10, log_interval=10, dropout=None,
+                    compile=False)
+COMMON_DEFAULTS = dict(data=None, mixer="spiking", out="runs/tether", seed=1337,
                        weight_decay=0.1, grad_clip=1.0, warmup_iters=100, sample_tokens=500)
 SAMPLE_PROMPT = "ROMEO:"
 BEST = "best"  # subdirectory of --out with the weights of the lowest validation loss
@@ -64,10 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float, help="max global grad norm")
     p.add_argument("--seed", type=int)
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay the training step from a CUDA graph (default: on for one CUDA process "
-                        "without --compile)")
+                   help="replay the training step from a CUDA graph (default: on for one CUDA process)")
     p.add_argument("--sample-tokens", type=int, help="characters generated at the end")
 
 
@@ -300,10 +303,9 @@ def train(args: argparse.Namespace) -> dict:
 
     cuda_graph = args.cuda_graph
     if cuda_graph is None:
-        cuda_graph = device.type == "cuda" and world.world == 1 and not args.compile
-    elif cuda_graph and (device.type != "cuda" or world.world > 1 or args.compile):
-        raise ValueError("--cuda-graph: expected one CUDA process without --compile, got "
-                         f"device {device}, {world.world} processes, compile {bool(args.compile)}")
+        cuda_graph = device.type == "cuda" and world.world == 1
+    elif cuda_graph and (device.type != "cuda" or world.world > 1):
+        raise ValueError(f"--cuda-graph: expected one CUDA process, got device {device}, {world.world} processes")
     train_step = TrainStep(model, raw, optimizer, grad_clip=args.grad_clip, device=device, cuda_graph=cuda_graph)
     bar = ProgressBar(args.max_iters, 60 * args.time_budget)
     tokens_per_step = args.batch_size * args.block_size
@@ -350,7 +352,7 @@ def train(args: argparse.Namespace) -> dict:
                 interval_steps, interval_start, paused = 0, time.monotonic(), 0.0
             if step % args.eval_interval == 0 and not last:
                 eval_start = time.monotonic()
-                val_loss = evaluate(model, corpus, args, world, args.eval_iters)
+                val_loss = evaluate(raw, corpus, args, world, args.eval_iters)
                 track_best(val_loss)
                 if world.main:
                     energy = raw.energy_per_token()
@@ -375,7 +377,7 @@ def train(args: argparse.Namespace) -> dict:
             print(f"checkpoint after the error failed too: {err}", file=sys.stderr)
         raise
 
-    val_loss = evaluate(model, corpus, args, world, FINAL_EVAL_FACTOR * args.eval_iters)
+    val_loss = evaluate(raw, corpus, args, world, FINAL_EVAL_FACTOR * args.eval_iters)
     track_best(val_loss)
     summary = {}
     if world.main:
