@@ -55,15 +55,16 @@ def measure_graphed_kernels(inputs, grad_out):
     from tether.kernels.spike_attention import spike_attention_backward, spike_attention_forward
 
     q, k, v, gamma = (t.detach() if isinstance(t, torch.Tensor) else t for t in inputs)
+    qkv = torch.stack((q, k, v), 2)  # [T, B, 3, H, D], the kernels' layout
     per_head = gamma if isinstance(gamma, torch.Tensor) else torch.full((H,), gamma, device=DEVICE)  # [H]
     zeros = torch.zeros(B, H, D, device=DEVICE)  # initial state and grad of the final state, [B, H, D]
 
     def forward():
-        return spike_attention_forward(q, k, v, per_head, zeros)
+        return spike_attention_forward(qkv, per_head, zeros)
 
     def train():
         _, _, entering = forward()
-        return spike_attention_backward(q, k, v, per_head, entering, grad_out, zeros,
+        return spike_attention_backward(qkv, per_head, entering, grad_out, zeros,
                                         isinstance(gamma, torch.Tensor))
 
     stats = {}

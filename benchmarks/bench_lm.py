@@ -82,13 +82,13 @@ def profile_training(cfg: LMConfig, batch: int, compile: bool, steps: int = 3) -
     return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
 
 
-def measure_generation(cfg: LMConfig, batch: int, contexts, tokens: int, cuda_graph: bool) -> list:
+def measure_generation(cfg: LMConfig, batch: int, contexts, tokens: int, path: str) -> list:
     """ms a token of Decoder.step (greedy) after a prompt of each context length; per context, the median of
     5 rounds of `tokens` steps."""
     model = build_model(cfg).cuda().eval()
     rows = []
     for context in contexts:
-        decoder = Decoder(model, batch, "cuda", cuda_graph=cuda_graph)
+        decoder = Decoder(model, batch, "cuda", *PATHS[path])
         with torch.no_grad():
             prompt = torch.randint(cfg.vocab_size, (batch, context), device="cuda")  # [B, context]
             token = decoder.prefill(prompt).argmax(-1)  # [B]
@@ -104,7 +104,7 @@ def measure_generation(cfg: LMConfig, batch: int, contexts, tokens: int, cuda_gr
                 rounds.append((time.perf_counter() - start) / tokens)
         seconds = sorted(rounds)[2]
         state = sum(t.numel() * t.element_size() for t in _tensors(decoder.state))
-        rows.append({"mixer": cfg.mixer, "path": "cuda graph" if decoder.graph is not None else "eager",
+        rows.append({"mixer": cfg.mixer, "path": path if decoder.graph is not None or path == "eager" else "eager",
                      "batch": batch, "context": context, "ms_per_token": seconds * 1e3,
                      "tokens_per_s": batch / seconds, "state_kib_per_seq": state / batch / 2**10})
         del decoder
@@ -138,7 +138,7 @@ def plot(training: list, generation: list, path: Path) -> None:
     ax1.set_ylabel("training tokens/s (M)")
     ax1.set_title("training step, bf16 autocast + AdamW")
     for mixer in MIXERS:
-        for path, style in (("cuda graph", "-o"), ("eager", "--x")):
+        for path, style in (("compile + cuda graph", "-o"), ("cuda graph", "-s"), ("eager", "--x")):
             rows = [r for r in generation if r["mixer"] == mixer and r["batch"] == 1 and r["path"] == path]
             if rows:
                 ax2.plot([r["context"] for r in rows], [r["ms_per_token"] for r in rows], style,
@@ -195,9 +195,9 @@ def main():
     for mixer in mixers if not args.skip_generation else ():
         for batch in (1, 64):
             # ttt-mlp reruns its 256-token window on every token (a growing state: never graphed)
-            for cuda_graph in (False, True) if mixer != "ttt-mlp" else (False,):
+            for path in args.paths.split(",") if mixer != "ttt-mlp" else ("eager",):
                 ctx, tokens = (contexts, args.gen_tokens) if mixer != "ttt-mlp" else (contexts[:1], 10)
-                rows = measure_generation(replace(cfg, mixer=mixer), batch, ctx, tokens, cuda_graph)
+                rows = measure_generation(replace(cfg, mixer=mixer), batch, ctx, tokens, path)
                 generation.extend(rows)
                 for row in rows:
                     print(row, flush=True)

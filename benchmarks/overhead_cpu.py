@@ -44,15 +44,14 @@ def mock_launchers():
                 grad_spikes.new_empty(N, dtype=f32) if grad_decay else None,
                 grad_spikes.new_empty(N, dtype=f32) if grad_threshold else None)
 
-    def attention_forward(q, k, v, gamma, state):
-        T, B, H, D = q.shape
-        f32 = q.new_empty(0, dtype=torch.float32)
+    def attention_forward(qkv, gamma, state):
+        T, B, _, H, D = qkv.shape
+        f32 = qkv.new_empty(0, dtype=torch.float32)
         return (f32.new_empty(T, B, H, D), f32.new_empty(B, H, D),
                 f32.new_empty(-(-T // attention_kernels.CHUNK), B, H, D))
 
-    def attention_backward(q, k, v, gamma, entering, dout, dfinal, need_dgamma):
-        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(dfinal),
-                torch.empty_like(gamma))
+    def attention_backward(qkv, gamma, entering, dout, dfinal, need_dgamma):
+        return torch.empty_like(qkv), torch.empty_like(dfinal), torch.empty_like(gamma)
 
     def pack(s):
         return s.new_empty((*s.shape[:-1], (s.shape[-1] + 7) // 8), dtype=torch.uint8)

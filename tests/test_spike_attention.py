@@ -102,7 +102,7 @@ def test_forward_launcher_matches_reference(device):
     q, k, v = qkv(T, B, D, device=device)
     gamma = torch.tensor([0.5, 0.9, 1.0], device=device)
     state = torch.randn(B, H, D, device=device)
-    out, final, entering = spike_attention_forward(q, k, v, gamma, state)
+    out, final, entering = spike_attention_forward(torch.stack((q, k, v), 2), gamma, state)
     ref_out, ref_final = reference(q, k, v, gamma, state)
     close(out, ref_out, 1e-5)
     close(final, ref_final, 1e-5)
@@ -168,7 +168,8 @@ def test_custom_op_registration(device):
     q, k, v = [t.requires_grad_() for t in qkv(T, B, D, device=device)]
     gamma = torch.tensor([0.5, 0.9, 1.0], device=device, requires_grad=True)
     state = torch.randn(B, H, D, device=device, requires_grad=True)
-    torch.library.opcheck(_elementwise, (q, k, v, gamma, state),
+    packed = torch.stack((q, k, v), 2).detach().requires_grad_()  # [T, B, 3, H, D], the op's layout
+    torch.library.opcheck(_elementwise, (packed, gamma, state),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
     compiled = torch.compile(spike_attention, fullgraph=True, backend="aot_eager")
@@ -176,6 +177,25 @@ def test_custom_op_registration(device):
     ref_out, ref_final = reference(q, k, v, gamma, state)
     close(out, ref_out, 1e-5)
     assert_same_grads((out, final), (ref_out, ref_final), [q, k, v, gamma, state], 1e-4)
+
+
+def test_packed_qkv_is_the_same_op(device):
+    """spike_attention_qkv on the packed [T, B, 3, H, D] tensor == spike_attention on its three views, outputs
+    and gradients (the gradient of the packed input comes back packed)."""
+    from tether.functional import spike_attention_qkv
+
+    T, B, D = 2 * 32 + 3, 2, 8
+    q, k, v = qkv(T, B, D, device=device)
+    packed = torch.stack((q, k, v), 2).requires_grad_()
+    gamma = torch.tensor([0.5, 0.9, 1.0], device=device, requires_grad=True)
+    state = torch.randn(B, H, D, device=device, requires_grad=True)
+    out, final = spike_attention_qkv(packed, gamma, state)
+    ref_out, ref_final = reference(*packed.unbind(2), gamma, state)
+    close(out, ref_out, 1e-5)
+    close(final, ref_final, 1e-5)
+    assert_same_grads((out, final), (ref_out, ref_final), [packed, gamma, state], 1e-4)
+    with pytest.raises(ValueError, match=r"qkv: expected a \[T, B, 3, H, D\] tensor"):
+        spike_attention_qkv(q, gamma, state)
 
 
 def test_reference_path_without_interpreter(monkeypatch, launches):

@@ -27,14 +27,16 @@ class Decoder:
     ``cuda_graph`` (default: on CUDA): after two eager steps the step is captured as a CUDA graph and
     replayed, so a token costs one replay of host time instead of a forward's worth of launches. A state
     that grows (the TTT-MLP mixer's token context) is replaced on every step and never graphed.
+    ``compile``: the step is ``torch.compile``'d first (fewer, fused kernels; the compilation takes seconds).
     ``prefill(idx [B, T])`` and ``step(idx [B])`` return the logits of the last token ``[B, V]`` (a view of a
     fixed buffer when graphed: read it before the next call).
     """
 
     WARMUP = 2
 
-    def __init__(self, model, batch_size: int, device, cuda_graph: Optional[bool] = None):
+    def __init__(self, model, batch_size: int, device, cuda_graph: Optional[bool] = None, compile: bool = False):
         self.model, self.device = model, torch.device(device)
+        self._step = torch.compile(model.step) if compile else model.step
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph: expected a CUDA device, got {device}")
@@ -70,7 +72,7 @@ class Decoder:
         if self.graph is None and self.cuda_graph and self.steps > self.WARMUP and not self._full():
             self._capture(idx)
         if self.graph is None or self._full():
-            logits, state = self.model.step(idx, self.state)
+            logits, state = (self.model.step if self._full() else self._step)(idx, self.state)
             self._keep(state)
             return logits
         self.idx.copy_(idx)
@@ -85,7 +87,7 @@ class Decoder:
         torch.cuda.synchronize(self.device)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits, state = self.model.step(self.idx, self.state)
+            self.logits, state = self._step(self.idx, self.state)
             self._keep(state)
         if length is not None:
             self.state.length = length  # capture ran the host side of the step once, the device side not

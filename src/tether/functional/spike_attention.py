@@ -15,13 +15,13 @@ from tether.reference.spike_attention import (check_spike_attention_args, comput
 MATRIX_CHUNK = 64
 
 
-def _elementwise_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
+def _elementwise_kernel(qkv: torch.Tensor, gamma: torch.Tensor,
                         state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> out, final state, state entering each chunk (kept for the backward)."""
+    """qkv [T, B, 3, H, D] -> out, final state, state entering each chunk (kept for the backward)."""
     # kernels are imported on first use: triton is only a dependency on Linux, the CPU path needs none
     from tether.kernels.spike_attention import spike_attention_forward
 
-    return spike_attention_forward(q, k, v, gamma, state)
+    return spike_attention_forward(qkv, gamma, state)
 
 
 # the op torch.compile traces; eager calls go through _Elementwise to the launchers without the custom-op dispatch
@@ -29,22 +29,21 @@ _elementwise = torch.library.custom_op("tether::spike_attention_elementwise", _e
 
 
 @_elementwise.register_fake
-def _(q, k, v, gamma, state):
+def _(qkv, gamma, state):
     from tether.kernels import cdiv
     from tether.kernels.spike_attention import CHUNK
 
-    T, B, H, D = q.shape
-    return (q.new_empty(T, B, H, D, dtype=torch.float32), q.new_empty(B, H, D, dtype=torch.float32),
-            q.new_empty(cdiv(T, CHUNK), B, H, D, dtype=torch.float32))
+    T, B, _, H, D = qkv.shape
+    return (qkv.new_empty(T, B, H, D, dtype=torch.float32), qkv.new_empty(B, H, D, dtype=torch.float32),
+            qkv.new_empty(cdiv(T, CHUNK), B, H, D, dtype=torch.float32))
 
 
-def _elementwise_backward_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
-                                 entering: torch.Tensor, dout: torch.Tensor, dfinal: torch.Tensor,
-                                 need_dgamma: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                             torch.Tensor]:
+def _elementwise_backward_kernel(qkv: torch.Tensor, gamma: torch.Tensor, entering: torch.Tensor,
+                                 dout: torch.Tensor, dfinal: torch.Tensor,
+                                 need_dgamma: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from tether.kernels.spike_attention import spike_attention_backward
 
-    return spike_attention_backward(q, k, v, gamma, entering, dout, dfinal, need_dgamma)
+    return spike_attention_backward(qkv, gamma, entering, dout, dfinal, need_dgamma)
 
 
 _elementwise_backward = torch.library.custom_op("tether::spike_attention_elementwise_backward",
@@ -52,27 +51,26 @@ _elementwise_backward = torch.library.custom_op("tether::spike_attention_element
 
 
 @_elementwise_backward.register_fake
-def _(q, k, v, gamma, entering, dout, dfinal, need_dgamma):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(dfinal),
-            torch.empty_like(gamma))
+def _(qkv, gamma, entering, dout, dfinal, need_dgamma):
+    return torch.empty_like(qkv), torch.empty_like(dfinal), torch.empty_like(gamma)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, gamma, state = inputs
-    # saved: q, k, v as they came (2 B/elem each in bf16) + fp32 chunk-entry states (4 / CHUNK B/elem)
-    ctx.save_for_backward(q, k, v, gamma, output[2])
+    qkv, gamma, state = inputs
+    # saved: qkv as it came (2 B/elem of q, k and v each in bf16) + fp32 chunk-entry states (4 / CHUNK B/elem)
+    ctx.save_for_backward(qkv, gamma, output[2])
 
 
 def _backward_with(elementwise_backward, ctx, dout, dfinal):
-    """dq, dk, dv, dgamma, dstate; elementwise_backward: the custom op (traced) or its kernel body (eager)."""
-    q, k, v, gamma, entering = ctx.saved_tensors
+    """dqkv, dgamma, dstate; elementwise_backward: the custom op (traced) or its kernel body (eager)."""
+    qkv, gamma, entering = ctx.saved_tensors
     if dout is None:  # only the final state was used
-        dout = entering.new_zeros(q.shape)  # [T, B, H, D]
+        T, B, _, H, D = qkv.shape
+        dout = entering.new_zeros(T, B, H, D)
     if dfinal is None:  # only out was used
         dfinal = entering.new_zeros(entering.shape[1:])  # [B, H, D]
-    dq, dk, dv, dstate, dgamma = elementwise_backward(q, k, v, gamma, entering, dout, dfinal,
-                                                      ctx.needs_input_grad[3])
-    return dq, dk, dv, dgamma if ctx.needs_input_grad[3] else None, dstate
+    dqkv, dstate, dgamma = elementwise_backward(qkv, gamma, entering, dout, dfinal, ctx.needs_input_grad[1])
+    return dqkv, dgamma if ctx.needs_input_grad[1] else None, dstate
 
 
 def _backward(ctx, dout, dfinal, _dentering):
@@ -87,9 +85,9 @@ class _Elementwise(torch.autograd.Function):
     register_autograd dispatch cost about 2x the Python time of this path per call)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, gamma, state):
-        output = _elementwise_kernel(q, k, v, gamma, state)
-        _setup_context(ctx, (q, k, v, gamma, state), output)
+    def forward(ctx, qkv, gamma, state):
+        output = _elementwise_kernel(qkv, gamma, state)
+        _setup_context(ctx, (qkv, gamma, state), output)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to allocate
         return output[0], output[1]
 
@@ -122,17 +120,33 @@ def spike_attention(q, k, v, gamma=1.0, state=None, *, form="elementwise"):
 
     gamma: decay in (0, 1], a float, 0-d tensor or [H] tensor (may require grad).
     state: [B, H, D] (elementwise) or [B, H, D, D] (matrix, scale 1/D) to continue a sequence.
-    Returns (out [T, B, H, D] fp32, final state fp32).
+    Returns (out [T, B, H, D] fp32, final state fp32). The kernels read q, k, v packed: a projection that
+    makes them as one tensor calls ``spike_attention_qkv`` and saves the copy into that layout.
     """
     check_spike_attention_args(q, k, v, gamma, state, form)
     if form == "matrix":
         return _matrix_chunked(q, k, v, gamma, state, 1.0 / q.shape[-1])
     if not use_triton(q):
         return spike_attention_cumsum(q, k, v, gamma, state)
-    T, B, H, D = q.shape
-    gamma = gamma_per_head(gamma, H, torch.float32, q.device)  # [H]
-    state = torch.zeros(B, H, D, device=q.device, dtype=torch.float32) if state is None else state.float()
+    return _elementwise_op(torch.stack((q, k, v), dim=2), gamma, state)
+
+
+def spike_attention_qkv(qkv, gamma=1.0, state=None):
+    """``spike_attention(q, k, v, gamma, state)`` (elementwise form) with ``q, k, v = qkv.unbind(2)`` for
+    ``qkv [T, B, 3, H, D]``: the kernels read the packed tensor as it is, and its gradient comes back packed."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv: expected a [T, B, 3, H, D] tensor, got shape {tuple(qkv.shape)}")
+    if not use_triton(qkv):
+        return spike_attention(*qkv.unbind(2), gamma, state)
+    check_spike_attention_args(*qkv.unbind(2), gamma, state, "elementwise")
+    return _elementwise_op(qkv, gamma, state)
+
+
+def _elementwise_op(qkv, gamma, state):
+    T, B, _, H, D = qkv.shape
+    gamma = gamma_per_head(gamma, H, torch.float32, qkv.device)  # [H]
+    state = torch.zeros(B, H, D, device=qkv.device, dtype=torch.float32) if state is None else state.float()
     if torch.compiler.is_compiling():
-        out, final, _ = _elementwise(q, k, v, gamma, state)
+        out, final, _ = _elementwise(qkv, gamma, state)
         return out, final
-    return _Elementwise.apply(q, k, v, gamma, state)
+    return _Elementwise.apply(qkv, gamma, state)

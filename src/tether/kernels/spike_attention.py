@@ -2,8 +2,9 @@
 
     C_t = gamma_h * C_{t-1} + k_t * v_t,   o_t = q_t * C_t        per (b, h, d) channel
 
-Layout: q, k, v, out and their grads are contiguous [T, B, H, D] (any float dtype in, fp32 math); state and
-per-chunk states are [B, H, D] / [n_chunks, B, H, D] fp32; gamma is [H] fp32.
+Layout: q, k, v and their grads are packed as one contiguous qkv [T, B, 3, H, D] (the projection's output as it
+comes, any float dtype; fp32 math); out and dout are contiguous [T, B, H, D]; state and per-chunk states are
+[B, H, D] / [n_chunks, B, H, D] fp32; gamma is [H] fp32.
 
 Time is cut into chunks of CHUNK steps and every pass but one runs all chunks in parallel:
   1. `_chunk_sums_kernel`, grid (n_chunks, B*H, D blocks): what each chunk adds to the state it hands on;
@@ -45,18 +46,21 @@ def _scan(x, gamma, powers, carry, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _chunk_tile(T, D, N, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's chunk c, channels [BLOCK_D], [CHUNK, BLOCK_D] offsets and mask, index of its last row."""
+def _chunk_tile(T, H, D, N, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's chunk c, channels [BLOCK_D], [CHUNK, BLOCK_D] offsets into [T, B, H, D] (offs) and into
+    the packed [T, B, 3, H, D] (packed, of q; k and v are H * D further each), mask, index of its last row."""
     c = tl.program_id(0)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     rows = tl.arange(0, CHUNK)
-    channel = tl.program_id(1) * D + d  # program_id(1) = b * H + h
+    bh = tl.program_id(1)  # b * H + h
+    channel = bh * D + d
     t = c * CHUNK + rows
     offs = t.to(tl.int64)[:, None] * N + channel[None, :]
+    packed = t.to(tl.int64)[:, None] * (3 * N) + ((bh // H) * (3 * H * D) + (bh % H) * D + d)[None, :]
     d_mask = d < D
     mask = (t < T)[:, None] & d_mask[None, :]
     last = tl.minimum(T - c * CHUNK, CHUNK) - 1
-    return c, rows, channel, d_mask, offs, mask, last
+    return c, rows, channel, d_mask, offs, packed, mask, last
 
 
 @triton.jit
@@ -67,12 +71,12 @@ def _load(ptr, offs, mask):
 @triton.jit
 def _chunk_sums_kernel(a_ptr, b_ptr, gamma_ptr, sums_ptr, T, H, D, N,
                        CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, TO_START: tl.constexpr):
-    """sums[c] = sum_i w_i a_i b_i over the chunk's rows: w_i = gamma^(last - i) (forward, x = k v, what the
-    chunk adds to the state at its end) or gamma^(i + 1) (backward, g = dout q, what it adds to the
-    adjoint of the state before it)."""
-    c, rows, channel, d_mask, offs, mask, last = _chunk_tile(T, D, N, CHUNK, BLOCK_D)
+    """sums[c] = sum_i w_i a_i b_i over the chunk's rows: w_i = gamma^(last - i) (forward, x = k v, both
+    packed, what the chunk adds to the state at its end) or gamma^(i + 1) (backward, g = dout q with q
+    packed, what it adds to the adjoint of the state before it)."""
+    c, rows, channel, d_mask, offs, packed, mask, last = _chunk_tile(T, H, D, N, CHUNK, BLOCK_D)
     log2_gamma = tl.log2(tl.load(gamma_ptr + tl.program_id(1) % H))
-    x = _load(a_ptr, offs, mask) * _load(b_ptr, offs, mask)
+    x = _load(a_ptr, packed, mask) * _load(b_ptr, offs if TO_START else packed, mask)
     weights = _powers(rows + 1 if TO_START else last - rows, log2_gamma)
     tl.store(sums_ptr + c.to(tl.int64) * N + channel, tl.sum(weights[:, None] * x, axis=0), mask=d_mask)
 
@@ -102,12 +106,12 @@ def _carry_kernel(sums_ptr, gamma_ptr, init_ptr, entering_ptr, final_ptr, T, H, 
 def _chunk_forward_kernel(q_ptr, k_ptr, v_ptr, gamma_ptr, entering_ptr, out_ptr, T, H, D, N,
                           CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
     """out = q * C over one chunk, C = scan of k v + gamma^(i+1) * entering state."""
-    c, rows, channel, d_mask, offs, mask, last = _chunk_tile(T, D, N, CHUNK, BLOCK_D)
+    c, rows, channel, d_mask, offs, packed, mask, last = _chunk_tile(T, H, D, N, CHUNK, BLOCK_D)
     gamma = tl.load(gamma_ptr + tl.program_id(1) % H)
     entering = tl.load(entering_ptr + c.to(tl.int64) * N + channel, mask=d_mask, other=0.0)
-    x = _load(k_ptr, offs, mask) * _load(v_ptr, offs, mask)
+    x = _load(k_ptr, packed, mask) * _load(v_ptr, packed, mask)
     C = _scan(x, gamma, _powers(rows + 1, tl.log2(gamma)), entering, False)
-    tl.store(out_ptr + offs, _load(q_ptr, offs, mask) * C, mask=mask)
+    tl.store(out_ptr + offs, _load(q_ptr, packed, mask) * C, mask=mask)
 
 
 @triton.jit
@@ -116,22 +120,22 @@ def _chunk_backward_kernel(q_ptr, k_ptr, v_ptr, gamma_ptr, entering_ptr, adjoint
                            CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, NEED_DGAMMA: tl.constexpr):
     """dq = dout C, dk = G v, dv = G k over one chunk, with G = reverse scan of dout q + gamma^(last-i) * adjoint
     (same code as the forward scan); per-program partial sums of dgamma = sum_t G_t C_{t-1}."""
-    c, rows, channel, d_mask, offs, mask, last = _chunk_tile(T, D, N, CHUNK, BLOCK_D)
+    c, rows, channel, d_mask, offs, packed, mask, last = _chunk_tile(T, H, D, N, CHUNK, BLOCK_D)
     gamma = tl.load(gamma_ptr + tl.program_id(1) % H)
     log2_gamma = tl.log2(gamma)
     entering = tl.load(entering_ptr + c.to(tl.int64) * N + channel, mask=d_mask, other=0.0)
     adjoint = tl.load(adjoint_ptr + c.to(tl.int64) * N + channel, mask=d_mask, other=0.0)
-    q, k, v, dout = _load(q_ptr, offs, mask), _load(k_ptr, offs, mask), _load(v_ptr, offs, mask), \
+    q, k, v, dout = _load(q_ptr, packed, mask), _load(k_ptr, packed, mask), _load(v_ptr, packed, mask), \
         _load(dout_ptr, offs, mask)
     C = _scan(k * v, gamma, _powers(rows + 1, log2_gamma), entering, False)  # recomputed states
     G = _scan(dout * q, gamma, _powers(last - rows, log2_gamma), adjoint, True)  # padded rows: G = 0
-    tl.store(dq_ptr + offs, (dout * C).to(dq_ptr.dtype.element_ty), mask=mask)
-    tl.store(dk_ptr + offs, (G * v).to(dk_ptr.dtype.element_ty), mask=mask)
-    tl.store(dv_ptr + offs, (G * k).to(dv_ptr.dtype.element_ty), mask=mask)
+    tl.store(dq_ptr + packed, (dout * C).to(dq_ptr.dtype.element_ty), mask=mask)
+    tl.store(dk_ptr + packed, (G * v).to(dk_ptr.dtype.element_ty), mask=mask)
+    tl.store(dv_ptr + packed, (G * k).to(dv_ptr.dtype.element_ty), mask=mask)
     if NEED_DGAMMA:
         # C_{t-1}: the same scan over k v shifted down one row (rows come from cache), not (C_t - k_t v_t) / gamma
         shifted = mask & (rows > 0)[:, None]
-        C_prev = _scan(_load(k_ptr, offs - N, shifted) * _load(v_ptr, offs - N, shifted), gamma,
+        C_prev = _scan(_load(k_ptr, packed - 3 * N, shifted) * _load(v_ptr, packed - 3 * N, shifted), gamma,
                        _powers(rows, log2_gamma), entering, False)
         program = (c * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
         tl.store(dgamma_ptr + program, tl.sum(tl.sum(G * C_prev, axis=0), axis=0))
@@ -144,20 +148,21 @@ def _grids(T: int, B: int, H: int, D: int):
     return block_d, (n_chunks, B * H, cdiv(D, block_d)), (cdiv(B * H * D, CARRY_BLOCK),)
 
 
-def spike_attention_forward(q, k, v, gamma, state):
-    """q, k, v [T, B, H, D]; gamma [H] fp32; state [B, H, D] fp32.
+def spike_attention_forward(qkv, gamma, state):
+    """qkv [T, B, 3, H, D] (q, k, v packed, contiguous); gamma [H] fp32; state [B, H, D] fp32.
 
     Returns out [T, B, H, D] fp32, final state [B, H, D] fp32 and the state entering each chunk
     [cdiv(T, CHUNK), B, H, D] fp32 (what the backward recomputes from).
     """
-    T, B, H, D = q.shape
-    q, k, v, gamma, state = (t.contiguous() for t in (q, k, v, gamma, state))
+    T, B, _, H, D = qkv.shape
+    qkv, gamma, state = (t.contiguous() for t in (qkv, gamma, state))
+    q, k, v = qkv.unbind(2)  # views: the kernels address them through the packed layout
     N = B * H * D
     block_d, chunk_grid, carry_grid = _grids(T, B, H, D)
-    sums = torch.empty(chunk_grid[0], B, H, D, device=q.device, dtype=torch.float32)
+    sums = torch.empty(chunk_grid[0], B, H, D, device=qkv.device, dtype=torch.float32)
     entering = torch.empty_like(sums)
-    final = torch.empty(B, H, D, device=q.device, dtype=torch.float32)
-    out = torch.empty(T, B, H, D, device=q.device, dtype=torch.float32)
+    final = torch.empty(B, H, D, device=qkv.device, dtype=torch.float32)
+    out = torch.empty(T, B, H, D, device=qkv.device, dtype=torch.float32)
     _chunk_sums_kernel[chunk_grid](k, v, gamma, sums, T, H, D, N, CHUNK=CHUNK, BLOCK_D=block_d, TO_START=False)
     _carry_kernel[carry_grid](sums, gamma, state, entering, final, T, H, D, N,
                               CHUNK=CHUNK, BLOCK=CARRY_BLOCK, REVERSE=False)
@@ -165,23 +170,24 @@ def spike_attention_forward(q, k, v, gamma, state):
     return out, final, entering
 
 
-def spike_attention_backward(q, k, v, gamma, entering, dout, dfinal, need_dgamma: bool):
-    """Gradients of (out, final state) -> dq, dk, dv (dtypes of q, k, v), dstate [B, H, D] fp32, dgamma [H] fp32.
-
-    dgamma is zeros unless need_dgamma (its partial sums cost a third scan per chunk).
+def spike_attention_backward(qkv, gamma, entering, dout, dfinal, need_dgamma: bool):
+    """Gradients of (out, final state) -> dqkv [T, B, 3, H, D] (qkv's dtype), dstate [B, H, D] fp32, dgamma [H]
+    fp32. dgamma is zeros unless need_dgamma (its partial sums cost a third scan per chunk).
     """
-    T, B, H, D = q.shape
-    q, k, v, gamma, entering, dout, dfinal = (t.contiguous() for t in (q, k, v, gamma, entering, dout, dfinal))
+    T, B, _, H, D = qkv.shape
+    qkv, gamma, entering, dout, dfinal = (t.contiguous() for t in (qkv, gamma, entering, dout, dfinal))
+    q, k, v = qkv.unbind(2)
     N = B * H * D
     block_d, chunk_grid, carry_grid = _grids(T, B, H, D)
     sums = torch.empty_like(entering)
     adjoint = torch.empty_like(entering)  # adjoint of each chunk's last state, from the chunks after it
-    dstate = torch.empty(B, H, D, device=q.device, dtype=torch.float32)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dgamma_parts = torch.zeros(chunk_grid[0], B, H, chunk_grid[2], device=q.device, dtype=torch.float32)
+    dstate = torch.empty(B, H, D, device=qkv.device, dtype=torch.float32)
+    dqkv = torch.empty_like(qkv)
+    dq, dk, dv = dqkv.unbind(2)
+    dgamma_parts = torch.zeros(chunk_grid[0], B, H, chunk_grid[2], device=qkv.device, dtype=torch.float32)
     _chunk_sums_kernel[chunk_grid](q, dout, gamma, sums, T, H, D, N, CHUNK=CHUNK, BLOCK_D=block_d, TO_START=True)
     _carry_kernel[carry_grid](sums, gamma, dfinal, adjoint, dstate, T, H, D, N,
                               CHUNK=CHUNK, BLOCK=CARRY_BLOCK, REVERSE=True)
     _chunk_backward_kernel[chunk_grid](q, k, v, gamma, entering, adjoint, dout, dq, dk, dv, dgamma_parts,
                                        T, H, D, N, CHUNK=CHUNK, BLOCK_D=block_d, NEED_DGAMMA=need_dgamma)
-    return dq, dk, dv, dstate, dgamma_parts.sum(dim=(0, 1, 3))
+    return dqkv, dstate, dgamma_parts.sum(dim=(0, 1, 3))

@@ -5,14 +5,21 @@ import torch
 import torch.nn as nn
 
 from tether.functional.lif import lif
-from tether.functional.spike_attention import spike_attention
+from tether.functional.spike_attention import spike_attention_qkv
 from tether.nn.spike_linear import SpikeLinear
 from tether.reference.lif import lif as loop_lif
 from tether.reference.spike_attention import spike_attention_cumsum
 
-# backend -> (LIF op, attention op): "fused" runs the Triton kernels (tether.functional picks kernel or
-# reference per device), "eager" is the same math from plain PyTorch ops (the benchmark's baseline)
-OPS = {"fused": (lif, spike_attention), "eager": (loop_lif, spike_attention_cumsum)}
+
+
+def _cumsum_qkv(qkv, gamma, state):
+    return spike_attention_cumsum(*qkv.unbind(2), gamma, state)
+
+
+# backend -> (LIF op, attention op on packed qkv [T, B, 3, H, D]): "fused" runs the Triton kernels
+# (tether.functional picks kernel or reference per device), "eager" is the same math from plain PyTorch ops
+# (the benchmark's baseline)
+OPS = {"fused": (lif, spike_attention_qkv), "eager": (loop_lif, _cumsum_qkv)}
 BACKENDS = tuple(OPS)
 
 
@@ -132,9 +139,8 @@ class SpikingSelfAttention(nn.Module):
         v_input, v_qkv, memory = state if state is not None else (None, None, None)
         spikes, v_input = self.input_neurons(x, v_input)  # [T, B, C]
         qkv, v_qkv = self.qkv_neurons(self.qkv(spikes), v_qkv)  # [T, B, 3C] spikes
-        q, k, v = qkv.view(T, B, 3, H, D).unbind(2)  # each [T, B, H, D]
         gamma = self.gamma  # [H]
-        out, memory = OPS[self.backend][1](q, k, v, gamma, memory)  # out [T, B, H, D] fp32
+        out, memory = OPS[self.backend][1](qkv.view(T, B, 3, H, D), gamma, memory)  # out [T, B, H, D] fp32
         out = out * (1 - gamma)[:, None]  # [T, B, H, D], in [0, 1]
         return self.proj(out.reshape(T, B, C)), (v_input, v_qkv, memory)
 
