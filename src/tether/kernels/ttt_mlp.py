@@ -862,7 +862,8 @@ def _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal, check
                          f"(16, 32, 64), got F={F}, CS={CS}")
     for name, t in (("xk", xk), ("xv", xv)):
         check_tensor(name, t, shape=xq.shape, dtypes=(xq.dtype,), device=xq.device)
-    check_tensor("lr", lr, shape=(B, NH, NC, CS, 1), dtypes=_DTYPES, device=xq.device)
+    # any float dtype: the kernels read lr as fp32 (an autocast layer passes fp32 rates with bf16 tokens)
+    check_tensor("lr", lr, shape=(B, NH, NC, CS, 1), dtypes=_DTYPES + (torch.float64,), device=xq.device)
     if causal:
         check_tensor("token_scale", token_scale, shape=(CS,), dtypes=(torch.float32,), device=xq.device)
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
