@@ -55,17 +55,16 @@ def kernel_args(inp):
     return [inp[k] for k in ("xq", "xk", "xv", "lr", "token_scale", "ln_weight", "ln_bias")]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_forward_and_backward_match_reference(shape, causal, dtype, device):
+def check_against_reference(shape, causal, dtype, device, **launch):
+    """The launchers (launch: block_k, split) vs the fp64 reference: outputs, checkpoints, final state, and
+    every gradient for random upstream gradients of the outputs and of the final state."""
     B, NH, NC, CS, F, G = shape
     inp = make_inputs(B, NH, NC, CS, F, dtype, device)
     assert use_triton(inp["xq"]) and kernels.supports(F, CS, dtype)
     tol_out, tol_grad = TOL[dtype]
 
     out, ckpts, final = kernels.ttt_mlp_fwd(*kernel_args(inp), inp["w1"], inp["b1"], inp["w2"], inp["b2"],
-                                            causal=causal, checkpoint_group_size=G)
+                                            causal=causal, checkpoint_group_size=G, **launch)
     ref_in, ref_out, ref_final, ref_ckpts = run_reference(inp, causal, G)
     assert out.dtype == dtype and out.shape == inp["xq"].shape
     assert rel_err(out, ref_out) < tol_out
@@ -77,7 +76,7 @@ def test_forward_and_backward_match_reference(shape, causal, dtype, device):
     grad_out = torch.randn_like(out)
     grad_last = [0.1 * torch.randn_like(s) for s in final]
     grads = kernels.ttt_mlp_bwd(*kernel_args(inp), *ckpts, grad_out, *grad_last, causal=causal,
-                                checkpoint_group_size=G)
+                                checkpoint_group_size=G, **launch)
     want = torch.autograd.grad([ref_out, *ref_final], [ref_in[k] for k in GRAD_NAMES],
                                [grad_out.double(), *(g.double() for g in grad_last)], allow_unused=True)
     for name, w in zip(GRAD_NAMES, want):
@@ -90,6 +89,53 @@ def test_forward_and_backward_match_reference(shape, causal, dtype, device):
             got = got.sum(0)
         assert got.shape == w.shape, name
         assert rel_err(got, w) < tol_grad, (name, rel_err(got, w))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_backward_match_reference(shape, causal, dtype, device):
+    check_against_reference(shape, causal, dtype, device)
+
+
+# head dims that are not a power of two (the launcher pads F to the next one: 48 -> 64, 80 -> 128; the LN
+# statistics are over the real F): every mode and dtype at F = 48 (the LM's head dim, d_model 384 / 8 heads),
+# two at F = 80; on the GPU also F = 96 at ttt-tk's CS = 64
+def padded_case(shape, causal, dtype):
+    return pytest.param(shape, causal, dtype, id=f"F{shape[4]}-CS{shape[3]}-{('non', '')[causal]}causal-{dtype}")
+
+
+GPU_DTYPES = (torch.bfloat16,) if torch.cuda.is_available() else ()
+PADDED = [padded_case((1, 2, 2, 16, 48, 1), causal, dtype) for causal in (False, True)
+          for dtype in (torch.float32, torch.float16, *GPU_DTYPES)]
+PADDED += [padded_case((1, 1, 2, 16, 80, 2), True, torch.float32),
+           padded_case((1, 1, 2, 16, 80, 2), False, torch.float16)]
+if torch.cuda.is_available():
+    PADDED += [padded_case((2, 2, 3, 64, 96, 2), causal, dtype) for causal in (False, True)
+               for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("shape, causal, dtype", PADDED)
+def test_padded_head_dims_match_reference(shape, causal, dtype, device):
+    check_against_reference(shape, causal, dtype, device)
+
+
+def test_supported_head_dims():
+    assert [F for F in range(8, 145, 8) if kernels.supports(F, 16, torch.float32)] == list(range(16, 129, 16))
+    assert kernels.unsupported(40, 16, torch.float32) == "head dim 40 is not a multiple of 16 (kernels take 16..128)"
+    assert "over 128" in kernels.unsupported(144, 16, torch.float32)
+    assert "mini-batch size 8" in kernels.unsupported(48, 8, torch.float32)
+    assert "state dtype torch.float64" in kernels.unsupported(48, 16, torch.float32, torch.float64)
+
+
+def test_learning_rates_of_any_float_dtype(device):
+    """The kernels read lr as fp32: an autocast layer's fp32 rates beside bf16 tokens, or fp64 ones."""
+    inp = make_inputs(1, 1, 1, 16, 16, torch.float32, device)
+    state = [inp[k] for k in ("w1", "b1", "w2", "b2")]
+    args = kernel_args(inp)
+    out = kernels.ttt_mlp_fwd(*args, *state, causal=True, checkpoint_group_size=1)[0]
+    args[3] = args[3].double()
+    torch.testing.assert_close(kernels.ttt_mlp_fwd(*args, *state, causal=True, checkpoint_group_size=1)[0], out)
 
 
 def test_launchers_write_into_given_buffers(device):
@@ -140,28 +186,16 @@ def test_bad_arguments_are_named(device):
 def test_split_programs_match_reference(shape, causal, dtype, split):
     """P programs per head (K = 256 in 4 blocks of 64) exchanging their partial sums over K; the second
     shape launches 1024 programs at P = 4, more than an H100 holds at once."""
-    B, NH, NC, CS, F, G = shape
-    inp = make_inputs(B, NH, NC, CS, F, dtype, "cuda")
-    tol_out, tol_grad = TOL[dtype]
-    out, ckpts, final = kernels.ttt_mlp_fwd(*kernel_args(inp), inp["w1"], inp["b1"], inp["w2"], inp["b2"],
-                                            causal=causal, checkpoint_group_size=G, block_k=64, split=split)
-    ref_in, ref_out, ref_final, ref_ckpts = run_reference(inp, causal, G)
-    assert rel_err(out, ref_out) < tol_out
-    for name, got, want in zip(("w1", "b1", "w2", "b2"), final + ckpts, ref_final + ref_ckpts):
-        assert rel_err(got, want) < tol_out, name
-    grad_out = torch.randn_like(out)
-    grad_last = [0.1 * torch.randn_like(s) for s in final]
-    grads = kernels.ttt_mlp_bwd(*kernel_args(inp), *ckpts, grad_out, *grad_last, causal=causal,
-                                checkpoint_group_size=G, block_k=64, split=split)
-    want = torch.autograd.grad([ref_out, *ref_final], [ref_in[k] for k in GRAD_NAMES],
-                               [grad_out.double(), *(g.double() for g in grad_last)], allow_unused=True)
-    for name, w in zip(GRAD_NAMES, want):
-        got = grads[name]
-        if w is None:
-            assert got is None and not causal
-            continue
-        got = got.sum(0) if name in ("ln_weight", "ln_bias") else got
-        assert rel_err(got, w) < tol_grad, (name, rel_err(got, w))
+    check_against_reference(shape, causal, dtype, "cuda", block_k=64, split=split)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="programs of a head wait for each other: GPU only")
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_split_programs_padded_head_dim(causal, dtype, split):
+    """Head dim 48 (padded to 64): K = 192 in 3 blocks of 64, one or three programs per head."""
+    check_against_reference((1, 2, 3, 16, 48, 2), causal, dtype, "cuda", block_k=64, split=split)
 
 
 def test_bad_split_is_named(device):

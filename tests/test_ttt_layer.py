@@ -1,6 +1,8 @@
 """The autograd op tether.functional.ttt_mlp vs the reference, and tether.nn.TTTMLP: shapes, gradients to
 every parameter, no leak from the future in causal mode."""
 import copy
+import importlib
+import warnings
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from tether.nn.ttt import TTTMLP
 from tether.reference.ttt_mlp import default_token_scale
 from tether.reference.ttt_mlp import ttt_mlp as reference
 
+functional = importlib.import_module("tether.functional.ttt_mlp")  # the module (tether.functional.ttt_mlp is the op)
 
 
 def op_vs_reference(B, NH, NC, CS, F, G, causal, dtype, tol):
@@ -52,6 +55,61 @@ def test_op_kernel_path_matches_reference(causal):
     x = torch.empty(1, 1, 3, 16, 16, device="cuda" if torch.cuda.is_available() else "cpu")
     assert _kernels(x, x.new_empty(1, 1, 16, 64)) is not None  # proves the kernel path is the one under test
     op_vs_reference(1, 1, 3, 16, 16, 2, causal, torch.float32, dict(atol=1e-4, rtol=1e-4))
+
+
+def run_op(F, CS, dtype, device):
+    """Forward and backward of the op on one tiny mini-batch (both pick the kernels or the reference)."""
+    args = [t.requires_grad_() for t in make_inputs(1, 1, 1, CS, F, dtype=dtype, device=device)]
+    out, _ = ttt_mlp(*args, causal=True)
+    out.sum().backward()
+
+
+def test_fallback_from_the_kernel_path_warns_once_per_reason(device, monkeypatch):
+    """Where the kernels could run (CUDA, or the interpreter), a case they cannot take says so, once."""
+    monkeypatch.setattr(functional, "_WARNED", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            run_op(40, 16, torch.float32, device)
+        run_op(48, 8, torch.float32, device)
+    assert [str(w.message) for w in caught if "tether.functional.ttt_mlp" in str(w.message)] == [
+        "tether.functional.ttt_mlp: head dim 40 is not a multiple of 16 (kernels take 16..128); running the "
+        "PyTorch reference (slow)",
+        "tether.functional.ttt_mlp: mini-batch size 8 is not 16, 32 or 64; running the PyTorch reference (slow)"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU paths")
+def test_cpu_reference_path_and_float64_stay_silent(monkeypatch):
+    monkeypatch.setattr(functional, "_WARNED", set())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="tether.functional.ttt_mlp")
+        run_op(40, 16, torch.float64, "cpu")  # gradcheck's dtype, under the interpreter
+        force_reference_path(monkeypatch)
+        run_op(40, 16, torch.float32, "cpu")  # the CPU path: the reference by design
+
+
+class _Reached(Exception):
+    pass
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_lm_head_dim_48_reaches_the_kernels(device, autocast, monkeypatch):
+    """TTTMLP(384, 8), the LM's mixer (head dim 48), calls the kernel launcher, also under bf16 autocast (bf16
+    tokens, fp32 learning rates and state). The spy stops at the call; the numbers are the kernel tests'."""
+    from tether.kernels import ttt_mlp as kernels
+    calls = []
+
+    def spy(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, *args, **kwargs):
+        calls.append((tuple(xq.shape), xq.dtype, lr.dtype, w1.dtype))
+        raise _Reached
+
+    monkeypatch.setattr(kernels, "ttt_mlp_fwd", spy)
+    layer = TTTMLP(384, 8).to(device)
+    x = torch.randn(1, 32, 384, device=device)
+    with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=autocast), pytest.raises(_Reached):
+        layer(x)
+    tokens = torch.bfloat16 if autocast else torch.float32
+    assert calls == [((1, 8, 2, 16, 48), tokens, torch.float32, torch.float32)]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])

@@ -4,6 +4,7 @@
 `tether.ttt` and the custom op `tether::ttt_mlp` both go through them, so the choice is made here only.
 The custom op saves its inputs and the group-start checkpoints; the backward recomputes each group.
 """
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -38,15 +39,26 @@ def check_inputs(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, token_scale
         check_tensor(n["token_scale"], token_scale, shape=(CS,), dtypes=(w1.dtype,), device=dev)
 
 
+_WARNED = set()  # the reasons for a reference fallback already warned about (once each per process)
+
+
 def _kernels(xq: torch.Tensor, state: torch.Tensor):
     """The Triton launcher module when it handles this case, else None (-> reference).
-    The kernels keep the state in fp32; fp64 (gradcheck) runs on the reference."""
-    if not use_triton(xq) or state.dtype != torch.float32:
+    On the CPU without the Triton interpreter the reference is the path by design: silent. Where the kernels
+    could run (CUDA, or the interpreter), a case they cannot take is warned about once per reason, except
+    fp64 on the CPU (gradcheck runs on the reference)."""
+    if not use_triton(xq):
         return None
     # imported on first use: triton is only a dependency on Linux, the CPU path needs none
     from tether.kernels import ttt_mlp as kernels
-    F, CS = xq.shape[-1], xq.shape[-2]
-    return kernels if kernels.supports(F, CS, xq.dtype) else None
+    reason = kernels.unsupported(xq.shape[-1], xq.shape[-2], xq.dtype, state.dtype)
+    if reason is None:
+        return kernels
+    fp64_on_cpu = not xq.is_cuda and torch.float64 in (xq.dtype, state.dtype)
+    if not fp64_on_cpu and reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"tether.functional.ttt_mlp: {reason}; running the PyTorch reference (slow)", stacklevel=3)
+    return None
 
 
 def forward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, *, causal: bool,

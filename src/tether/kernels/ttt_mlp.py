@@ -75,33 +75,48 @@ def _dot(a, b, DT: tl.constexpr, PREC: tl.constexpr, acc=None):
 
 
 @triton.jit
-def _ln_stats(z, F: tl.constexpr):
-    """Normalised rows xh [CS, F] and 1/sigma [CS] (biased variance, eps 1e-8)."""
-    d = z - (tl.sum(z, 1) / F)[:, None]
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / F + 1e-8)
+def _real_features(x, F: tl.constexpr, F_REAL: tl.constexpr):
+    """x [CS, F] with the padded feature columns F_REAL..F-1 zeroed (see the launchers: F is the head dim
+    padded to a power of two); compiled out when F_REAL == F."""
+    if F_REAL != F:
+        x = tl.where((tl.arange(0, F) < F_REAL)[None, :], x, 0.0)
+    return x
+
+
+@triton.jit
+def _ln_stats(z, F: tl.constexpr, F_REAL: tl.constexpr):
+    """Normalised rows xh [CS, F] and 1/sigma [CS] (biased variance, eps 1e-8) over the F_REAL real features
+    (z is 0 on the padded ones, xh is made 0 there)."""
+    d = _real_features(z - (tl.sum(z, 1) / F_REAL)[:, None], F, F_REAL)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / F_REAL + 1e-8)
     return d * rstd[:, None], rstd
 
 
 @triton.jit
-def _ln_bwd(gxh, xh, rstd, F: tl.constexpr):
-    """Gradient w.r.t. the LayerNorm input, given the gradient gxh w.r.t. its normalised output xh."""
-    return (gxh - (tl.sum(gxh, 1) / F)[:, None] - xh * (tl.sum(gxh * xh, 1) / F)[:, None]) * rstd[:, None]
+def _ln_bwd(gxh, xh, rstd, F: tl.constexpr, F_REAL: tl.constexpr):
+    """Gradient w.r.t. the LayerNorm input, given the gradient gxh w.r.t. its normalised output xh (both 0 on
+    the padded features; the result is made 0 there)."""
+    mean_gxh = tl.sum(gxh, 1) / F_REAL
+    return _real_features((gxh - mean_gxh[:, None] - xh * (tl.sum(gxh * xh, 1) / F_REAL)[:, None]) * rstd[:, None],
+                          F, F_REAL)
 
 
 @triton.jit
-def _inner_loss_grad_bwd(u, xh, rstd, gz2, gamma, beta, target, F: tl.constexpr):
+def _inner_loss_grad_bwd(u, xh, rstd, gz2, gamma, beta, target, F: tl.constexpr, F_REAL: tl.constexpr):
     """Backward of gZ2 = _ln_bwd((gamma * xh + beta - target) * gamma, xh, rstd) for an upstream u = dL/dgZ2.
 
-    Returns dL/dZ2 [CS, F], dL/dgamma and dL/dbeta summed over rows [F], dL/dtarget [CS, F].
+    Returns dL/dZ2 [CS, F], dL/dgamma and dL/dbeta summed over rows [F], dL/dtarget [CS, F] (all 0 on the
+    padded features).
     """
     go = gamma[None, :] * xh + beta[None, :] - target
     gxh = go * gamma[None, :]
     v = u * rstd[:, None]
-    v_xh = tl.sum(v * xh, 1) / F
-    dgxh = v - (tl.sum(v, 1) / F)[:, None] - xh * v_xh[:, None]
-    dxh = dgxh * gamma[None, :] * gamma[None, :] - v * (tl.sum(gxh * xh, 1) / F)[:, None] - gxh * v_xh[:, None]
+    v_xh = tl.sum(v * xh, 1) / F_REAL
+    dgxh = _real_features(v - (tl.sum(v, 1) / F_REAL)[:, None] - xh * v_xh[:, None], F, F_REAL)
+    dxh = (dgxh * gamma[None, :] * gamma[None, :] - v * (tl.sum(gxh * xh, 1) / F_REAL)[:, None]
+           - gxh * v_xh[:, None])
     dsigma = -tl.sum(u * gz2, 1) * rstd  # gZ2 carries an explicit 1/sigma
-    dz2 = _ln_bwd(dxh, xh, rstd, F) + (dsigma / F)[:, None] * xh
+    dz2 = _ln_bwd(dxh, xh, rstd, F, F_REAL) + (dsigma / F_REAL)[:, None] * xh
     return dz2, tl.sum(dgxh * (go + gamma[None, :] * xh), 0), tl.sum(dgxh * gamma[None, :], 0), -dgxh * gamma[None, :]
 
 
@@ -230,11 +245,11 @@ def _z2_pass(xk, w1_p, b1_p, w2_p, z1_p, xb, cnt, ex, p, DT: tl.constexpr, PREC:
 
 
 @triton.jit
-def _inner_loss_grad(z2, xk, xv, gamma, beta, F: tl.constexpr):
+def _inner_loss_grad(z2, xk, xv, gamma, beta, F: tl.constexpr, F_REAL: tl.constexpr):
     """gZ2 = d loss / d Z2 (closed form of the spec) and the LN values xh, 1/sigma, target."""
-    xh, rstd = _ln_stats(z2, F)
+    xh, rstd = _ln_stats(z2, F, F_REAL)
     target = xv.to(tl.float32) - xk.to(tl.float32)
-    gz2 = _ln_bwd((gamma[None, :] * xh + beta[None, :] - target) * gamma[None, :], xh, rstd, F)
+    gz2 = _ln_bwd((gamma[None, :] * xh + beta[None, :] - target) * gamma[None, :], xh, rstd, F, F_REAL)
     return gz2, xh, rstd, target
 
 
@@ -243,7 +258,8 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2, b2,
                   w1_s, b1_s, w2_s, w1_d, b1_d, w2_d, z1_p,
                   xk_next_p, z1_next_p, has_next, w1_c, b1_c, w2_c, b2_c, save_ckpt, xb, cnt, ex, p,
                   WITH_OUTPUT: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                  CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+                  CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                  P: tl.constexpr):
     """One mini-batch: state (w1_s..w2_s, b2) -> next state (w1_d..w2_d, may alias the source; returned
     b2), optionally the outputs. z2 (full) and this program's Z1 tiles in z1_p [CS, K] come from the first
     pass over K of this mini-batch. Each block of the next state is used at once for the next mini-batch's
@@ -257,7 +273,8 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2, b2,
     xk = _load_tokens(xk_p, CS, F)
     xk_next = _load_tokens(xk_next_p, CS, F)
     eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
-    gz2, xh, rstd, target = _inner_loss_grad(z2 + b2[None, :], xk, _load_tokens(xv_p, CS, F), gamma, beta, F)
+    gz2, xh, rstd, target = _inner_loss_grad(z2 + b2[None, :], xk, _load_tokens(xv_p, CS, F), gamma, beta, F,
+                                                  F_REAL)
     b2_next = b2 - tl.sum(e[:, None] * gz2, 0)
     # matmul operands live through the K loop in the input dtype: half the registers of fp32
     egz2 = (e[:, None] * gz2).to(DT)
@@ -308,7 +325,7 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2, b2,
             zq2 = _dot(eta * (a2raw + 1.0), -gz2, DT, PREC, zq2 + b2[None, :])
         else:
             zq2 += b2_next[None, :]
-        xhq, _ = _ln_stats(zq2, F)
+        xhq, _ = _ln_stats(zq2, F, F_REAL)
         if p == 0:
             _store_tokens(out_p, xq.to(tl.float32) + gamma[None, :] * xhq + beta[None, :], CS, F)
     return z2_next, b2_next, ex + 1
@@ -326,7 +343,8 @@ def _program(NH, NC, G, P: tl.constexpr):
 @triton.jit
 def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, w2_c, b2_c, out, work, xbuf, cnt,
                     NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                    CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+                    CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                    P: tl.constexpr):
     """Forward scan; program pid = bh * P + p owns the K blocks p*BK, (p+P)*BK, ... of head bh.
     w1..b2 hold the initial state on entry and the final state on exit (updated in place); checkpoint k
     (w1_c..b2_c [B*NH, NK, ...]) is the state at the start of mini-batch k*G.
@@ -361,7 +379,7 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
                                     xk + tok + has_next.to(tl.int64) * CS * F, work + ((n + 1) % 2) * CS * K,
                                     has_next, w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, b2_c + c * F,
                                     has_next & ((n + 1) % G == 0), xb, cnt, ex, p,
-                                    True, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK, P)
+                                    True, CAUSAL, xq.dtype.element_ty, PREC, CS, F, F_REAL, K, BK, P)
     if p == 0:
         tl.store(b2 + fc, b2v)
 
@@ -390,7 +408,8 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
                    w1_p, b1_p, w2_p, b2_p, dw1_p, db1_p, dw2_p, db2s_p, work_p, acts_p, small_p, dlnw_p, dlnb_p,
                    dts_p,
                    xb, cnt, ex, p, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                   CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+                   CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                   P: tl.constexpr):
     """Reverse of one mini-batch from its start state (w1_p..w2_p, b2_p): program 0 writes the token and
     learning-rate gradients and adds to the running sums of the gamma, beta and token_scale gradients
     (dlnw_p, dlnb_p, dts_p); each program turns its blocks of the carried gradient of the next state
@@ -428,7 +447,7 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     # recompute the step's forward: gZ2, then the output pre-norm Zq2 (second pass over K)
     z2, ex = _z2_pass(xk, w1_p, b1_p, w2_p, z1_p, xb, cnt, ex, p, DT, PREC, CS, F, K, BK, P)
     gz2, xh, rstd, target = _inner_loss_grad(z2 + tl.load(b2_p + fc)[None, :], xk, _load_tokens(xv_p, CS, F),
-                                             tl.load(lnw_p + fc), tl.load(lnb_p + fc), F)
+                                             tl.load(lnw_p + fc), tl.load(lnb_p + fc), F, F_REAL)
     tl.store(_tile_ptrs(xh_p, CS, F), xh)
     tl.store(_tile_ptrs(target_p, CS, F), target)
     tl.store(_tile_ptrs(gz2_p, CS, F), gz2)
@@ -461,14 +480,14 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     ex += 1
     eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)  # reloaded (L1): not held through pass 2 (1424 -> 1352 B)
     a2 = (eta * (a2raw + 1.0)).to(DT)
-    xhq, rstdq = _ln_stats(_dot(a2, -gz2_dt, DT, PREC, zq2 + tl.load(b2_p + fc)[None, :]), F)
+    xhq, rstdq = _ln_stats(_dot(a2, -gz2_dt, DT, PREC, zq2 + tl.load(b2_p + fc)[None, :]), F, F_REAL)
 
     # output LayerNorm and the dual-form product A2 gZ2
     dout = _load_tokens(dout_p, CS, F).to(tl.float32)
     first = p == 0
     tl.store(dlnw_p + fc, tl.load(dlnw_p + fc) + tl.sum(dout * xhq, 0), mask=_first(fc, p))
     tl.store(dlnb_p + fc, tl.load(dlnb_p + fc) + tl.sum(dout, 0), mask=_first(fc, p))
-    dzq2 = _ln_bwd(dout * tl.load(lnw_p + fc)[None, :], xhq, rstdq, F)
+    dzq2 = _ln_bwd(dout * tl.load(lnw_p + fc)[None, :], xhq, rstdq, F, F_REAL)
     da2 = -_dot(dzq2, tl.trans(gz2_dt), DT, PREC)  # [CS, CS]
     tl.store(_tile_ptrs(deta_p, CS, CS), da2 * (a2raw + 1.0))
     da2raw = (da2 * eta).to(DT)
@@ -555,7 +574,7 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     dgz2 -= e[:, None] * h2
     dz2, dgm, dbt, dtarget = _inner_loss_grad_bwd(dgz2, tl.load(_tile_ptrs(xh_p, CS, F)), rstd, gz2,
                                                   tl.load(lnw_p + fc), tl.load(lnb_p + fc),
-                                                  tl.load(_tile_ptrs(target_p, CS, F)), F)
+                                                  tl.load(_tile_ptrs(target_p, CS, F)), F, F_REAL)
     tl.store(dlnw_p + fc, tl.load(dlnw_p + fc) + dgm, mask=_first(fc, p))
     tl.store(dlnb_p + fc, tl.load(dlnb_p + fc) + dbt, mask=_first(fc, p))
     tl.store(db2s_p + fc, tl.load(db2s_p + fc) + tl.sum(dz2, 0))
@@ -600,7 +619,8 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
 @triton.jit
 def _ttt_remat_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, w1_s, b1_s, w2_s, b2_s, work, xbuf,
                       cnt, ck, NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                      CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+                      CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                      P: tl.constexpr):
     """The start states of checkpoint group ck's mini-batches, rematerialised from checkpoint ck into the
     scratch w1_s..b2_s [B*NH, G, ...] by the state-only forward step. work [B*NH, 2, CS, K]: Z1 of two
     mini-batches; xbuf, cnt: the exchanges (as in the forward kernel)."""
@@ -637,7 +657,8 @@ def _ttt_remat_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, w1
                                     w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F,
                                     work + ((t - 1) % 2) * CS * K, xk + tok + has_next.to(tl.int64) * CS * F,
                                     work + (t % 2) * CS * K, has_next, w1_c, b1_c, w2_c, b2_c, False,
-                                    xb, cnt, ex, p, False, CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK, P)
+                                    xb, cnt, ex, p, False, CAUSAL, xq.dtype.element_ty, PREC, CS, F, F_REAL, K, BK,
+                                    P)
         if p == 0:
             tl.store(b2_s + t * F + fc, b2v)
 
@@ -646,7 +667,8 @@ def _ttt_remat_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, w1
 def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, dout, w1_s, b1_s, w2_s, b2_s, work, acts, small, xbuf, cnt,
                     dw1, db1, dw2, db2, dxq, dxk, dxv, dlr, dts, dln_w, dln_b,
                     ck, NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                    CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+                    CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                    P: tl.constexpr):
     """Backward of checkpoint group ck (the launcher goes through the groups in reverse), from its start
     states w1_s..b2_s [B*NH, G, ...] (_ttt_remat_kernel); program pid = bh * P + p owns the K blocks p*BK,
     (p+P)*BK, ... of head bh. dw1..db2 hold the gradient of the state after the group on entry and that
@@ -694,7 +716,7 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, dout, w1_s, b1_s, w2_s, b2_s
             dxq + tok, dxk + tok, dxv + tok, dlr + (bh * NC + n0 + t) * CS, ln_w, ln_b,
             w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F,
             dw1, db1, dw2, db2s, work, acts, small, dln_w, dln_b, dts, xb, cnt, ex, p,
-            CAUSAL, xq.dtype.element_ty, PREC, CS, F, K, BK, P)
+            CAUSAL, xq.dtype.element_ty, PREC, CS, F, F_REAL, K, BK, P)
     if ck == 0:  # the last launch
         tl.debug_barrier()  # the last step's stores of the b2 gradient are visible to every thread
         if p == 0:
@@ -703,9 +725,61 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, dout, w1_s, b1_s, w2_s, b2_s
 
 # ---------------------------------------------------------------------------------------------- launchers
 
+def unsupported(F: int, CS: int, dtype: torch.dtype, state_dtype: torch.dtype = torch.float32):
+    """Why the kernels cannot take head dim F, mini-batch size CS, activations of dtype and a state of
+    state_dtype, or None when they can. tl.dot needs every matmul dim >= 16 and a power of two: CS is one,
+    F is padded to one (_padded), K = 4F is a multiple of the K block (64 or 16)."""
+    if F % 16 or F < 16:
+        return f"head dim {F} is not a multiple of 16 (kernels take 16..128)"
+    if F > 128:
+        return f"head dim {F} is over 128 (kernels take multiples of 16 up to 128)"
+    if CS not in (16, 32, 64):
+        return f"mini-batch size {CS} is not 16, 32 or 64"
+    if dtype not in _DTYPES:
+        return f"activation dtype {dtype} is not float32, float16 or bfloat16"
+    if state_dtype != torch.float32:
+        return f"state dtype {state_dtype} is not float32"
+    return None
+
+
 def supports(F: int, CS: int, dtype: torch.dtype) -> bool:
-    """Shapes and dtypes the kernels handle (tl.dot needs every matmul dim >= 16 and a power of two)."""
-    return dtype in _DTYPES and F in (16, 32, 64, 128) and CS in (16, 32, 64)
+    """Shapes and dtypes the kernels handle (see unsupported)."""
+    return unsupported(F, CS, dtype) is None
+
+
+def _padded(F: int) -> int:
+    """The head dim the kernels run at: F rounded up to a power of two (tl.arange and tl.dot need one)."""
+    return 1 << (F - 1).bit_length()
+
+
+# the dims of each kernel argument (and gradient) that hold the F features: padded to _padded(F) for the
+# kernels, cropped back after them (b1, lr: none)
+_F_DIMS = {"xq": (-1,), "xk": (-1,), "xv": (-1,), "grad_out": (-1,), "ln_weight": (-1,), "ln_bias": (-1,),
+           "w1": (-2,), "b1": (), "w2": (-1,), "b2": (-1,), "lr": ()}
+
+
+_STATE, _ACTS, _LN = ("w1", "b1", "w2", "b2"), ("xq", "xk", "xv"), ("ln_weight", "ln_bias")
+
+
+def _padded_shape(name, shape, FP):
+    shape = list(shape)
+    for d in _F_DIMS[name]:
+        shape[d] = FP
+    return shape
+
+
+def _crop(name, t, F):
+    """The first F features of t along its feature dims (a view)."""
+    for d in _F_DIMS[name]:
+        t = t.narrow(d, 0, F)
+    return t
+
+
+def _pad(name, t, F, FP):
+    """t with its F features zero-padded to FP along its feature dims (a new contiguous tensor)."""
+    padded = t.new_zeros(_padded_shape(name, t.shape, FP))
+    _crop(name, padded, F).copy_(t)
+    return padded
 
 
 def _sequential(device: torch.device) -> bool:
@@ -713,7 +787,7 @@ def _sequential(device: torch.device) -> bool:
     return device.type != "cuda" or interpreting()
 
 
-def _config(F: int, block_k, num_warps, num_stages, split, heads: int, device: torch.device, backward: bool):
+def _config(K: int, block_k, num_warps, num_stages, split, heads: int, device: torch.device, backward: bool):
     """K block, warps, software-pipelining stages and programs per head (split): the caller's (a
     benchmark's sweep) or the defaults measured on an H100 (benchmarks/results/ttt.md): the forward is
     fastest with one warp group, the backward, with far more live tiles, with two. One stage: pipelined K
@@ -726,11 +800,11 @@ def _config(F: int, block_k, num_warps, num_stages, split, heads: int, device: t
     (H100, B=1, 48 heads: forward P=4, backward P=2; B=8: P=1, as measured). A head's programs must all
     be resident at once: CTAs start in pid order, so at most one head is partly resident and the others
     finish and make room (the tests launch more programs than fit)."""
-    block_k = block_k or min(4 * F, 64)
-    if block_k < 16 or (4 * F) % block_k:
-        raise ValueError(f"block_k: expected a multiple of 16 dividing K = {4 * F}, got {block_k}")
+    block_k = block_k or min(K, 64)  # K = 4F: a multiple of 64 for every head dim the kernels take
+    if block_k < 16 or block_k & (block_k - 1) or K % block_k:
+        raise ValueError(f"block_k: expected a power of two >= 16 dividing K = {K}, got {block_k}")
     num_warps = num_warps or (8 if backward else 4)
-    blocks = 4 * F // block_k
+    blocks = K // block_k
     sequential = _sequential(device)
     if split is None:
         split = 1
@@ -783,12 +857,13 @@ def _precision(x: torch.Tensor) -> str:
 def _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal, checkpoint_group_size):
     check_tensor("xq", xq, ndim=5, dtypes=_DTYPES)
     B, NH, NC, CS, F = xq.shape
-    if not supports(F, CS, xq.dtype):
-        raise ValueError(f"xq: expected head dim F in (16, 32, 64, 128) and mini-batch size CS in (16, 32, 64), "
-                         f"got F={F}, CS={CS}")
+    if unsupported(F, CS, xq.dtype) is not None:
+        raise ValueError(f"xq: expected head dim F a multiple of 16 in 16..128 and mini-batch size CS in "
+                         f"(16, 32, 64), got F={F}, CS={CS}")
     for name, t in (("xk", xk), ("xv", xv)):
         check_tensor(name, t, shape=xq.shape, dtypes=(xq.dtype,), device=xq.device)
-    check_tensor("lr", lr, shape=(B, NH, NC, CS, 1), dtypes=_DTYPES, device=xq.device)
+    # any float dtype: the kernels read lr as fp32 (an autocast layer passes fp32 rates with bf16 tokens)
+    check_tensor("lr", lr, shape=(B, NH, NC, CS, 1), dtypes=_DTYPES + (torch.float64,), device=xq.device)
     if causal:
         check_tensor("token_scale", token_scale, shape=(CS,), dtypes=(torch.float32,), device=xq.device)
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
@@ -797,8 +872,7 @@ def _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal, check
     return B, NH, NC, CS, F
 
 
-def _state_shapes(B, NH, F, lead=()):
-    K = 4 * F
+def _state_shapes(B, NH, F, K, lead=()):
     return ((B, NH, *lead, F, K), (B, NH, *lead, 1, K), (B, NH, *lead, K, F), (B, NH, *lead, 1, F))
 
 
@@ -861,22 +935,33 @@ def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
                                      checkpoint_group_size)
     G = checkpoint_group_size
     NK = cdiv(NC, G)
+    K, FP = 4 * F, _padded(F)
     dev = xq.device
-    shapes = _state_shapes(B, NH, F)
-    state = _state_in(("w1", "b1", "w2", "b2"), (w1, b1, w2, b2), shapes, dev)
-    last = [t.clone() for t in state]  # updated in place by the kernel: initial -> final state
+    state = _state_in(_STATE, (w1, b1, w2, b2), _state_shapes(B, NH, F, K), dev)
     out = _buffer("out", out, xq.shape, xq.dtype, dev)
-    ckpt = [_buffer(n, buf, s, torch.float32, dev) for n, buf, s in
-            zip(("w1_ckpt", "b1_ckpt", "w2_ckpt", "b2_ckpt"), (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt),
-                _state_shapes(B, NH, F, (NK,)))]
-    xq, xk, xv, lr = (t.contiguous() for t in (xq, xk, xv, lr))
+    ckpt = [_buffer(f"{n}_ckpt", buf, s, torch.float32, dev) for n, buf, s in
+            zip(_STATE, (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt), _state_shapes(B, NH, F, K, (NK,)))]
+    xq, xk, xv, lr, lnw, lnb = (t.contiguous() for t in (xq, xk, xv, lr, ln_weight, ln_bias))
     ts = token_scale.contiguous() if causal else lr  # not read when non-causal
-    BK, warps, stages, P = _config(F, block_k, num_warps, num_stages, split, B * NH, dev, backward=False)
-    work = torch.empty(B * NH, 2, CS, 4 * F, dtype=torch.float32, device=dev)  # per head: Z1 of 2 mini-batches
-    _ttt_fwd_kernel[(B * NH * P,)](xq, xk, xv, lr, ts, ln_weight.contiguous(), ln_bias.contiguous(), *last, *ckpt,
-                                   out, work, *_exchange(B, NH, CS, F, P, dev),
-                                   NH, NC, G, CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=4 * F, BK=BK,
-                                   P=P, num_warps=warps, num_stages=stages)
+    if FP == F:
+        last = [t.clone() for t in state]  # updated in place by the kernel: initial -> final state
+        k_out, k_ckpt = out, ckpt
+    else:  # the kernel runs on zero-padded copies (docs/ttt_padding.md); its results are cropped after it
+        xq, xk, xv, lnw, lnb = (_pad(n, t, F, FP) for n, t in zip(_ACTS + _LN, (xq, xk, xv, lnw, lnb)))
+        last = [_pad(n, t, F, FP) for n, t in zip(_STATE, state)]
+        k_out = torch.empty_like(xq)  # [B, NH, NC, CS, FP]
+        k_ckpt = [torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, FP, K, (NK,))]
+    BK, warps, stages, P = _config(K, block_k, num_warps, num_stages, split, B * NH, dev, backward=False)
+    work = torch.empty(B * NH, 2, CS, K, dtype=torch.float32, device=dev)  # per head: Z1 of 2 mini-batches
+    _ttt_fwd_kernel[(B * NH * P,)](xq, xk, xv, lr, ts, lnw, lnb, *last, *k_ckpt, k_out, work,
+                                   *_exchange(B, NH, CS, FP, P, dev), NH, NC, G, CAUSAL=bool(causal),
+                                   PREC=_precision(xq), CS=CS, F=FP, F_REAL=F, K=K, BK=BK, P=P, num_warps=warps,
+                                   num_stages=stages)
+    if FP != F:
+        out.copy_(_crop("xq", k_out, F))
+        for n, c, kc in zip(_STATE, ckpt, k_ckpt):
+            c.copy_(_crop(n, kc, F))
+        last = [_crop(n, t, F).contiguous() for n, t in zip(_STATE, last)]
     return out, tuple(ckpt), tuple(last)
 
 
@@ -889,56 +974,66 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
                                      checkpoint_group_size)
     G = checkpoint_group_size
     NK = cdiv(NC, G)
-    K = 4 * F
+    K, FP = 4 * F, _padded(F)
     dev = xq.device
-    ckpt = _state_in(("w1_ckpt", "b1_ckpt", "w2_ckpt", "b2_ckpt"), (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt),
-                     _state_shapes(B, NH, F, (NK,)), dev)
-    shapes = _state_shapes(B, NH, F)
-    grad_last = _state_in(("grad_w1_last", "grad_b1_last", "grad_w2_last", "grad_b2_last"),
+    ckpt = _state_in(tuple(f"{n}_ckpt" for n in _STATE), (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt),
+                     _state_shapes(B, NH, F, K, (NK,)), dev)
+    shapes = _state_shapes(B, NH, F, K)
+    grad_last = _state_in(tuple(f"grad_{n}_last" for n in _STATE),
                           (grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last), shapes, dev)
     check_tensor("grad_out", grad_out, shape=xq.shape, dtypes=_DTYPES, device=dev)
     grads = dict(grads or {})
     specs = {"xq": (xq.shape, xq.dtype), "xk": (xq.shape, xq.dtype), "xv": (xq.shape, xq.dtype),
              "lr": (lr.shape, lr.dtype), "ln_weight": ((B, NH, F), torch.float32),
              "ln_bias": ((B, NH, F), torch.float32),
-             **{n: (s, torch.float32) for n, s in zip(("w1", "b1", "w2", "b2"), shapes)}}
+             **{n: (s, torch.float32) for n, s in zip(_STATE, shapes)}}
     for name, (shape, dtype) in specs.items():
         grads[name] = _buffer(f"grads['{name}']", grads.get(name), shape, dtype, dev)
-    for name, g in zip(("w1", "b1", "w2", "b2"), grad_last):
-        grads[name].copy_(g)  # the carried state gradient starts as that of the final state
-    BK, warps, stages, P = _config(F, block_k, num_warps, num_stages, split, B * NH, dev, backward=True)
+    xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
+    lnw, lnb = ln_weight.contiguous(), ln_bias.contiguous()
+    ts = token_scale.contiguous() if causal else lr
+    k_grads = {n: grads[n] for n in specs}  # the kernel's gradient buffers
+    if FP != F:  # the kernels run on zero-padded copies (docs/ttt_padding.md); gradients cropped after them
+        xq, xk, xv, lnw, lnb, grad_out = (_pad(n, t, F, FP) for n, t in
+                                          zip(_ACTS + _LN + ("grad_out",), (xq, xk, xv, lnw, lnb, grad_out)))
+        ckpt = [_pad(n, t, F, FP) for n, t in zip(_STATE, ckpt)]
+        grad_last = [_pad(n, t, F, FP) for n, t in zip(_STATE, grad_last)]
+        k_grads = {n: g.new_empty(_padded_shape(n, g.shape, FP)) if _F_DIMS[n] else g for n, g in k_grads.items()}
+    for name, g in zip(_STATE, grad_last):
+        k_grads[name].copy_(g)  # the carried state gradient starts as that of the final state
+    BK, warps, stages, P = _config(K, block_k, num_warps, num_stages, split, B * NH, dev, backward=True)
     # rematerialisation: one program per head, which waits for no other program (see _backward_groups)
-    rBK, rwarps, _, _ = _config(F, None, None, None, 1, B * NH, dev, backward=False)
+    rBK, rwarps, _, _ = _config(K, None, None, None, 1, B * NH, dev, backward=False)
     # two sets of a group's start states (W1, b1, W2, b2 per head, blocks by owner): the next group's are
     # rematerialised while this group's are read
-    states = [[torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, F, (G,))]
+    states = [[torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, FP, K, (G,))]
               for _ in range(2)]
     rwork = torch.empty(B * NH, 2, CS, K, dtype=torch.float32, device=dev)  # remat: Z1 of 2 mini-batches
     work = torch.empty(B * NH, 7, CS, K, dtype=torch.float32, device=dev)  # per head, columns by owner
     acts = torch.empty(B * NH, 2, CS, K, dtype=xq.dtype, device=dev)  # gelu(Z1), gelu(Zq1): matmul operands
-    small = torch.empty(B * NH * P, 4 * CS * F + CS * CS + F, dtype=torch.float32, device=dev)  # per program
+    small = torch.empty(B * NH * P, 4 * CS * FP + CS * CS + FP, dtype=torch.float32, device=dev)  # per program
     dts = torch.empty(B * NH, CS, dtype=torch.float32, device=dev)
-    rxbuf, rcnt = _exchange(B, NH, CS, F, 1, dev, NK)
-    xbuf, cnt = _exchange(B, NH, CS, F, P, dev, NK)
-    xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
-    ts = token_scale.contiguous() if causal else lr
-    common = dict(CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=F, K=K, num_stages=stages)
-    lnw, lnb = ln_weight.contiguous(), ln_bias.contiguous()
+    rxbuf, rcnt = _exchange(B, NH, CS, FP, 1, dev, NK)
+    xbuf, cnt = _exchange(B, NH, CS, FP, P, dev, NK)
+    common = dict(CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=FP, F_REAL=F, K=K, num_stages=stages)
 
     def remat(ck):
         _ttt_remat_kernel[(B * NH,)](xq, xk, xv, lr, ts, lnw, lnb, *ckpt, *states[ck % 2], rwork, rxbuf, rcnt[ck],
                                      ck, NH, NC, G, BK=rBK, P=1, num_warps=rwarps, **common)
 
     def backward(ck):
+        g = k_grads
         kernel = _ttt_bwd_kernel[(B * NH * P,)](xq, xk, xv, lr, ts, lnw, lnb, grad_out, *states[ck % 2], work, acts,
-                                                small, xbuf, cnt[ck], grads["w1"], grads["b1"], grads["w2"],
-                                                grads["b2"], grads["xq"], grads["xk"], grads["xv"], grads["lr"], dts,
-                                                grads["ln_weight"], grads["ln_bias"], ck, NH, NC, G, BK=BK, P=P,
-                                                num_warps=warps, **common)
+                                                small, xbuf, cnt[ck], g["w1"], g["b1"], g["w2"], g["b2"], g["xq"],
+                                                g["xk"], g["xv"], g["lr"], dts, g["ln_weight"], g["ln_bias"], ck, NH,
+                                                NC, G, BK=BK, P=P, num_warps=warps, **common)
         if not _sequential(dev):
             _prefer_l1(kernel)
 
     _backward_groups(NK, remat, backward, dev)
+    for name, g in k_grads.items():
+        if g is not grads[name]:
+            grads[name].copy_(_crop(name, g, F))
     if not causal:
         grads["token_scale"] = None
     elif grads.get("token_scale") is None:
