@@ -165,6 +165,8 @@ def main():
     parser.add_argument("--mixers", default=",".join(MIXERS))
     parser.add_argument("--paths", default="eager,cuda graph", help=f"training paths, of {list(PATHS)}")
     parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--gen-mixers", default=None, help="mixers for generation (default: --mixers)")
     parser.add_argument("--contexts", default="256,1024,16384")
     parser.add_argument("--gen-tokens", type=int, default=100)
     parser.add_argument("--data", help="corpus for the tether train runs (skipped without it)")
@@ -177,7 +179,7 @@ def main():
     mixers = args.mixers.split(",")
     contexts = [int(c) for c in args.contexts.split(",")]
     training, generation, trainer = [], [], []
-    for mixer in mixers:
+    for mixer in mixers if not args.skip_training else ():
         for batch in map(int, args.batches.split(",")):
             for path in args.paths.split(","):
                 if mixer == "ttt-mlp" and path.startswith("compile"):
@@ -195,10 +197,13 @@ def main():
         if same:
             row["vs_softmax_same"] = row["tokens_per_s"] / same[0]["tokens_per_s"]
             row["memory_vs_softmax_same"] = row["peak_mib"] / same[0]["peak_mib"]
-    for mixer in mixers if not args.skip_generation else ():
+    for mixer in (args.gen_mixers or args.mixers).split(",") if not args.skip_generation else ():
         for batch in (1, 64):
             # ttt-mlp reruns its 256-token window on every token (a growing state: never graphed)
-            for path in args.paths.split(",") if mixer != "ttt-mlp" else ("eager",):
+            # softmax: capturing the compiled KV-cache step fails (an operation not permitted while capturing)
+            for path in [p for p in args.paths.split(",") if mixer == "spiking" or not p.startswith("compile")]:
+                if mixer == "ttt-mlp" and path != "eager":
+                    continue
                 ctx, tokens = (contexts, args.gen_tokens) if mixer != "ttt-mlp" else (contexts[:1], 10)
                 rows = measure_generation(replace(cfg, mixer=mixer), batch, ctx, tokens, path)
                 generation.extend(rows)
