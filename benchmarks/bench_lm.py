@@ -138,11 +138,11 @@ def plot(training: list, generation: list, path: Path) -> None:
     ax1.set_ylabel("training tokens/s (M)")
     ax1.set_title("training step, bf16 autocast + AdamW")
     for mixer in MIXERS:
-        for path, style in (("compile + cuda graph", "-o"), ("cuda graph", "-s"), ("eager", "--x")):
-            rows = [r for r in generation if r["mixer"] == mixer and r["batch"] == 1 and r["path"] == path]
+        for kind, style in (("compile + cuda graph", "-o"), ("cuda graph", "-s"), ("eager", "--x")):
+            rows = [r for r in generation if r["mixer"] == mixer and r["batch"] == 1 and r["path"] == kind]
             if rows:
                 ax2.plot([r["context"] for r in rows], [r["ms_per_token"] for r in rows], style,
-                         color=colors[mixer], label=f"{mixer} {path}")
+                         color=colors[mixer], label=f"{mixer} {kind}")
     ax2.set_xscale("log", base=2)
     ax2.set_yscale("log")
     ax2.set_xlabel("context (tokens)")
@@ -156,6 +156,8 @@ def plot(training: list, generation: list, path: Path) -> None:
 
 
 def main():
+    if len(sys.argv) >= 4 and sys.argv[1] == "--from-logs":  # --from-logs ENV_JSON LOG [LOG ...]
+        return from_logs(sys.argv[3:], json.loads(sys.argv[2]))
     if len(sys.argv) == 3 and sys.argv[1] == "--plot":  # redraw the plot of a results file
         payload = json.loads(Path(sys.argv[2]).read_text())
         return plot(payload["training"], payload["generation"], Path(sys.argv[2]).with_suffix(".png"))
@@ -188,15 +190,6 @@ def main():
                 row = measure_training(replace(cfg, mixer=mixer), batch, path, iters)
                 training.append(row)
                 print(row, flush=True)
-    eager64 = {r["mixer"]: r["tokens_per_s"] for r in training if r["batch"] == 64 and r["path"] == "eager"}
-    for row in training:
-        if "softmax" in eager64:
-            row["vs_softmax_eager_b64"] = row["tokens_per_s"] / eager64["softmax"]
-        same = [r for r in training if r["mixer"] == "softmax" and r["batch"] == row["batch"]
-                and r["path"] == row["path"]]
-        if same:
-            row["vs_softmax_same"] = row["tokens_per_s"] / same[0]["tokens_per_s"]
-            row["memory_vs_softmax_same"] = row["peak_mib"] / same[0]["peak_mib"]
     for mixer in (args.gen_mixers or args.mixers).split(",") if not args.skip_generation else ():
         for batch in (1, 64):
             # ttt-mlp reruns its 256-token window on every token (a growing state: never graphed)
@@ -212,24 +205,40 @@ def main():
     if args.data:
         for mixer in args.trainer_mixers.split(","):
             row = measure_trainer(args.data, mixer, args.trainer_iters // (6 if mixer == "ttt-mlp" else 1))
-            bench = [r for r in training if r["mixer"] == mixer and r["batch"] == 64 and r["path"] == "cuda graph"]
-            row["vs_bench_step"] = row["tokens_per_s_steady"] / bench[0]["tokens_per_s"] if bench else None
             trainer.append(row)
             print(row, flush=True)
     profile = profile_training(cfg, 64, args.profile == "compile") if args.profile else None
     if profile:
         print(profile)
 
+    report(cfg, training, trainer, generation, profile, vars(args))
+
+
+def report(cfg: LMConfig, training: list, trainer: list, generation: list, profile, args: dict, env=None) -> None:
+    """Ratios to the softmax baseline of the same run, the markdown table, JSON and plot."""
+    eager64 = {r["mixer"]: r["tokens_per_s"] for r in training if r["batch"] == 64 and r["path"] == "eager"}
+    for row in training:
+        if "softmax" in eager64:
+            row["vs_softmax_eager_b64"] = row["tokens_per_s"] / eager64["softmax"]
+        same = [r for r in training if r["mixer"] == "softmax" and r["batch"] == row["batch"]
+                and r["path"] == row["path"]]
+        if same:
+            row["vs_softmax_same"] = row["tokens_per_s"] / same[0]["tokens_per_s"]
+            row["memory_vs_softmax_same"] = row["peak_mib"] / same[0]["peak_mib"]
+    for row in trainer:
+        bench = [r for r in training if r["mixer"] == row["mixer"] and r["batch"] == 64
+                 and r["path"] == "compile + cuda graph"]  # what tether train runs on CUDA by default
+        row["vs_bench_step"] = row["tokens_per_s_steady"] / bench[0]["tokens_per_s"] if bench else None
     table = (f"Default model (d_model {cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head} heads, "
              f"{cfg.block_size} tokens), bf16 autocast, AdamW (fused, capturable), grad clip 1. Median of 3 rounds "
-             f"of {args.iters} steps. `cuda graph`: the step replayed from a CUDA graph (tether.step.TrainStep).\n\n"
+             f"of {args['iters']} steps. `cuda graph`: the step replayed from a CUDA graph (tether.step.TrainStep).\n\n"
              + markdown_table(training, ["mixer", "batch", "path", "warmup_s", "ms_per_step", "tokens_per_s", "peak_mib",
                                          "vs_softmax_eager_b64", "vs_softmax_same", "memory_vs_softmax_same"])
              + "\n\n`tether train` (default model and arguments, --max-iters "
-             f"{args.trainer_iters}): steady tokens/s (median of its log intervals) vs the graphed bench step.\n\n"
+             f"{args['trainer_iters']}): steady tokens/s (median of its log intervals) vs the bench's compile + cuda graph step at batch 64.\n\n"
              + (markdown_table(trainer, ["mixer", "steps", "tokens_per_s_steady", "tokens_per_s_mean",
                                          "vs_bench_step"]) if trainer else "(not run: no --data)")
-             + f"\n\nGeneration (`Decoder.step`, greedy, fp32), median of 5 rounds of {args.gen_tokens} tokens after "
+             + f"\n\nGeneration (`Decoder.step`, greedy, fp32), median of 5 rounds of {args['gen_tokens']} tokens after "
              "a prompt of `context` tokens. Softmax: KV cache of its 256-token window (learned positions; the "
              "window restarts from its last 128 tokens when full). TTT-MLP: reruns its 256-token window.\n\n"
              + markdown_table(generation, ["mixer", "batch", "path", "context", "ms_per_token", "tokens_per_s",
@@ -237,8 +246,25 @@ def main():
     payload = {"config": cfg.to_dict(), "training": training, "trainer": trainer, "generation": generation,
                "profile": profile}
     print(table)
+    if env:
+        payload["environment"] = env
     md = write_results("lm_bench", payload, table)
     plot(training, generation, md.with_suffix(".png"))
+
+
+def from_logs(logs: list, env: dict) -> None:
+    """The report of rows printed by earlier runs (one dict per line): runs split over several device calls."""
+    import ast
+
+    rows = [ast.literal_eval(line) for log in logs for line in Path(log).read_text().splitlines()
+            if line.startswith("{'mixer'")]
+    training = [r for r in rows if "ms_per_step" in r]
+    # a row measured again in a later log replaces the earlier one
+    generation = list({(r["mixer"], r["batch"], r["path"], r["context"]): r
+                       for r in rows if "ms_per_token" in r}.values())
+    trainer = [r for r in rows if "tokens_per_s_steady" in r]
+    report(LMConfig(), training, trainer, generation, None,
+           {"iters": 10, "trainer_iters": 250, "gen_tokens": 60, "logs": [Path(p).name for p in logs]}, env)
 
 
 if __name__ == "__main__":

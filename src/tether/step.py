@@ -12,6 +12,7 @@ settles) and are real training steps; the graph is captured at the next one and 
 captured step draws dropout masks from the default CUDA generator like the eager step (graph-safe philox
 offsets), so a run's RNG stream is the same either way.
 """
+import warnings
 from contextlib import nullcontext
 from typing import Optional
 
@@ -93,6 +94,9 @@ class TrainStep:
             self._step(self.x, self.y, zero_grad=False)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+        # contiguous always: a compiled model guards on strides, and the graph's buffers are contiguous clones
+        # (a window view of the corpus is not), so the capture must see what the warm-up steps compiled for
+        x, y = x.contiguous(), y.contiguous()
         self._set_lr(lr)
         self.steps_since_sums += 1
         if self.graph is not None:
@@ -112,7 +116,16 @@ class TrainStep:
             torch.cuda.current_stream(self.device).wait_stream(self._side)
             self.eager_steps += 1
             return
-        self._capture(x, y)
+        try:
+            self._capture(x, y)
+        except RuntimeError as err:  # said once, then the eager step: slower, the same function
+            warnings.warn(f"TrainStep: CUDA graph capture failed ({str(err).splitlines()[0]}); "
+                          "training on without the graph (--no-cuda-graph skips the attempt)")
+            self.graph, self.cuda_graph = None, False
+            torch.cuda.synchronize(self.device)
+            self.optimizer.zero_grad(set_to_none=True)  # a half-captured backward may have set them
+            self._step(x, y)
+            return
         self.graph.replay()
 
     def take_sums(self) -> tuple[float, Optional[float], int]:
