@@ -20,6 +20,11 @@ of K, and its LayerNorm gradient gZ2 is needed before any block can be updated. 
 pass of mini-batch n+1 into the update pass of mini-batch n (each updated block is used at once), so the
 state is streamed once per mini-batch. Causal outputs use the dual form, Zq1 = XQ W1 + b1 - A1 gZ1 with
 A1 = eta * (XQ XK^T + 1) (the backward uses it for both modes); non-causal ones read the updated blocks.
+
+Head dims that are a multiple of 16 but not a power of two (48, 80, 96, 112) run zero-padded to the next power
+of two (docs/ttt_padding.md): the launchers pad the features of the tokens, LN parameters and state and crop the
+results; the kernels tile with F (padded) and take the LayerNorm statistics over F_REAL (_real_features, which
+compiles out when F_REAL == F). K = 4 F_REAL is not padded: a multiple of 64, the default K block.
 """
 import ctypes
 
