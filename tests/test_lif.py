@@ -285,3 +285,13 @@ def test_gradient_through_one_output_only(device, kernel_calls, only):
         grads.append(xi.grad)
     assert kernel_calls == {"forward": 1, "backward": 1}
     assert_close_rel(grads[0], grads[1], GRAD_RTOL[torch.float32], f"grad x through {only} only")
+
+
+def test_float64_on_cuda_says_it_runs_the_reference(monkeypatch):
+    """fp64 (gradcheck's dtype) has no kernel: on CUDA that is said once; on the CPU the reference is the path."""
+    monkeypatch.setattr(tether._backend, "_WARNED", set())
+    x = torch.randn(4, 3, dtype=torch.float64)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with pytest.warns(UserWarning, match="tether.functional.lif: float64 input"):
+        spikes, _ = lif(x, 0.5, 1.0)
+    torch.testing.assert_close(spikes, reference.lif(x, 0.5, 1.0)[0])

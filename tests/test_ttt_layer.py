@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_ttt_reference import force_reference_path, make_inputs
 
+import tether._backend
 from tether.functional.ttt_mlp import _kernels, _ttt_mlp_op, ttt_mlp
 from tether.nn.ttt import TTTMLP
 from tether.reference.ttt_mlp import default_token_scale
@@ -66,7 +67,7 @@ def run_op(F, CS, dtype, device):
 
 def test_fallback_from_the_kernel_path_warns_once_per_reason(device, monkeypatch):
     """Where the kernels could run (CUDA, or the interpreter), a case they cannot take says so, once."""
-    monkeypatch.setattr(functional, "_WARNED", set())
+    monkeypatch.setattr(tether._backend, "_WARNED", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
@@ -80,7 +81,7 @@ def test_fallback_from_the_kernel_path_warns_once_per_reason(device, monkeypatch
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU paths")
 def test_cpu_reference_path_and_float64_stay_silent(monkeypatch):
-    monkeypatch.setattr(functional, "_WARNED", set())
+    monkeypatch.setattr(tether._backend, "_WARNED", set())
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="tether.functional.ttt_mlp")
         run_op(40, 16, torch.float64, "cpu")  # gradcheck's dtype, under the interpreter

@@ -1,7 +1,10 @@
 """One place that decides between the Triton kernels and the pure-PyTorch reference."""
 import os
+import warnings
 
 import torch
+
+_WARNED = set()  # (op, reason) pairs already warned about: once each per process
 
 
 def interpreting() -> bool:
@@ -12,3 +15,10 @@ def interpreting() -> bool:
 def use_triton(t: torch.Tensor) -> bool:
     """Kernels run on CUDA tensors, and on CPU tensors when the Triton interpreter is on."""
     return t.is_cuda or (t.device.type == "cpu" and interpreting())
+
+
+def warn_fallback(op: str, reason: str) -> None:
+    """Say once per (op, reason) that a case the kernels cannot take runs the PyTorch reference instead."""
+    if (op, reason) not in _WARNED:
+        _WARNED.add((op, reason))
+        warnings.warn(f"tether.functional.{op}: {reason}; running the PyTorch reference (slow)", stacklevel=4)

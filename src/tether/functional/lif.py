@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from tether._backend import use_triton
+from tether._backend import use_triton, warn_fallback
 from tether.kernels import lif as kernels
 from tether.reference import lif as reference
 
@@ -173,6 +173,8 @@ def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surroga
     """x [T, *rest] -> (spikes [T, *rest] in x's dtype, v_final [*rest] fp32). decay / threshold: float, 0-d
     tensor or per-channel [C] (C = x.shape[-1]); gradients to x, v_init, decay, threshold as they require."""
     args = reference.check_lif_args(x, decay, threshold, v_init, surrogate, alpha, reset)
+    if x.dtype == torch.float64 and x.is_cuda:
+        warn_fallback("lif", "float64 input (the kernels take float32, float16 and bfloat16)")
     if x.dtype == torch.float64 or not use_triton(x):
         return reference.lif(x, decay, threshold, v_init, surrogate=args.surrogate, alpha=args.alpha, reset=reset,
                              v_reset=v_reset, detach_reset=detach_reset)

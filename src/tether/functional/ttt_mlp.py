@@ -4,12 +4,11 @@
 `tether.ttt` and the custom op `tether::ttt_mlp` both go through them, so the choice is made here only.
 The custom op saves its inputs and the group-start checkpoints; the backward recomputes each group.
 """
-import warnings
 from typing import Optional, Sequence
 
 import torch
 
-from tether._backend import use_triton
+from tether._backend import use_triton, warn_fallback
 from tether._checks import check_group_size, check_tensor
 from tether.reference.ttt_mlp import compute_dtype, default_token_scale, ttt_mlp_scan
 from tether.reference.ttt_mlp import ttt_mlp as reference_ttt_mlp
@@ -39,9 +38,6 @@ def check_inputs(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, token_scale
         check_tensor(n["token_scale"], token_scale, shape=(CS,), dtypes=(w1.dtype,), device=dev)
 
 
-_WARNED = set()  # the reasons for a reference fallback already warned about (once each per process)
-
-
 def _kernels(xq: torch.Tensor, state: torch.Tensor):
     """The Triton launcher module when it handles this case, else None (-> reference).
     On the CPU without the Triton interpreter the reference is the path by design: silent. Where the kernels
@@ -55,9 +51,8 @@ def _kernels(xq: torch.Tensor, state: torch.Tensor):
     if reason is None:
         return kernels
     fp64_on_cpu = not xq.is_cuda and torch.float64 in (xq.dtype, state.dtype)
-    if not fp64_on_cpu and reason not in _WARNED:
-        _WARNED.add(reason)
-        warnings.warn(f"tether.functional.ttt_mlp: {reason}; running the PyTorch reference (slow)", stacklevel=3)
+    if not fp64_on_cpu:
+        warn_fallback("ttt_mlp", reason)
     return None
 
 
