@@ -147,10 +147,15 @@ def sample(model, vocab: Vocab, prompt: str, tokens: int, temperature: float = 0
 
 
 def load(ckpt_dir, device):
-    """(model, vocab) from a checkpoint directory written by tether train."""
-    from tether.models import LMConfig, build_model
+    """(model, vocab) from a checkpoint directory written by tether train, or by ``save_pretrained``."""
+    from tether.models import LMConfig, SpikingLM, build_model
 
     config = checkpoint.load_config(ckpt_dir)
+    if "cfg" in config:  # the Hugging Face Hub layout (SpikingLM.save_pretrained)
+        model = SpikingLM.from_pretrained(ckpt_dir).to(device)
+        if not model.cfg.vocab:
+            raise ValueError(f"--checkpoint: expected a model config with its vocabulary, got none in {ckpt_dir}")
+        return model, Vocab(model.cfg.vocab)
     model = build_model(LMConfig.from_dict(config["model"])).to(device)
     checkpoint.load_weights(ckpt_dir, model, device)
     return model, Vocab(config["vocab"])

@@ -175,13 +175,13 @@ def evaluate(model, corpus: CharCorpus, args, world: Distributed, batches: int) 
     return world.mean([total.item() / batches])[0]
 
 
-def model_config(args, vocab_size: int, saved: dict = None):
+def model_config(args, vocab: str, saved: dict = None):
     from tether.models import LMConfig
 
     if saved is not None:
-        return LMConfig.from_dict(saved)
+        return LMConfig.from_dict({"vocab": vocab, **saved})  # a checkpoint from before the config held it
     overrides = {"d_model": args.d_model, "n_layer": args.n_layer, "dropout": args.dropout}
-    return LMConfig(vocab_size=vocab_size, block_size=args.block_size, mixer=args.mixer,
+    return LMConfig(vocab_size=len(vocab), vocab=vocab, block_size=args.block_size, mixer=args.mixer,
                     **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -249,7 +249,7 @@ def train(args: argparse.Namespace) -> dict:
     if saved_config and saved_config["vocab"] != corpus.vocab.chars:
         raise ValueError("--data: expected the corpus the checkpoint was trained on (same vocabulary), "
                          "got a different character set")
-    config = model_config(args, len(corpus.vocab), saved_config["model"] if saved_config else None)
+    config = model_config(args, corpus.vocab.chars, saved_config["model"] if saved_config else None)
     raw = build_model(config).to(device)
     optimizer = make_optimizer(raw, args.lr, args.weight_decay, device)
     step, elapsed_before, train_time, tokens_seen = 0, 0.0, 0.0, 0

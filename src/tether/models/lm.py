@@ -34,6 +34,7 @@ class LMConfig:
     dropout: float = 0.2
     decay: float = 0.5  # LIF membrane decay
     threshold: float = 1.0  # LIF firing threshold
+    vocab: str = ""  # the characters of the token ids, in order ("" if unknown): a saved model can generate
 
     def __post_init__(self):
         for name, allowed in (("mixer", MIXERS), ("backend", BACKENDS), ("surrogate", tuple(SURROGATES))):
@@ -127,8 +128,31 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
-class SpikingLM(nn.Module):
-    """Embedding, blocks, final LayerNorm, linear head. See the module docstring."""
+try:  # Hugging Face Hub format (optional extra "hub"): save_pretrained / from_pretrained / push_to_hub
+    from huggingface_hub import PyTorchModelHubMixin
+
+    _HUB_BASES = (PyTorchModelHubMixin,)
+    _HUB_OPTIONS = dict(library_name="tether",
+                        coders={LMConfig: (LMConfig.to_dict, LMConfig.from_dict)})
+except ImportError:
+    _HUB_BASES, _HUB_OPTIONS = (), {}
+
+
+class _NoHub:
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        raise ImportError("from_pretrained needs huggingface_hub: pip install 'tether[hub]'")
+
+    def save_pretrained(self, *args, **kwargs):
+        raise ImportError("save_pretrained needs huggingface_hub: pip install 'tether[hub]'")
+
+
+class SpikingLM(nn.Module, *(_HUB_BASES or (_NoHub,)), **_HUB_OPTIONS):
+    """Embedding, blocks, final LayerNorm, linear head. See the module docstring.
+
+    ``save_pretrained(dir)`` / ``SpikingLM.from_pretrained(dir or hub id)`` (with ``huggingface_hub``):
+    ``config.json`` (the ``LMConfig``, vocabulary included) and ``model.safetensors``.
+    """
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
