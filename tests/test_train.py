@@ -144,3 +144,24 @@ def test_error_saves_the_last_step_and_propagates(tmp_path, monkeypatch, in_proc
         train.train(train.build_parser().parse_args([*TINY, "--out", str(out)]))
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 7
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("flag, value", [("--grad-clip", "-1"), ("--n-layer", "0"), ("--warmup-iters", "-5"),
+                                         ("--sample-tokens", "-5"), ("--lr", "0"), ("--dropout", "1.5")])
+def test_bad_flag_is_one_line_and_exit_2(tmp_path, capsys, flag, value):
+    """A user's mistake: one line naming the flag, exit 2, no traceback, before any work."""
+    from tether import cli
+
+    code = cli.main(["train", "--device", "cpu", "--out", str(tmp_path / "run"), flag, value])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"tether train: {flag}: expected") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from tether import cli
+
+    with pytest.raises(ValueError, match="--grad-clip: expected"):
+        cli.main(["--debug", "train", "--device", "cpu", "--out", str(tmp_path), "--grad-clip", "-1"])

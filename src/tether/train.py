@@ -86,6 +86,17 @@ def resolve_args(args: argparse.Namespace, device: torch.device, saved: dict = N
             raise ValueError(f"--{key.replace('_', '-')}: expected a positive integer, got {getattr(args, key)}")
     if args.time_budget <= 0:
         raise ValueError(f"--time-budget: expected positive minutes, got {args.time_budget}")
+    checks = (("grad_clip", args.grad_clip > 0, "a positive max gradient norm"),
+              ("lr", args.lr > 0, "a positive learning rate"),
+              ("weight_decay", args.weight_decay >= 0, "a weight decay >= 0"),
+              ("warmup_iters", args.warmup_iters >= 0, "a step count >= 0"),
+              ("sample_tokens", args.sample_tokens >= 0, "a count >= 0"),
+              ("n_layer", args.n_layer >= 1, "at least 1 block"),
+              ("dropout", args.dropout is None or 0 <= args.dropout < 1, "a rate in [0, 1)"),
+              ("d_model", args.d_model is None or args.d_model > 0, "a positive width"))
+    for key, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"--{key.replace('_', '-')}: expected {expected}, got {getattr(args, key)}")
     return args
 
 
