@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
-from tether import checkpoint
+from tether import checkpoint, cli
 from tether.data import Vocab
 
 
@@ -187,8 +187,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv=None) -> int:
-    run(build_parser().parse_args(argv))
-    return 0
+    return cli.command("tether generate", build_parser, lambda args: run(args) and 0, argv, __doc__)
 
 
 if __name__ == "__main__":

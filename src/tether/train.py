@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tether import checkpoint
+from tether import checkpoint, cli
 from tether.data import CharCorpus
 from tether.progress import ProgressBar
 from tether.step import TrainStep, autocast, make_optimizer
@@ -434,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    return run(build_parser().parse_args(argv))
+    return cli.command("tether train", build_parser, run, argv, __doc__)
 
 
 if __name__ == "__main__":
