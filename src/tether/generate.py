@@ -168,8 +168,25 @@ def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentPar
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The sampling flags, before the checkpoint is read (the prompt's characters are checked against it)."""
+    if not args.prompt:
+        raise ValueError("--prompt: expected at least one character, got an empty string")
+    if args.tokens < 0:
+        raise ValueError(f"--tokens: expected a count >= 0, got {args.tokens}")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature: expected > 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k: expected a count >= 0 (0: all characters), got {args.top_k}")
+    if args.batch <= 0:
+        raise ValueError(f"--batch: expected a positive number of samples, got {args.batch}")
+
+
 def run(args: argparse.Namespace) -> str:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from tether.train import pick_device
+
+    check_args(args)
+    device = pick_device(args.device)
     model, vocab = load(args.checkpoint, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sys.stdout.write(args.prompt)

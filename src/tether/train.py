@@ -81,12 +81,59 @@ def resolve_args(args: argparse.Namespace, device: torch.device, saved: dict = N
         if getattr(args, key, None) is None:
             setattr(args, key, (saved or {}).get(key, value))
     args.device = str(device)
-    for key in ("max_iters", "batch_size", "block_size", "eval_interval", "eval_iters", "log_interval"):
-        if getattr(args, key) <= 0:
-            raise ValueError(f"--{key.replace('_', '-')}: expected a positive integer, got {getattr(args, key)}")
-    if args.time_budget <= 0:
-        raise ValueError(f"--time-budget: expected positive minutes, got {args.time_budget}")
+    check_args(args, device)
     return args
+
+
+# Activation bytes a training step keeps per token, layer and model channel (fp32 on the CPU, bf16 on CUDA,
+# plus the spike trains, masks and MLP hidden states of a block): a rough figure to refuse a --block-size
+# that cannot fit, not a promise that a smaller one does.
+ACTIVATION_FLOATS_PER_CHANNEL = 40
+
+
+def available_memory(device: torch.device) -> int:
+    """Free memory of the GPU, or the host's physical memory, in bytes."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def activation_bytes(args, device: torch.device) -> int:
+    from tether.models import LMConfig
+
+    d_model = args.d_model or LMConfig.d_model
+    per_token = ACTIVATION_FLOATS_PER_CHANNEL * d_model * (2 if device.type == "cuda" else 4) * args.n_layer
+    scores = 4 * LMConfig.n_head * args.block_size * args.n_layer if args.mixer == "softmax" else 0  # T x T
+    return args.batch_size * args.block_size * (per_token + scores)
+
+
+def check_args(args, device: torch.device) -> None:
+    """Every numeric flag, before any work: the message names the flag, what was expected and what came."""
+    from tether.models import LMConfig
+
+    def flag(key):
+        return f"--{key.replace('_', '-')}"
+
+    for key in ("max_iters", "batch_size", "block_size", "eval_interval", "eval_iters", "log_interval", "n_layer"):
+        if getattr(args, key) <= 0:
+            raise ValueError(f"{flag(key)}: expected a positive integer, got {getattr(args, key)}")
+    for key, what in (("time_budget", "positive minutes"), ("lr", "> 0"), ("grad_clip", "> 0")):
+        if not getattr(args, key) > 0:
+            raise ValueError(f"{flag(key)}: expected {what}, got {getattr(args, key)}")
+    for key in ("warmup_iters", "sample_tokens", "weight_decay"):
+        if not getattr(args, key) >= 0:
+            raise ValueError(f"{flag(key)}: expected >= 0, got {getattr(args, key)}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout: expected a rate in [0, 1), got {args.dropout}")
+    n_head = LMConfig.n_head
+    if args.d_model is not None and (args.d_model <= 0 or args.d_model % n_head):
+        raise ValueError(f"--d-model: expected a positive multiple of the {n_head} heads, got {args.d_model}")
+    needed, available = activation_bytes(args, device), available_memory(device)
+    if needed > available:
+        raise ValueError(f"--block-size: expected a batch that fits in memory, got {args.block_size} tokens x "
+                         f"{args.batch_size} sequences x {args.n_layer} layers ~ {needed / 2**30:.1f} GiB of "
+                         f"activations, {available / 2**30:.1f} GiB available on {device}; lower --block-size "
+                         f"or --batch-size")
 
 
 def pick_device(requested) -> torch.device:
