@@ -1,9 +1,16 @@
 """Reliability of the commands: one-line user errors (exit 2, --debug for the traceback), every numeric flag
 checked before any work, checkpoints written and verified as one unit, SIGTERM saves at a step boundary,
 an existing run is not overwritten."""
-import pytest
+import json
+import os
+import shutil
 
-from tether import cli, generate, train
+import pytest
+import torch
+
+from tether import checkpoint, cli, generate, train
+from tether.data import Vocab
+from tether.models import LMConfig, build_model
 
 
 def run_cli(capsys, argv, main=cli.main):
@@ -104,3 +111,81 @@ def test_generate_on_a_missing_cuda_device(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
     code, err = run_cli(capsys, ["generate", "--checkpoint", str(tmp_path), "--device", "cuda"])
     assert code == 2 and err == "tether generate: --device: expected cpu on this machine (no CUDA device), got cuda\n"
+
+
+VOCAB = Vocab("".join(sorted(set("ROMEO: wherefore"))))
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """A run directory with a checkpoint at step 3 and a best/ at step 2."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = build_model(LMConfig(vocab_size=len(VOCAB), n_layer=1, d_model=16, block_size=16, dropout=0.0))
+    config = {"model": model.cfg.to_dict(), "vocab": VOCAB.chars, "train": {}}
+    checkpoint.save_weights(tmp_path / "best", model, config, 2)
+    checkpoint.save(tmp_path, model, config, {"step": 3})
+    return tmp_path
+
+
+def test_checkpoint_unit_and_manifest(run_dir):
+    unit = run_dir / "checkpoint"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best", "checkpoint"]  # no temp dirs left
+    manifest = json.loads((unit / "manifest.json").read_text())
+    assert manifest["step"] == 3 and sorted(manifest["files"]) == ["config.json", "model.safetensors", "state.pt"]
+    assert json.loads((run_dir / "best" / "manifest.json").read_text())["step"] == 2
+    for path in (run_dir, unit, run_dir / "best"):  # generate takes the run, its checkpoint or best/
+        model, vocab = generate.load(path, "cpu")
+        assert vocab.chars == VOCAB.chars
+    assert checkpoint.find(run_dir, "--resume", need_state=True) == unit
+    with pytest.raises(checkpoint.CheckpointError, match="has no state.pt"):
+        checkpoint.find(run_dir / "best", "--resume", need_state=True)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing", "no-manifest"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(run_dir, damage, capsys):
+    unit = run_dir / "checkpoint"
+    if damage == "corrupt":
+        with (unit / "state.pt").open("r+b") as f:
+            f.seek(100)
+            f.write(b"\xff\x00")
+        message = f"--resume: checkpoint {unit / 'state.pt'} is corrupt (sha256 mismatch); delete {unit}"
+    elif damage == "missing":
+        (unit / "state.pt").unlink()
+        message = f"--resume: checkpoint {unit / 'state.pt'} is missing; delete {unit}"
+    else:
+        (unit / "manifest.json").unlink()
+        message = f"--resume: expected a checkpoint with manifest.json"
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.find(run_dir, "--resume", need_state=True)
+    assert str(err.value).startswith(message), str(err.value)
+    code, err = run_cli(capsys, ["train", "--resume", "--out", str(run_dir)])  # one line, no traceback
+    assert code == 2 and err.startswith(f"tether train: {message}") and err.count("\n") == 1
+
+
+def test_a_torn_save_is_ignored_or_recovered(run_dir):
+    unit, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+    # a save that died while writing: a partial temp dir beside the checkpoint, ignored on load
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(b"partial")
+    assert checkpoint.find(run_dir, "--resume", need_state=True) == unit
+    # a save that died between its renames: only checkpoint.old, which is read, and restored by the next save
+    shutil.copytree(unit, old)
+    shutil.rmtree(unit)
+    assert checkpoint.find(run_dir, "--resume", need_state=True) == old
+    model, _ = generate.load(run_dir, "cpu")
+    checkpoint.save(run_dir, model, checkpoint.load_config(old), {"step": 4})
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best", "checkpoint"]
+    assert checkpoint.load_state(checkpoint.find(run_dir, "--resume", need_state=True))["step"] == 4
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(run_dir, monkeypatch):
+    def disk_full(obj, path):
+        raise OSError("No space left on device")
+
+    model, _ = generate.load(run_dir, "cpu")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        checkpoint.save(run_dir, model, checkpoint.load_config(run_dir / "checkpoint"), {"step": 9})
+    monkeypatch.undo()
+    unit = checkpoint.find(run_dir, "--resume", need_state=True)
+    assert checkpoint.load_state(unit)["step"] == 3

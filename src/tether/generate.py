@@ -145,19 +145,20 @@ def sample(model, vocab: Vocab, prompt: str, tokens: int, temperature: float = 0
 
 
 def load(ckpt_dir, device):
-    """(model, vocab) from a checkpoint directory written by tether train."""
+    """(model, vocab) from a directory written by tether train: its --out, or its checkpoint/ or best/."""
     from tether.models import LMConfig, build_model
 
-    config = checkpoint.load_config(ckpt_dir)
+    unit = checkpoint.find(ckpt_dir, "--checkpoint")
+    config = checkpoint.load_config(unit)
     model = build_model(LMConfig.from_dict(config["model"])).to(device)
-    checkpoint.load_weights(ckpt_dir, model, device)
+    checkpoint.load_weights(unit, model, device)
     return model, Vocab(config["vocab"])
 
 
 def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="tether generate", description=__doc__,
                                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="directory written by tether train (its --out)")
+    p.add_argument("--checkpoint", required=True, help="directory written by tether train: its --out, or its checkpoint/ or best/")
     p.add_argument("--prompt", default="ROMEO:", help="text to start from")
     p.add_argument("--tokens", type=int, default=500, help="characters to generate")
     p.add_argument("--temperature", type=float, default=0.8)

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=N -m tether.train ...   # data-parallel, same global batch as one process
 
 Defaults depend on the device: on a GPU the default model for ~9.5 minutes, on a CPU a smaller model
-for ~3 minutes. The run writes to --out: checkpoint (see tether.checkpoint), best/ (weights of the lowest
+for ~3 minutes. The run writes to --out: checkpoint/ (see tether.checkpoint), best/ (weights of the lowest
 validation loss), metrics.jsonl, loss.png, sample.txt and summary.json. Ctrl-C, an error or the end of
 the time budget saves a checkpoint first; --resume continues it at the same step with the same data and
 RNG streams.
@@ -284,7 +284,8 @@ def train(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     world = Distributed(device)
     out = Path(args.out or COMMON_DEFAULTS["out"])
-    saved_config = checkpoint.load_config(out) if args.resume else None
+    resumed = checkpoint.find(out, "--resume", need_state=True) if args.resume else None
+    saved_config = checkpoint.load_config(resumed) if args.resume else None
     args = resolve_args(args, device, saved_config["train"] if saved_config else None)
     device = world.device
     if args.batch_size % world.world:
@@ -302,8 +303,8 @@ def train(args: argparse.Namespace) -> dict:
     step, elapsed_before, train_time, tokens_seen = 0, 0.0, 0.0, 0
     best_val = (float("inf"), 0)  # (loss, step) of the lowest validation loss, whose weights are in out/best
     if args.resume:
-        state = checkpoint.load_state(out)
-        checkpoint.load_weights(out, raw, device)
+        state = checkpoint.load_state(resumed)
+        checkpoint.load_weights(resumed, raw, device)
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed_before = state["step"], state["elapsed_s"]
         train_time, tokens_seen = state["train_time_s"], state["tokens_seen"]
@@ -367,7 +368,7 @@ def train(args: argparse.Namespace) -> dict:
         if loss < best_val[0]:
             best_val = (loss, step)
             if world.main:
-                checkpoint.save_weights(out / BEST, raw, run_config)
+                checkpoint.save_weights(out / BEST, raw, run_config, step)
     stop = step >= args.max_iters or synced_elapsed >= 60 * args.time_budget
     try:
         while not stop:
