@@ -4,13 +4,20 @@ an existing run is not overwritten."""
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from tether import checkpoint, cli, generate, train
-from tether.data import Vocab
+from tether.data import CharCorpus, Vocab
 from tether.models import LMConfig, build_model
+from test_train import CORPUS, TINY, cli_env
+
+needs_corpus = pytest.mark.skipif(not CORPUS.is_file(), reason=f"corpus not at {CORPUS}; set TETHER_DATA")
 
 
 def run_cli(capsys, argv, main=cli.main):
@@ -189,3 +196,74 @@ def test_a_failed_save_keeps_the_previous_checkpoint(run_dir, monkeypatch):
     monkeypatch.undo()
     unit = checkpoint.find(run_dir, "--resume", need_state=True)
     assert checkpoint.load_state(unit)["step"] == 3
+
+
+def final_weights(out):
+    import safetensors.torch
+
+    return safetensors.torch.load_file(str(out / "checkpoint" / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    wa, wb = final_weights(a), final_weights(b)
+    assert sorted(wa) == sorted(wb)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+@pytest.fixture
+def single_thread(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_in_process(argv):
+    return train.train(train.build_parser().parse_args(argv))
+
+
+@needs_corpus
+def test_sigterm_stops_at_the_step_boundary_and_resumes_bit_identically(tmp_path, monkeypatch, single_thread):
+    full, out = tmp_path / "full", tmp_path / "stopped"
+    train_in_process([*TINY, "--out", str(full)])
+    batch, train_batches = CharCorpus.batch, []
+
+    def sigterm_during_step_13(self, split, *args, **kwargs):
+        if split == "train":
+            train_batches.append(1)
+            if len(train_batches) == 14:
+                os.kill(os.getpid(), signal.SIGTERM)  # the step finishes; the loop stops before step 14
+        return batch(self, split, *args, **kwargs)
+
+    monkeypatch.setattr(CharCorpus, "batch", sigterm_during_step_13)
+    with pytest.raises(train.Stop) as stopped:
+        train_in_process([*TINY, "--out", str(out)])
+    assert stopped.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone with the loop
+    assert checkpoint.load_state(out / "checkpoint")["step"] == 14
+    monkeypatch.setattr(CharCorpus, "batch", batch)
+    train_in_process(["--resume", "--out", str(out)])
+    assert_same_weights(out, full)
+
+
+@needs_corpus
+def test_sigterm_to_a_training_process(tmp_path, single_thread):
+    args = [*TINY, "--max-iters", "150", "--eval-interval", "50", "--d-model", "32", "--n-layer", "1"]
+    full, out = tmp_path / "full", tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "tether.cli", "train", *args, "--out", str(out)],
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.is_file() and '"split": "train"' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "interrupted: checkpoint at step" in err
+    step = checkpoint.load_state(out / "checkpoint")["step"]
+    assert 5 <= step < 150
+    train_in_process(["--resume", "--out", str(out)])
+    train_in_process([*args, "--out", str(full)])
+    assert_same_weights(out, full)

@@ -5,9 +5,9 @@
 
 Defaults depend on the device: on a GPU the default model for ~9.5 minutes, on a CPU a smaller model
 for ~3 minutes. The run writes to --out: checkpoint/ (see tether.checkpoint), best/ (weights of the lowest
-validation loss), metrics.jsonl, loss.png, sample.txt and summary.json. Ctrl-C, an error or the end of
-the time budget saves a checkpoint first; --resume continues it at the same step with the same data and
-RNG streams.
+validation loss), metrics.jsonl, loss.png, sample.txt and summary.json. Ctrl-C or SIGTERM (at the next step
+boundary), an error or the end of the time budget saves a checkpoint first; --resume continues it at the same
+step with the same data and RNG streams.
 """
 import argparse
 import json
@@ -15,7 +15,9 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -191,6 +193,37 @@ class Distributed:
     def close(self) -> None:
         if self.world > 1:
             dist.destroy_process_group()
+
+
+class Stop(KeyboardInterrupt):
+    """SIGINT or SIGTERM, acted on at a step boundary."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """While installed, the first SIGINT / SIGTERM only records itself; the training loop stops at the next
+    step boundary, so the checkpoint holds whole steps and the RNG states of that boundary (a resume matches
+    an uninterrupted run). A second signal raises KeyboardInterrupt at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
 
 
 def learning_rate(args, step: int, elapsed_s: float) -> float:
@@ -370,8 +403,13 @@ def train(args: argparse.Namespace) -> dict:
             if world.main:
                 checkpoint.save_weights(out / BEST, raw, run_config, step)
     stop = step >= args.max_iters or synced_elapsed >= 60 * args.time_budget
+    signals = StopSignals()
+    stop_signal = None  # the signal all ranks act on: rank 0's, agreed at log steps when data-parallel
     try:
         while not stop:
+            stop_signal = signals.received if world.world == 1 else stop_signal
+            if stop_signal:
+                raise Stop(stop_signal)
             lr = learning_rate(args, step, synced_elapsed)
             x, y = corpus.batch("train", args.batch_size, args.block_size, step_generator(args.seed, step, device),
                                 world.rows(args.batch_size))
@@ -390,6 +428,8 @@ def train(args: argparse.Namespace) -> dict:
                 tokens_per_s = interval_steps * tokens_per_step / seconds
                 interval_rates.append(tokens_per_s)
                 synced_elapsed = world.from_main(elapsed())
+                if world.world > 1:
+                    stop_signal = int(world.from_main(float(signals.received or 0)))
                 last = last or synced_elapsed >= 60 * args.time_budget
                 if world.main:
                     files.log({"step": step, "split": "train", "loss": train_loss, "lr": lr,
@@ -414,7 +454,8 @@ def train(args: argparse.Namespace) -> dict:
     except KeyboardInterrupt:
         save()
         if world.main:
-            bar.message(f"interrupted: checkpoint at step {step} in {out}; continue with --resume")
+            bar.message(f"interrupted: checkpoint at step {step} in {out / checkpoint.CHECKPOINT}; continue with "
+                        f"--resume")
         world.close()
         raise
     except Exception:
@@ -424,6 +465,8 @@ def train(args: argparse.Namespace) -> dict:
         except Exception as err:  # noqa: BLE001
             print(f"checkpoint after the error failed too: {err}", file=sys.stderr)
         raise
+    finally:
+        signals.restore()
 
     val_loss = evaluate(raw, corpus, args, world, FINAL_EVAL_FACTOR * args.eval_iters)
     track_best(val_loss)
@@ -473,11 +516,11 @@ def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    """train(args) as a command: exit code 130 after Ctrl-C (the checkpoint is already saved)."""
+    """train(args) as a command: exit code 130 after Ctrl-C, 143 after SIGTERM (the checkpoint is saved)."""
     try:
         train(args)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as err:
+        return 128 + getattr(err, "signum", signal.SIGINT)
     return 0
 
 
