@@ -267,3 +267,24 @@ def test_sigterm_to_a_training_process(tmp_path, single_thread):
     train_in_process(["--resume", "--out", str(out)])
     train_in_process([*args, "--out", str(full)])
     assert_same_weights(out, full)
+
+
+def test_an_existing_run_is_not_overwritten(run_dir, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the corpus was loaded before --out was checked")
+
+    monkeypatch.setattr(train.CharCorpus, "load", no_work)
+    code, err = run_cli(capsys, ["train", "--device", "cpu", "--out", str(run_dir)])
+    assert code == 2 and err == (f"tether train: --out: expected a directory without a run, got {run_dir} holding "
+                                 f"one (checkpoint, best); pass --resume to continue it or --force to replace it\n")
+    assert checkpoint.load_state(run_dir / "checkpoint")["step"] == 3
+
+
+@needs_corpus
+def test_force_replaces_the_run(run_dir, single_thread):
+    (run_dir / "summary.json").write_text("stale")
+    (run_dir / "notes.txt").write_text("not the run's")
+    train_in_process([*TINY, "--max-iters", "2", "--sample-tokens", "1", "--out", str(run_dir), "--force"])
+    assert checkpoint.load_state(run_dir / "checkpoint")["step"] == 2
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+    assert (run_dir / "notes.txt").read_text() == "not the run's"

@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -44,6 +45,11 @@ COMMON_DEFAULTS = dict(data=None, mixer="spiking", out="runs/tether", seed=1337,
                        weight_decay=0.1, grad_clip=1.0, warmup_iters=100, sample_tokens=500)
 SAMPLE_PROMPT = "ROMEO:"
 BEST = "best"  # subdirectory of --out with the weights of the lowest validation loss
+# What a run writes to --out (a checkpoint's temp names and the layout before checkpoint/ included): a
+# directory holding any of them holds a run, which only --resume or --force may touch; --force deletes these.
+RUN_ENTRIES = [name + suffix for name in (checkpoint.CHECKPOINT, BEST) for suffix in ("", ".tmp", ".old")] + [
+    "metrics.jsonl", "loss.png", "sample.txt", "summary.json",
+    checkpoint.WEIGHTS, checkpoint.CONFIG, checkpoint.STATE]
 FINAL_EVAL_FACTOR = 5  # the reported validation loss averages 5x the batches of a periodic eval
 
 
@@ -54,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixer", choices=["spiking", "softmax", "ttt-mlp"], help="token mixer (default spiking)")
     p.add_argument("--out", help="output directory (default runs/tether)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--force", action="store_true", help="replace the run in --out (else it is refused)")
     p.add_argument("--max-iters", type=int, help="optimizer steps at most (also the cosine length)")
     p.add_argument("--time-budget", type=float, help="minutes of wall time at most (also the cosine length)")
     p.add_argument("--batch-size", type=int, help="global batch, split over data-parallel ranks")
@@ -136,6 +143,26 @@ def check_args(args, device: torch.device) -> None:
                          f"{args.batch_size} sequences x {args.n_layer} layers ~ {needed / 2**30:.1f} GiB of "
                          f"activations, {available / 2**30:.1f} GiB available on {device}; lower --block-size "
                          f"or --batch-size")
+
+
+def check_out(out: Path, args) -> None:
+    """Refuse to write a new run over an existing one."""
+    if args.resume or args.force or not out.is_dir():
+        return
+    found = [name for name in RUN_ENTRIES if (out / name).exists()]
+    if found:
+        raise ValueError(f"--out: expected a directory without a run, got {out} holding one ({', '.join(found)}); "
+                         f"pass --resume to continue it or --force to replace it")
+
+
+def clear_run(out: Path) -> None:
+    """--force: delete what an earlier run wrote to out (only that)."""
+    for name in RUN_ENTRIES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def pick_device(requested) -> torch.device:
@@ -315,8 +342,9 @@ def train(args: argparse.Namespace) -> dict:
 
     started = time.monotonic()
     device = pick_device(args.device)
-    world = Distributed(device)
     out = Path(args.out or COMMON_DEFAULTS["out"])
+    check_out(out, args)  # on every rank before any rank can write (they meet in Distributed first)
+    world = Distributed(device)
     resumed = checkpoint.find(out, "--resume", need_state=True) if args.resume else None
     saved_config = checkpoint.load_config(resumed) if args.resume else None
     args = resolve_args(args, device, saved_config["train"] if saved_config else None)
@@ -361,6 +389,7 @@ def train(args: argparse.Namespace) -> dict:
         if args.resume:
             files.restart_metrics(step)
         else:
+            clear_run(out)
             files.metrics_path.write_text("")
         print(f"tether train: {config.mixer} model, {n_params / 1e6:.2f}M parameters, device {device}"
               f" x{world.world}, batch {args.batch_size} x {args.block_size} tokens, "
