@@ -25,4 +25,4 @@ case "$1" in
     ;;
   *) echo "usage: $0 spiking|softmax|ddp STEPS BATCH" >&2; exit 2 ;;
 esac
-rm -f "$OUT"/*/model.safetensors "$OUT"/*/state.pt  # weights and optimizer state stay off the results
+rm -f "$OUT"/*/checkpoint/model.safetensors "$OUT"/*/checkpoint/state.pt  # weights and optimizer state stay off the results

@@ -57,5 +57,5 @@ def test_bad_arguments(model, tmp_path):
         generate.sample(model, VOCAB, "", 5)
     with pytest.raises(ValueError, match="temperature: expected > 0, got 0"):
         generate.sample(model, VOCAB, "R", 5, temperature=0)
-    with pytest.raises(FileNotFoundError, match="checkpoint: expected a directory with config.json"):
+    with pytest.raises(FileNotFoundError, match="--checkpoint: expected a checkpoint directory"):
         generate.load(tmp_path, "cpu")

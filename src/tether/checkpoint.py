@@ -1,11 +1,23 @@
-"""Checkpoints in one directory: ``model.safetensors`` (weights), ``config.json`` (model config, vocabulary,
-train arguments) and ``state.pt`` (optimizer, schedule, step, RNG states).
+"""Checkpoints as one unit: a directory holding ``model.safetensors`` (weights), ``config.json`` (model config,
+vocabulary, train arguments), ``state.pt`` (optimizer, schedule, step, RNG states; absent from a weights-only
+unit such as a run's ``best/``) and ``manifest.json`` (the step and each file's sha256 and size).
 
-Every file is written to a temporary name and renamed into place, so a crash mid-save leaves the previous
-checkpoint readable. ``state.pt`` is renamed last: a resume reads a step only after its weights exist.
+A run keeps its checkpoint in ``<out>/checkpoint``. A save never leaves a torn checkpoint in place:
+
+1. the files and the manifest are written (and fsync'd) into a fresh ``<unit>.tmp`` beside the target;
+2. the previous ``<unit>`` is renamed to ``<unit>.old``;
+3. ``<unit>.tmp`` is renamed to ``<unit>``;
+4. ``<unit>.old`` is deleted.
+
+A crash between 2 and 3 leaves no ``<unit>`` but a complete ``<unit>.old``: loading reads it, and the next save
+renames it back first. Any ``<unit>.tmp`` is a save that did not finish: loading ignores it, a save deletes it.
+Loading checks the manifest (every file present, every checksum equal) and refuses anything else with a
+message naming the file and what to do.
 """
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -13,6 +25,12 @@ import torch
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 STATE = "state.pt"
+MANIFEST = "manifest.json"
+CHECKPOINT = "checkpoint"  # a run's checkpoint: <out>/checkpoint
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing a file, corrupt, or of the old layout; the message says what to do."""
 
 
 def _safetensors():
@@ -23,44 +41,116 @@ def _safetensors():
     return safetensors.torch
 
 
-def _replace(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def save_weights(out_dir, model: torch.nn.Module, config: dict) -> None:
-    """Weights + config only: enough for ``tether generate``, not for ``--resume``."""
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sibling(unit: Path, suffix: str) -> Path:
+    return unit.with_name(unit.name + suffix)
+
+
+def _save_unit(unit, writers: dict, step) -> None:
+    """writers: file name -> write(path). Written into <unit>.tmp, then swapped in (module docstring)."""
+    unit = Path(unit)
+    tmp, old = _sibling(unit, ".tmp"), _sibling(unit, ".old")
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    if not unit.exists() and old.is_dir():
+        os.replace(old, unit)  # a crash after step 2 of the last save: its old unit is the checkpoint
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir()
+    files = {}
+    for name, write in writers.items():
+        write(tmp / name)
+        _fsync(tmp / name)
+        files[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
+    if unit.exists():
+        os.replace(unit, old)
+    os.replace(tmp, unit)
+    _fsync(unit.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _writers(model: torch.nn.Module, config: dict) -> dict:
     st = _safetensors()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     # save_model drops tied duplicates (embedding = head weight) that save_file refuses.
-    _replace(out / WEIGHTS, lambda p: st.save_model(model, str(p)))
-    _replace(out / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2)))
+    return {WEIGHTS: lambda p: st.save_model(model, str(p)),
+            CONFIG: lambda p: p.write_text(json.dumps(config, indent=2))}
 
 
-def save(out_dir, model: torch.nn.Module, config: dict, state: dict) -> None:
-    """model: the bare module (not DDP / compiled); config: JSON-able; state: anything torch.save takes."""
-    save_weights(out_dir, model, config)
-    _replace(Path(out_dir) / STATE, lambda p: torch.save(state, p))
+def save_weights(unit_dir, model: torch.nn.Module, config: dict, step=None) -> None:
+    """Weights + config only, as the unit ``unit_dir``: enough for ``tether generate``, not for ``--resume``."""
+    _save_unit(unit_dir, _writers(model, config), step)
 
 
-def load_config(ckpt_dir) -> dict:
-    path = Path(ckpt_dir) / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: expected a directory with {CONFIG}, got none at {path}")
-    return json.loads(path.read_text())
+def save(run_dir, model: torch.nn.Module, config: dict, state: dict) -> None:
+    """The run's checkpoint, ``<run_dir>/checkpoint``. model: the bare module (not DDP / compiled); config:
+    JSON-able; state: anything torch.save takes, with the "step"."""
+    writers = {**_writers(model, config), STATE: lambda p: torch.save(state, p)}
+    _save_unit(Path(run_dir) / CHECKPOINT, writers, state.get("step"))
 
 
-def load_weights(ckpt_dir, model: torch.nn.Module, device) -> None:
-    path = Path(ckpt_dir) / WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: expected {WEIGHTS} in {ckpt_dir}, got no such file")
-    _safetensors().load_model(model, str(path), device=str(device))
+def find(path, what: str = "--checkpoint", need_state: bool = False) -> Path:
+    """The verified unit at ``path``: a unit itself (``best/``, ``checkpoint/``) or a run directory holding
+    ``checkpoint/``. ``what`` names the flag in errors; ``need_state``: a unit that can be resumed."""
+    path = Path(path)
+    # <unit>.old: a save stopped between its two renames (module docstring)
+    candidates = [path, path / CHECKPOINT, path / (CHECKPOINT + ".old")] + [_sibling(path, ".old")] * (not path.exists())
+    for candidate in candidates:
+        if (candidate / MANIFEST).is_file():
+            return verify(candidate, what, need_state)
+    fix = f"delete {path} to start over" if what == "--resume" else "point --checkpoint at a directory tether train wrote"
+    for unit in (path, path / CHECKPOINT):
+        if (unit / WEIGHTS).is_file() or (unit / CONFIG).is_file():
+            raise CheckpointError(f"{what}: expected a checkpoint with {MANIFEST} (written by this version of "
+                                  f"tether train), got {unit} without one: an older layout or a torn copy; {fix}")
+    raise FileNotFoundError(f"{what}: expected a checkpoint directory ({MANIFEST}) or a run directory holding "
+                            f"{CHECKPOINT}/, got neither at {path}")
 
 
-def load_state(ckpt_dir) -> dict:
-    path = Path(ckpt_dir) / STATE
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: expected {STATE} in {ckpt_dir}, got no such file")
-    return torch.load(path, map_location="cpu", weights_only=False)
+def verify(unit: Path, what: str, need_state: bool = False) -> Path:
+    """unit, if its manifest's files are all there with their checksums; else a CheckpointError."""
+    manifest = json.loads((unit / MANIFEST).read_text())
+    files = manifest["files"]
+    restore = f"delete {unit} to start over or restore a copy"
+    for name in (WEIGHTS, CONFIG, STATE) if need_state else (WEIGHTS, CONFIG):
+        if name not in files:
+            raise CheckpointError(f"{what}: checkpoint {unit} has no {name} (a weights-only checkpoint?); "
+                                  f"expected one written by tether train with its {name}")
+    for name, entry in files.items():
+        path = unit / name
+        if not path.is_file():
+            raise CheckpointError(f"{what}: checkpoint {path} is missing; {restore}")
+        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"{what}: checkpoint {path} is corrupt (sha256 mismatch); {restore}")
+    return unit
+
+
+def load_config(unit) -> dict:
+    """From a unit that find() returned."""
+    return json.loads((Path(unit) / CONFIG).read_text())
+
+
+def load_weights(unit, model: torch.nn.Module, device) -> None:
+    _safetensors().load_model(model, str(Path(unit) / WEIGHTS), device=str(device))
+
+
+def load_state(unit) -> dict:
+    return torch.load(Path(unit) / STATE, map_location="cpu", weights_only=False)

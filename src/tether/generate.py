@@ -3,12 +3,14 @@
     tether generate --checkpoint DIR --prompt "ROMEO:" --tokens 500 [--temperature 0.8 --top-k 40]
 """
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from tether import checkpoint
+from tether import checkpoint, cli
 from tether.data import Vocab
 
 
@@ -147,24 +149,27 @@ def sample(model, vocab: Vocab, prompt: str, tokens: int, temperature: float = 0
 
 
 def load(ckpt_dir, device):
-    """(model, vocab) from a checkpoint directory written by tether train, or by ``save_pretrained``."""
+    """(model, vocab) from a directory written by tether train (its --out, or its checkpoint/ or best/), or by
+    ``SpikingLM.save_pretrained``."""
     from tether.models import LMConfig, SpikingLM, build_model
 
-    config = checkpoint.load_config(ckpt_dir)
-    if "cfg" in config:  # the Hugging Face Hub layout (SpikingLM.save_pretrained)
+    hub_config = Path(ckpt_dir) / checkpoint.CONFIG
+    if hub_config.is_file() and "cfg" in json.loads(hub_config.read_text()):  # the Hugging Face Hub layout
         model = SpikingLM.from_pretrained(ckpt_dir).to(device)
         if not model.cfg.vocab:
             raise ValueError(f"--checkpoint: expected a model config with its vocabulary, got none in {ckpt_dir}")
         return model, Vocab(model.cfg.vocab)
+    unit = checkpoint.find(ckpt_dir, "--checkpoint")
+    config = checkpoint.load_config(unit)
     model = build_model(LMConfig.from_dict(config["model"])).to(device)
-    checkpoint.load_weights(ckpt_dir, model, device)
+    checkpoint.load_weights(unit, model, device)
     return model, Vocab(config["vocab"])
 
 
 def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="tether generate", description=__doc__,
                                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="directory written by tether train (its --out)")
+    p.add_argument("--checkpoint", required=True, help="directory written by tether train: its --out, or its checkpoint/ or best/")
     p.add_argument("--prompt", default="ROMEO:", help="text to start from")
     p.add_argument("--tokens", type=int, default=500, help="characters to generate")
     p.add_argument("--temperature", type=float, default=0.8)
@@ -175,8 +180,25 @@ def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentPar
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The sampling flags, before the checkpoint is read (the prompt's characters are checked against it)."""
+    if not args.prompt:
+        raise ValueError("--prompt: expected at least one character, got an empty string")
+    if args.tokens < 0:
+        raise ValueError(f"--tokens: expected a count >= 0, got {args.tokens}")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature: expected > 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k: expected a count >= 0 (0: all characters), got {args.top_k}")
+    if args.batch <= 0:
+        raise ValueError(f"--batch: expected a positive number of samples, got {args.batch}")
+
+
 def run(args: argparse.Namespace) -> str:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from tether.train import pick_device
+
+    check_args(args)
+    device = pick_device(args.device)
     model, vocab = load(args.checkpoint, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sys.stdout.write(args.prompt)
@@ -194,8 +216,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv=None) -> int:
-    run(build_parser().parse_args(argv))
-    return 0
+    return cli.command("tether generate", build_parser, lambda args: run(args) and 0, argv, __doc__)
 
 
 if __name__ == "__main__":

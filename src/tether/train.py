@@ -4,10 +4,10 @@
     torchrun --nproc_per_node=N -m tether.train ...   # data-parallel, same global batch as one process
 
 Defaults depend on the device: on a GPU the default model for ~9.5 minutes, on a CPU a smaller model
-for ~3 minutes. The run writes to --out: checkpoint (see tether.checkpoint), best/ (weights of the lowest
-validation loss), metrics.jsonl, loss.png, sample.txt and summary.json. Ctrl-C, an error or the end of
-the time budget saves a checkpoint first; --resume continues it at the same step with the same data and
-RNG streams.
+for ~3 minutes. The run writes to --out: checkpoint/ (see tether.checkpoint), best/ (weights of the lowest
+validation loss), metrics.jsonl, loss.png, sample.txt and summary.json. Ctrl-C or SIGTERM (at the next step
+boundary), an error or the end of the time budget saves a checkpoint first; --resume continues it at the same
+step with the same data and RNG streams.
 """
 import argparse
 import json
@@ -15,14 +15,17 @@ import math
 import os
 import platform
 import random
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from tether import checkpoint
+from tether import checkpoint, cli
 from tether.data import CharCorpus
 from tether.progress import ProgressBar
 from tether.step import TrainStep, autocast, make_optimizer
@@ -42,6 +45,11 @@ COMMON_DEFAULTS = dict(data=None, mixer="spiking", out="runs/tether", seed=1337,
                        weight_decay=0.1, grad_clip=1.0, warmup_iters=100, sample_tokens=500)
 SAMPLE_PROMPT = "ROMEO:"
 BEST = "best"  # subdirectory of --out with the weights of the lowest validation loss
+# What a run writes to --out (a checkpoint's temp names and the layout before checkpoint/ included): a
+# directory holding any of them holds a run, which only --resume or --force may touch; --force deletes these.
+RUN_ENTRIES = [name + suffix for name in (checkpoint.CHECKPOINT, BEST) for suffix in ("", ".tmp", ".old")] + [
+    "metrics.jsonl", "loss.png", "sample.txt", "summary.json",
+    checkpoint.WEIGHTS, checkpoint.CONFIG, checkpoint.STATE]
 FINAL_EVAL_FACTOR = 5  # the reported validation loss averages 5x the batches of a periodic eval
 
 
@@ -52,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixer", choices=["spiking", "softmax", "ttt-mlp"], help="token mixer (default spiking)")
     p.add_argument("--out", help="output directory (default runs/tether)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--force", action="store_true", help="replace the run in --out (else it is refused)")
     p.add_argument("--max-iters", type=int, help="optimizer steps at most (also the cosine length)")
     p.add_argument("--time-budget", type=float, help="minutes of wall time at most (also the cosine length)")
     p.add_argument("--batch-size", type=int, help="global batch, split over data-parallel ranks")
@@ -81,23 +90,79 @@ def resolve_args(args: argparse.Namespace, device: torch.device, saved: dict = N
         if getattr(args, key, None) is None:
             setattr(args, key, (saved or {}).get(key, value))
     args.device = str(device)
-    for key in ("max_iters", "batch_size", "block_size", "eval_interval", "eval_iters", "log_interval"):
-        if getattr(args, key) <= 0:
-            raise ValueError(f"--{key.replace('_', '-')}: expected a positive integer, got {getattr(args, key)}")
-    if args.time_budget <= 0:
-        raise ValueError(f"--time-budget: expected positive minutes, got {args.time_budget}")
-    checks = (("grad_clip", args.grad_clip > 0, "a positive max gradient norm"),
-              ("lr", args.lr > 0, "a positive learning rate"),
-              ("weight_decay", args.weight_decay >= 0, "a weight decay >= 0"),
-              ("warmup_iters", args.warmup_iters >= 0, "a step count >= 0"),
-              ("sample_tokens", args.sample_tokens >= 0, "a count >= 0"),
-              ("n_layer", args.n_layer >= 1, "at least 1 block"),
-              ("dropout", args.dropout is None or 0 <= args.dropout < 1, "a rate in [0, 1)"),
-              ("d_model", args.d_model is None or args.d_model > 0, "a positive width"))
-    for key, ok, expected in checks:
-        if not ok:
-            raise ValueError(f"--{key.replace('_', '-')}: expected {expected}, got {getattr(args, key)}")
+    check_args(args, device)
     return args
+
+
+# Activation bytes a training step keeps per token, layer and model channel (fp32 on the CPU, bf16 on CUDA,
+# plus the spike trains, masks and MLP hidden states of a block): a rough figure to refuse a --block-size
+# that cannot fit, not a promise that a smaller one does.
+ACTIVATION_FLOATS_PER_CHANNEL = 40
+
+
+def available_memory(device: torch.device) -> int:
+    """Free memory of the GPU, or the host's physical memory, in bytes."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def activation_bytes(args, device: torch.device) -> int:
+    from tether.models import LMConfig
+
+    d_model = args.d_model or LMConfig.d_model
+    per_token = ACTIVATION_FLOATS_PER_CHANNEL * d_model * (2 if device.type == "cuda" else 4) * args.n_layer
+    scores = 4 * LMConfig.n_head * args.block_size * args.n_layer if args.mixer == "softmax" else 0  # T x T
+    return args.batch_size * args.block_size * (per_token + scores)
+
+
+def check_args(args, device: torch.device) -> None:
+    """Every numeric flag, before any work: the message names the flag, what was expected and what came."""
+    from tether.models import LMConfig
+
+    def flag(key):
+        return f"--{key.replace('_', '-')}"
+
+    for key in ("max_iters", "batch_size", "block_size", "eval_interval", "eval_iters", "log_interval", "n_layer"):
+        if getattr(args, key) <= 0:
+            raise ValueError(f"{flag(key)}: expected a positive integer, got {getattr(args, key)}")
+    for key, what in (("time_budget", "positive minutes"), ("lr", "> 0"), ("grad_clip", "> 0")):
+        if not getattr(args, key) > 0:
+            raise ValueError(f"{flag(key)}: expected {what}, got {getattr(args, key)}")
+    for key in ("warmup_iters", "sample_tokens", "weight_decay"):
+        if not getattr(args, key) >= 0:
+            raise ValueError(f"{flag(key)}: expected >= 0, got {getattr(args, key)}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout: expected a rate in [0, 1), got {args.dropout}")
+    n_head = LMConfig.n_head
+    if args.d_model is not None and (args.d_model <= 0 or args.d_model % n_head):
+        raise ValueError(f"--d-model: expected a positive multiple of the {n_head} heads, got {args.d_model}")
+    needed, available = activation_bytes(args, device), available_memory(device)
+    if needed > available:
+        raise ValueError(f"--block-size: expected a batch that fits in memory, got {args.block_size} tokens x "
+                         f"{args.batch_size} sequences x {args.n_layer} layers ~ {needed / 2**30:.1f} GiB of "
+                         f"activations, {available / 2**30:.1f} GiB available on {device}; lower --block-size "
+                         f"or --batch-size")
+
+
+def check_out(out: Path, args) -> None:
+    """Refuse to write a new run over an existing one."""
+    if args.resume or args.force or not out.is_dir():
+        return
+    found = [name for name in RUN_ENTRIES if (out / name).exists()]
+    if found:
+        raise ValueError(f"--out: expected a directory without a run, got {out} holding one ({', '.join(found)}); "
+                         f"pass --resume to continue it or --force to replace it")
+
+
+def clear_run(out: Path) -> None:
+    """--force: delete what an earlier run wrote to out (only that)."""
+    for name in RUN_ENTRIES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def pick_device(requested) -> torch.device:
@@ -155,6 +220,37 @@ class Distributed:
     def close(self) -> None:
         if self.world > 1:
             dist.destroy_process_group()
+
+
+class Stop(KeyboardInterrupt):
+    """SIGINT or SIGTERM, acted on at a step boundary."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """While installed, the first SIGINT / SIGTERM only records itself; the training loop stops at the next
+    step boundary, so the checkpoint holds whole steps and the RNG states of that boundary (a resume matches
+    an uninterrupted run). A second signal raises KeyboardInterrupt at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
 
 
 def learning_rate(args, step: int, elapsed_s: float) -> float:
@@ -246,9 +342,11 @@ def train(args: argparse.Namespace) -> dict:
 
     started = time.monotonic()
     device = pick_device(args.device)
-    world = Distributed(device)
     out = Path(args.out or COMMON_DEFAULTS["out"])
-    saved_config = checkpoint.load_config(out) if args.resume else None
+    check_out(out, args)  # on every rank before any rank can write (they meet in Distributed first)
+    world = Distributed(device)
+    resumed = checkpoint.find(out, "--resume", need_state=True) if args.resume else None
+    saved_config = checkpoint.load_config(resumed) if args.resume else None
     args = resolve_args(args, device, saved_config["train"] if saved_config else None)
     device = world.device
     if args.batch_size % world.world:
@@ -266,8 +364,8 @@ def train(args: argparse.Namespace) -> dict:
     step, elapsed_before, train_time, tokens_seen = 0, 0.0, 0.0, 0
     best_val = (float("inf"), 0)  # (loss, step) of the lowest validation loss, whose weights are in out/best
     if args.resume:
-        state = checkpoint.load_state(out)
-        checkpoint.load_weights(out, raw, device)
+        state = checkpoint.load_state(resumed)
+        checkpoint.load_weights(resumed, raw, device)
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed_before = state["step"], state["elapsed_s"]
         train_time, tokens_seen = state["train_time_s"], state["tokens_seen"]
@@ -291,6 +389,7 @@ def train(args: argparse.Namespace) -> dict:
         if args.resume:
             files.restart_metrics(step)
         else:
+            clear_run(out)
             files.metrics_path.write_text("")
         print(f"tether train: {config.mixer} model, {n_params / 1e6:.2f}M parameters, device {device}"
               f" x{world.world}, batch {args.batch_size} x {args.block_size} tokens, "
@@ -331,10 +430,15 @@ def train(args: argparse.Namespace) -> dict:
         if loss < best_val[0]:
             best_val = (loss, step)
             if world.main:
-                checkpoint.save_weights(out / BEST, raw, run_config)
+                checkpoint.save_weights(out / BEST, raw, run_config, step)
     stop = step >= args.max_iters or synced_elapsed >= 60 * args.time_budget
+    signals = StopSignals()
+    stop_signal = None  # the signal all ranks act on: rank 0's, agreed at log steps when data-parallel
     try:
         while not stop:
+            stop_signal = signals.received if world.world == 1 else stop_signal
+            if stop_signal:
+                raise Stop(stop_signal)
             lr = learning_rate(args, step, synced_elapsed)
             x, y = corpus.batch("train", args.batch_size, args.block_size, step_generator(args.seed, step, device),
                                 world.rows(args.batch_size))
@@ -353,6 +457,8 @@ def train(args: argparse.Namespace) -> dict:
                 tokens_per_s = interval_steps * tokens_per_step / seconds
                 interval_rates.append(tokens_per_s)
                 synced_elapsed = world.from_main(elapsed())
+                if world.world > 1:
+                    stop_signal = int(world.from_main(float(signals.received or 0)))
                 last = last or synced_elapsed >= 60 * args.time_budget
                 if world.main:
                     files.log({"step": step, "split": "train", "loss": train_loss, "lr": lr,
@@ -377,7 +483,8 @@ def train(args: argparse.Namespace) -> dict:
     except KeyboardInterrupt:
         save()
         if world.main:
-            bar.message(f"interrupted: checkpoint at step {step} in {out}; continue with --resume")
+            bar.message(f"interrupted: checkpoint at step {step} in {out / checkpoint.CHECKPOINT}; continue with "
+                        f"--resume")
         world.close()
         raise
     except Exception:
@@ -387,6 +494,8 @@ def train(args: argparse.Namespace) -> dict:
         except Exception as err:  # noqa: BLE001
             print(f"checkpoint after the error failed too: {err}", file=sys.stderr)
         raise
+    finally:
+        signals.restore()
 
     val_loss = evaluate(raw, corpus, args, world, FINAL_EVAL_FACTOR * args.eval_iters)
     track_best(val_loss)
@@ -436,16 +545,16 @@ def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    """train(args) as a command: exit code 130 after Ctrl-C (the checkpoint is already saved)."""
+    """train(args) as a command: exit code 130 after Ctrl-C, 143 after SIGTERM (the checkpoint is saved)."""
     try:
         train(args)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as err:
+        return 128 + getattr(err, "signum", signal.SIGINT)
     return 0
 
 
 def main(argv=None) -> int:
-    return run(build_parser().parse_args(argv))
+    return cli.command("tether train", build_parser, run, argv, __doc__)
 
 
 if __name__ == "__main__":
