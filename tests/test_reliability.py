@@ -211,21 +211,12 @@ def assert_same_weights(a, b):
         assert torch.equal(wa[name], wb[name]), name
 
 
-@pytest.fixture
-def single_thread(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_in_process(argv):
     return train.train(train.build_parser().parse_args(argv))
 
 
 @needs_corpus
-def test_sigterm_stops_at_the_step_boundary_and_resumes_bit_identically(tmp_path, monkeypatch, single_thread):
+def test_sigterm_stops_at_the_step_boundary_and_resumes_bit_identically(tmp_path, monkeypatch, in_process):
     full, out = tmp_path / "full", tmp_path / "stopped"
     train_in_process([*TINY, "--out", str(full)])
     batch, train_batches = CharCorpus.batch, []
@@ -249,7 +240,7 @@ def test_sigterm_stops_at_the_step_boundary_and_resumes_bit_identically(tmp_path
 
 
 @needs_corpus
-def test_sigterm_to_a_training_process(tmp_path, single_thread):
+def test_sigterm_to_a_training_process(tmp_path, in_process):
     args = [*TINY, "--max-iters", "150", "--eval-interval", "50", "--d-model", "32", "--n-layer", "1"]
     full, out = tmp_path / "full", tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "tether.cli", "train", *args, "--out", str(out)],
@@ -281,7 +272,7 @@ def test_an_existing_run_is_not_overwritten(run_dir, capsys, monkeypatch):
 
 
 @needs_corpus
-def test_force_replaces_the_run(run_dir, single_thread):
+def test_force_replaces_the_run(run_dir, in_process):
     (run_dir / "summary.json").write_text("stale")
     (run_dir / "notes.txt").write_text("not the run's")
     train_in_process([*TINY, "--max-iters", "2", "--sample-tokens", "1", "--out", str(run_dir), "--force"])

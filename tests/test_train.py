@@ -29,16 +29,6 @@ def cli_env():
     return {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture
-def in_process(monkeypatch):
-    """The same settings as cli_env for a run inside this process."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def records(out: Path, split: str) -> dict:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r for r in map(json.loads, lines) if r["split"] == split}

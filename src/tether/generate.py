@@ -71,10 +71,11 @@ class Decoder:
     @torch.no_grad()
     def step(self, idx: torch.Tensor) -> torch.Tensor:
         self.steps += 1
-        if self.graph is None and self.cuda_graph and self.steps > self.WARMUP and not self._full():
+        full = self._full()
+        if self.graph is None and self.cuda_graph and self.steps > self.WARMUP and not full:
             self._capture(idx)
-        if self.graph is None or self._full():
-            logits, state = (self.model.step if self._full() else self._step)(idx, self.state)
+        if self.graph is None or full:
+            logits, state = (self.model.step if full else self._step)(idx, self.state)
             self._keep(state)
             return logits
         self.idx.copy_(idx)

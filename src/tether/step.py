@@ -131,7 +131,7 @@ class TrainStep:
     def take_sums(self) -> tuple[float, Optional[float], int]:
         """(mean loss, mean firing rate or None, steps) since the last call; syncs with the GPU."""
         steps = self.steps_since_sums
-        loss, rate = (self.loss_sum / max(steps, 1)).item(), (self.rate_sum / max(steps, 1)).item()
+        loss, rate = (torch.stack((self.loss_sum, self.rate_sum)) / max(steps, 1)).tolist()  # one sync
         self.loss_sum.zero_()
         self.rate_sum.zero_()
         self.steps_since_sums = 0
