@@ -174,7 +174,8 @@ def main():
     parser.add_argument("--data", help="corpus for the tether train runs (skipped without it)")
     parser.add_argument("--trainer-iters", type=int, default=300)
     parser.add_argument("--trainer-mixers", default="spiking")
-    parser.add_argument("--profile", choices=["eager", "compile"], help="also print a profile of the spiking step")
+    parser.add_argument("--profile", choices=["eager", "compile"], help="also print a profile of a step at batch 64")
+    parser.add_argument("--profile-mixer", default="spiking", choices=MIXERS)
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = LMConfig()
@@ -207,7 +208,7 @@ def main():
             row = measure_trainer(args.data, mixer, args.trainer_iters // (6 if mixer == "ttt-mlp" else 1))
             trainer.append(row)
             print(row, flush=True)
-    profile = profile_training(cfg, 64, args.profile == "compile") if args.profile else None
+    profile = profile_training(replace(cfg, mixer=args.profile_mixer), 64, args.profile == "compile") if args.profile else None
     if profile:
         print(profile)
 

@@ -1,4 +1,4 @@
-"""The ``tether`` command: ``tether train ...`` and ``tether generate ...``.
+"""The ``tether`` command: ``tether train ...``, ``tether generate ...`` and ``tether eval ...``.
 
 A user error (a bad flag value, a missing or corrupt checkpoint, a missing corpus) prints one line,
 ``tether train: --grad-clip: expected > 0, got -1.0``, on stderr and exits 2; ``--debug`` prints the traceback
@@ -62,7 +62,7 @@ def command(prog: str, build_parser, run, argv=None, description: str = None) ->
 
 
 def main(argv=None) -> int:
-    from tether import generate, train
+    from tether import evaluate, generate, train
 
     parser = Parser(prog="tether", description="Spiking language models with Triton kernels.")
     add_debug(parser)
@@ -74,6 +74,9 @@ def main(argv=None) -> int:
         "generate": generate.build_parser(commands.add_parser("generate", help="stream text from a checkpoint",
                                                               description=generate.__doc__,
                                                               formatter_class=argparse.RawDescriptionHelpFormatter)),
+        "eval": evaluate.build_parser(commands.add_parser("eval", help="validation loss by position, long contexts",
+                                                          description=evaluate.__doc__,
+                                                          formatter_class=argparse.RawDescriptionHelpFormatter)),
     }
     for sub in subparsers.values():
         add_debug(sub, default=argparse.SUPPRESS)  # `tether train --debug` too, without hiding `tether --debug`
@@ -81,7 +84,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     named = next((a for a in argv if a in subparsers), None)
     prog = subparsers[named].prog if named else parser.prog
-    runs = {"train": train.run, "generate": lambda args: generate.run(args) and 0}
+    runs = {"train": train.run, "generate": lambda args: generate.run(args) and 0,
+            "eval": lambda args: evaluate.run(args) and 0}
 
     def run(args):
         return runs[args.__dict__.pop("command")](args)

@@ -1,0 +1,182 @@
+"""Validation loss by position over long sequences: how a model uses context past its training length.
+
+    tether eval --checkpoint DIR [--checkpoint DIR2 ...] --context 256,1024,4096 [--plot loss_vs_position.png]
+
+Each checkpoint is scored on ``--sequences`` windows of ``max(--context)`` tokens from the validation split
+(evenly spaced, the same for every checkpoint), and its loss is reported at each context length ``c`` as the
+mean loss over positions ``[c / 2, c)`` (so a cold start at position 0 does not flatter the longer contexts).
+
+- The spiking mixer reads every window in one pass from a zero state, carrying its membranes and attention
+  memory over all of it: position ``p`` sees the ``p`` tokens before it.
+- The softmax and TTT-MLP mixers have learned positions up to ``block_size``: they are shown for what they can
+  do, a sliding window of ``block_size`` tokens moved by half of it, each token scored once with at least
+  ``block_size / 2`` tokens of context (the first window's tokens: what they have).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tether import checkpoint, cli
+from tether.data import CharCorpus, resolve_corpus
+
+PLOT_BIN = 64  # positions per point of the loss-vs-position curve
+
+
+def parse_contexts(text: str) -> list:
+    """"256,1024,4096" -> [256, 1024, 4096]: increasing positive ints."""
+    try:
+        contexts = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--context: expected comma-separated token counts like 256,1024,4096, got {text!r}") \
+            from None
+    if any(c < 2 for c in contexts) or contexts != sorted(set(contexts)):
+        raise ValueError(f"--context: expected increasing counts >= 2, got {text!r}")
+    return contexts
+
+
+@torch.no_grad()
+def position_losses(model, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """windows ``[n, L + 1]`` token ids -> cross-entropy of every next-token prediction ``[n, L]`` (fp32).
+
+    Spiking: one pass over each window. Other mixers: a sliding window of ``block_size`` tokens, stride half
+    of it (see the module docstring)."""
+    from tether.step import autocast
+
+    n, L = windows.shape[0], windows.shape[1] - 1
+    device = windows.device
+    losses = torch.empty(n, L, device=device)  # [n, L]
+    W = model.cfg.block_size
+    for rows in torch.arange(n, device=device).split(batch_size):
+        x, y = windows[rows, :-1], windows[rows, 1:]  # [b, L]
+        if model.spiking:
+            spans = [(0, L, 0)]  # (start, end, first scored position)
+        else:
+            stride = max(W // 2, 1)
+            starts = range(0, max(L - W, 0) + stride, stride)
+            spans = [(s, min(s + W, L), 0 if s == 0 else min(s + W - stride, L)) for s in starts]
+        for start, end, scored in spans:
+            with autocast(device):
+                logits, _ = model(x[:, start:end])  # [b, end - start, V]
+            ce = F.cross_entropy(logits.float().transpose(1, 2), y[:, start:end], reduction="none")  # [b, span]
+            losses[rows, scored:end] = ce[:, scored - start:]
+    return losses
+
+
+def at_contexts(losses: torch.Tensor, contexts: Sequence[int]) -> dict:
+    """{c: mean loss over positions [c / 2, c)} for each context length c."""
+    return {c: losses[:, c // 2:c].mean().item() for c in contexts}
+
+
+def curve(losses: torch.Tensor, bin_size: int = PLOT_BIN) -> list:
+    """[(first position of the bin, mean loss)] over bins of bin_size positions."""
+    L = losses.shape[1]
+    return [(p, losses[:, p:p + bin_size].mean().item()) for p in range(0, L, bin_size)]
+
+
+def _corpus_text(data: Optional[str]) -> str:
+    if data is None:
+        return resolve_corpus(None).read_text(encoding="utf-8")
+    path = Path(data)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data: expected a text file, got {data!r} (no such file)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--data: expected UTF-8 text, got {data!r} ({err.reason} at byte {err.start})") from None
+
+
+def evaluate_checkpoint(ckpt: str, contexts: Sequence[int], sequences: int, batch_size: int, device,
+                        data: Optional[str] = None) -> dict:
+    """One checkpoint's losses at each context length and its curve (see the module docstring)."""
+    from tether.generate import load
+
+    model, vocab = load(ckpt, device)
+    model.eval()
+    corpus = CharCorpus(_corpus_text(data), device)
+    if corpus.vocab.chars != vocab.chars:
+        raise ValueError(f"--data: expected the corpus the checkpoint {ckpt} was trained on (its vocabulary of "
+                         f"{len(vocab)} characters), got one with {len(corpus.vocab)}")
+    val, L = corpus.splits["val"], contexts[-1]
+    n = min(sequences, (len(val) - 1) // L)
+    if n < 1:
+        raise ValueError(f"--context: expected at most {len(val) - 1} tokens (the validation split), got {L}")
+    starts = torch.arange(n, device=device) * ((len(val) - 1 - L) // max(n - 1, 1))  # [n], evenly spaced
+    windows = val[starts[:, None] + torch.arange(L + 1, device=device)]  # [n, L + 1]
+    losses = position_losses(model, windows, batch_size)
+    return {"checkpoint": str(ckpt), "mixer": model.cfg.mixer, "block_size": model.cfg.block_size,
+            "sequences": n, "loss_at_context": at_contexts(losses, contexts), "curve": curve(losses)}
+
+
+def markdown(results: list, contexts: Sequence[int]) -> str:
+    head = "| checkpoint | mixer | trained on | " + " | ".join(f"loss at {c}" for c in contexts) + " |"
+    lines = [head, "|" + "---|" * (3 + len(contexts))]
+    for r in results:
+        cells = " | ".join(f"{r['loss_at_context'][c]:.4f}" for c in contexts)
+        lines.append(f"| {r['checkpoint']} | {r['mixer']} | {r['block_size']} | {cells} |")
+    return "\n".join(lines)
+
+
+def plot(results: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        xs, ys = zip(*r["curve"])
+        ax.plot([x + PLOT_BIN / 2 for x in xs], ys, label=f"{r['mixer']} ({r['checkpoint']})")
+    ax.set_xscale("log")
+    ax.set_xlabel("position in the sequence (tokens)")
+    ax.set_ylabel(f"validation loss (nats/char, mean of {PLOT_BIN} positions)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="tether eval", description=__doc__,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="directory written by tether train (its --out, checkpoint/ or best/); repeat to compare")
+    p.add_argument("--context", default="256,1024,4096", help="context lengths to report, increasing")
+    p.add_argument("--sequences", type=int, default=16, help="validation windows of max(--context) tokens")
+    p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--data", help="the corpus (default: the one tether train finds)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--json", help="write the results (losses and curves) to this file")
+    p.add_argument("--plot", help="write the loss-vs-position plot to this PNG")
+    return p
+
+
+def run(args: argparse.Namespace) -> list:
+    from tether.train import pick_device
+
+    contexts = parse_contexts(args.context)
+    for flag in ("sequences", "batch"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag}: expected a positive count, got {getattr(args, flag)}")
+    device = pick_device(args.device)
+    results = [evaluate_checkpoint(c, contexts, args.sequences, args.batch, device, args.data)
+               for c in args.checkpoint]
+    print(markdown(results, contexts))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"contexts": contexts, "results": results}, indent=1))
+    if args.plot:
+        plot(results, Path(args.plot))
+    return results
+
+
+def main(argv=None) -> int:
+    return cli.command("tether eval", build_parser, lambda args: run(args) and 0, argv, __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
