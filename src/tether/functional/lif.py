@@ -170,7 +170,7 @@ class _LIF(torch.autograd.Function):
 
 def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surrogate="arctan",
         alpha: Optional[float] = None, reset: str = "hard", v_reset: float = 0.0, detach_reset: bool = True):
-    """x [T, *rest] -> (spikes [T, *rest] in x's dtype, v_final [*rest] fp32). decay / threshold: float, 0-d
+    """``x [T, *rest]`` -> (spikes ``[T, *rest]`` in x's dtype, v_final ``[*rest]`` fp32). decay / threshold: float, 0-d
     tensor or per-channel [C] (C = x.shape[-1]); gradients to x, v_init, decay, threshold as they require."""
     args = reference.check_lif_args(x, decay, threshold, v_init, surrogate, alpha, reset)
     if x.dtype == torch.float64 and x.is_cuda:

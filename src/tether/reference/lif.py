@@ -99,7 +99,7 @@ def membrane_dtype(x: torch.Tensor) -> torch.dtype:
 def lif(x: torch.Tensor, decay: Param, threshold: Param, v_init: Optional[torch.Tensor] = None, *,
         surrogate="arctan", alpha: Optional[float] = None, reset: str = "hard", v_reset: float = 0.0,
         detach_reset: bool = True):
-    """x [T, *rest] -> (spikes [T, *rest] in x's dtype, v_final [*rest] fp32, fp64 for fp64 x)."""
+    """``x [T, *rest]`` -> (spikes ``[T, *rest]`` in x's dtype, v_final ``[*rest]`` fp32, fp64 for fp64 x)."""
     args = check_lif_args(x, decay, threshold, v_init, surrogate, alpha, reset)
     dtype = membrane_dtype(x)
     v = torch.zeros(x.shape[1:], dtype=dtype, device=x.device) if v_init is None else v_init.to(dtype)
