@@ -86,7 +86,7 @@ def load(graph: "nir.NIRGraph", *, dt: Optional[float] = None) -> nn.Sequential:
         if isinstance(node, nir.LIF):
             module = _lif_module(key, node, dt)
         elif isinstance(node, (nir.Affine, nir.Linear)):
-            module = _linear_module(node, fed_spikes)
+            module = _linear_module(key, node, fed_spikes)
         else:
             raise TypeError(f"tether.nir.load: nir.{type(node).__name__} (node {key!r}) has no tether module; "
                             f"tether.nir.load reads {READABLE}")
@@ -178,10 +178,11 @@ def _chain(graph: "nir.NIRGraph") -> list:
     return keys[:-1]
 
 
-def _linear_module(node, fed_spikes: bool) -> nn.Linear:
+def _linear_module(key: str, node, fed_spikes: bool) -> nn.Linear:
     weight = torch.from_numpy(np.array(node.weight))  # [out, in]
     if weight.dim() != 2:
-        raise ValueError(f"tether.nir.load: expected a 2-d weight [out, in], got shape {tuple(weight.shape)}")
+        raise ValueError(f"tether.nir.load: nir.{type(node).__name__} (node {key!r}): expected a 2-d weight "
+                         f"[out, in], got shape {tuple(weight.shape)}")
     bias = torch.from_numpy(np.array(node.bias)) if isinstance(node, nir.Affine) else None
     layer = (SpikeLinear if fed_spikes else nn.Linear)(weight.shape[1], weight.shape[0], bias is not None,
                                                        dtype=weight.dtype)
