@@ -64,6 +64,16 @@ def test_per_channel_fixed_decay_and_grads_match_reference(device):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_per_channel_threshold_matches_reference(device):
+    threshold = torch.tensor([0.5, 1.0, 2.0])
+    layer = tnn.LIF(3, decay=0.8, threshold=threshold).to(device)
+    assert "threshold=per-channel" in repr(layer) and "threshold" in layer.state_dict()
+    x = torch.randn(20, 2, 3, device=device)
+    assert torch.equal(layer(x), reference.lif(x, 0.8, threshold.to(device))[0])
+    with pytest.raises(ValueError, match=r"threshold: a per-channel threshold must have shape \[channels\] = \[4\]"):
+        tnn.LIF(4, threshold=threshold)
+
+
 def test_firing_rate_is_a_device_tensor(device):
     layer = tnn.LIF(4)
     x = torch.randn(5, 3, 4, device=device, dtype=torch.float16)

@@ -1,6 +1,6 @@
 """Stateful LIF layer: carries the membrane across calls (streaming, token-by-token generation)."""
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -15,11 +15,12 @@ class LIF(nn.Module):
     """x [T, ..., C] -> spikes (same shape and dtype); the final membrane [..., C] is kept for the next call.
 
     decay: fixed float, or learnable (PLIF) as sigmoid(w) so that it stays in (0, 1); per_channel gives it
-    shape [C]. The state is detached between calls unless detach_state=False; reset() or a call with a new
+    shape [C]. threshold: a float, or a fixed [C] tensor (one per channel; needs channels). The state is detached between calls unless detach_state=False; reset() or a call with a new
     batch shape clears it. firing_rate is the last call's mean spike rate, a device tensor (no sync).
     """
 
-    def __init__(self, channels: Optional[int] = None, decay: float = 0.5, threshold: float = 1.0, *,
+    def __init__(self, channels: Optional[int] = None, decay: float = 0.5,
+                 threshold: Union[float, torch.Tensor] = 1.0, *,
                  learnable_decay: bool = False, per_channel: bool = False, surrogate: Optional[Surrogate] = None,
                  reset: str = "hard", v_reset: float = 0.0, detach_reset: bool = True, detach_state: bool = True):
         super().__init__()
@@ -29,7 +30,14 @@ class LIF(nn.Module):
             raise ValueError(f"decay: expected a value in (0, 1), got {decay}")
         if reset not in RESETS:
             raise ValueError(f"reset: expected one of {RESETS}, got {reset!r}")
-        self.channels, self.threshold = channels, float(threshold)
+        self.channels = channels
+        if isinstance(threshold, torch.Tensor):
+            if channels is None or threshold.shape != (channels,):
+                raise ValueError(f"threshold: a per-channel threshold must have shape [channels] = [{channels}], "
+                                 f"got {tuple(threshold.shape)}")
+            self.register_buffer("threshold", threshold.detach().float().clone())  # [C]
+        else:
+            self.threshold = float(threshold)
         self.learnable_decay, self.per_channel = learnable_decay, per_channel
         self.surrogate = Arctan() if surrogate is None else surrogate
         self.reset_mode, self.v_reset = reset, float(v_reset)
@@ -79,6 +87,7 @@ class LIF(nn.Module):
 
     def extra_repr(self) -> str:
         decay = "learnable" if self.learnable_decay else ("per-channel" if self.per_channel else self.decay_value)
-        return (f"channels={self.channels}, decay={decay}, threshold={self.threshold}, "
+        threshold = "per-channel" if isinstance(self.threshold, torch.Tensor) else self.threshold
+        return (f"channels={self.channels}, decay={decay}, threshold={threshold}, "
                 f"surrogate={self.surrogate.name}(alpha={self.surrogate.alpha}), reset={self.reset_mode}, "
                 f"v_reset={self.v_reset}, detach_reset={self.detach_reset}, detach_state={self.detach_state}")
