@@ -42,7 +42,7 @@ CPU_DEFAULTS = dict(batch_size=16, block_size=64, d_model=128, n_layer=4, lr=2e-
                     time_budget=3.0, eval_interval=100, eval_iters=10, log_interval=10, dropout=None,
                     compile=False)
 COMMON_DEFAULTS = dict(data=None, mixer="spiking", out="runs/tether", seed=1337,
-                       weight_decay=0.1, grad_clip=1.0, warmup_iters=100, sample_tokens=500)
+                       weight_decay=0.1, grad_clip=1.0, warmup_iters=100, sample_tokens=500, patience=4)
 SAMPLE_PROMPT = "ROMEO:"
 BEST = "best"  # subdirectory of --out with the weights of the lowest validation loss
 # What a run writes to --out (a checkpoint's temp names and the layout before checkpoint/ included): a
@@ -81,6 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the training step from a CUDA graph (default: on for one CUDA process)")
     p.add_argument("--sample-tokens", type=int, help="characters generated at the end")
+    p.add_argument("--patience", type=int,
+                   help="stop after this many validations without a new best (default 4; 0: never stop early)")
 
 
 def resolve_args(args: argparse.Namespace, device: torch.device, saved: dict = None) -> argparse.Namespace:
@@ -129,7 +131,7 @@ def check_args(args, device: torch.device) -> None:
     for key, what in (("time_budget", "positive minutes"), ("lr", "> 0"), ("grad_clip", "> 0")):
         if not getattr(args, key) > 0:
             raise ValueError(f"{flag(key)}: expected {what}, got {getattr(args, key)}")
-    for key in ("warmup_iters", "sample_tokens", "weight_decay"):
+    for key in ("warmup_iters", "sample_tokens", "weight_decay", "patience"):
         if not getattr(args, key) >= 0:
             raise ValueError(f"{flag(key)}: expected >= 0, got {getattr(args, key)}")
     if args.dropout is not None and not 0 <= args.dropout < 1:
@@ -423,6 +425,7 @@ def train(args: argparse.Namespace) -> dict:
     interval_steps, interval_start, paused = 0, time.monotonic(), 0.0
     interval_rates = []  # tokens/s of each log interval, for a steady-state figure without the JIT warmup
     val_loss, firing, energy, train_loss = None, None, {}, None
+    stopped_early = False
 
     def track_best(loss: float) -> None:
         """Keep the weights of the lowest validation loss in out/best (a long run ends past it)."""
@@ -471,6 +474,12 @@ def train(args: argparse.Namespace) -> dict:
                 eval_start = time.monotonic()
                 val_loss = evaluate(raw, corpus, args, world, args.eval_iters)
                 track_best(val_loss)
+                stalled = step - best_val[1] >= args.patience * args.eval_interval
+                if args.patience and stalled:  # past its best: stop there (best/ holds the best weights)
+                    last = stopped_early = True
+                    if world.main:
+                        bar.message(f"step {step}: stopping early, no better validation loss for {args.patience} "
+                                    f"evaluations (best {best_val[0]:.4f} at step {best_val[1]}, in {out / BEST})")
                 if world.main:
                     energy = raw.energy_per_token()
                     files.log({"step": step, "split": "val", "loss": val_loss, "elapsed_s": elapsed(), **energy})
@@ -511,6 +520,7 @@ def train(args: argparse.Namespace) -> dict:
         print(f"--- sample ---\n{text}\n--------------", flush=True)
         summary = summarize(args, config, n_params, world, step, tokens_seen, train_time, elapsed(),
                             val_loss, best_val, train_loss, firing, energy, interval_rates)
+        summary["stopped_early"] = stopped_early
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps({k: summary[k] for k in ("val_loss", "tokens_per_s", "wall_time_s", "steps")}),
               flush=True)
