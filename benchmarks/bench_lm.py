@@ -185,8 +185,6 @@ def main():
     for mixer in mixers if not args.skip_training else ():
         for batch in map(int, args.batches.split(",")):
             for path in args.paths.split(","):
-                if mixer == "ttt-mlp" and path.startswith("compile"):
-                    continue  # not measured: the TTT kernels under torch.compile are a next step
                 iters = args.iters if path != "eager" or mixer != "ttt-mlp" else max(2, args.iters // 5)
                 row = measure_training(replace(cfg, mixer=mixer), batch, path, iters)
                 training.append(row)

@@ -9,6 +9,7 @@ import torch
 from test_ttt_reference import force_reference_path, make_inputs
 
 import tether._backend
+from tether._backend import use_triton
 from tether.functional.ttt_mlp import _kernels, _ttt_mlp_op, ttt_mlp
 from tether.nn.ttt import TTTMLP
 from tether.reference.ttt_mlp import default_token_scale
@@ -223,6 +224,23 @@ def test_layer_compiles_with_fullgraph(monkeypatch):
     force_reference_path(monkeypatch)
     layer = TTTMLP(16, 2, mini_batch=4, causal=True, checkpoint_group_size=2)
     x = torch.randn(2, 10, 16, requires_grad=True)
+    y = layer(x)
+    grads = torch.autograd.grad(y.sum(), [x, *layer.parameters()])
+    y_c = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    grads_c = torch.autograd.grad(y_c.sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(y_c, y)
+    for g, g_c in zip(grads, grads_c):
+        torch.testing.assert_close(g_c, g)
+
+
+def test_layer_compiles_with_fullgraph_on_the_kernels():
+    """The same on the kernel path (the interpreter on a CPU): the backward is an op of its own, so AOT
+    autograd does not trace into the launchers (which read data pointers)."""
+    if not use_triton(torch.empty(0)) and not torch.cuda.is_available():
+        pytest.skip("needs the kernels: a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = TTTMLP(32, 2, mini_batch=16, causal=True).to(device)
+    x = torch.randn(1, 32, 32, device=device, requires_grad=True)
     y = layer(x)
     grads = torch.autograd.grad(y.sum(), [x, *layer.parameters()])
     y_c = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)

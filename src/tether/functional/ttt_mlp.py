@@ -151,12 +151,48 @@ def _setup_context(ctx, inputs, output):
     ctx.causal, ctx.group = causal, group
 
 
+def _grad_specs(xq, lr, token_scale, ln_weight, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, causal):
+    """(shape, dtype) of each gradient the backward op returns, in GRAD_KEYS order: the inputs' own, LN
+    parameters per batch element [B, NH, F], token_scale [CS] or [0] when not causal, states without the
+    checkpoint axis."""
+    B, NH, F = xq.shape[0], xq.shape[1], xq.shape[-1]
+    states = [(c.shape[:2] + c.shape[3:], c.dtype) for c in (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt)]
+    return [(xq.shape, xq.dtype)] * 3 + [(lr.shape, lr.dtype), (token_scale.shape if causal else (0,),
+                                                                 token_scale.dtype)] + \
+        [((B, NH, F), ln_weight.dtype)] * 2 + states
+
+
+# The backward is an op of its own: torch.compile's AOT autograd traces the registered backward, and must not
+# trace into the launchers (they read data pointers).
+@torch.library.custom_op("tether::ttt_mlp_backward", mutates_args=())
+def _ttt_mlp_backward_op(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor,
+                         token_scale: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+                         w1_ckpt: torch.Tensor, b1_ckpt: torch.Tensor, w2_ckpt: torch.Tensor, b2_ckpt: torch.Tensor,
+                         grad_out: torch.Tensor, gw1: torch.Tensor, gb1: torch.Tensor, gw2: torch.Tensor,
+                         gb2: torch.Tensor, causal: bool, checkpoint_group_size: int) -> tuple[(torch.Tensor,) * 11]:
+    g = backward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out,
+                 gw1, gb1, gw2, gb2, causal=causal, checkpoint_group_size=checkpoint_group_size)
+    specs = _grad_specs(xq, lr, token_scale, ln_weight, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, causal)
+    return tuple(xq.new_empty(shape, dtype=dtype) if g[key] is None else g[key].to(dtype).contiguous()
+                 for key, (shape, dtype) in zip(GRAD_KEYS, specs))
+
+
+@_ttt_mlp_backward_op.register_fake
+def _(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out, gw1, gb1,
+      gw2, gb2, causal, checkpoint_group_size):
+    specs = _grad_specs(xq, lr, token_scale, ln_weight, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, causal)
+    return tuple(xq.new_empty(shape, dtype=dtype) for shape, dtype in specs)
+
+
 def _backward(ctx, grad_out, gw1, gb1, gw2, gb2, *_grad_ckpts):
     # the checkpoints are internal (not returned by tether.functional.ttt_mlp): their gradients are unused
     xq, xk, xv, lr, token_scale, ln_weight, ln_bias, *ckpts = ctx.saved_tensors
-    g = backward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, *ckpts, grad_out, gw1, gb1, gw2, gb2,
-                 causal=ctx.causal, checkpoint_group_size=ctx.group)
-    return (g["xq"], g["xk"], g["xv"], g["lr"], g["token_scale"],
+    args = (xq, xk, xv, lr, token_scale, ln_weight, ln_bias, *ckpts, grad_out, gw1, gb1, gw2, gb2)
+    if _kernels(xq, ckpts[0]) is not None:  # the launchers, behind an op
+        g = dict(zip(GRAD_KEYS, torch.ops.tether.ttt_mlp_backward(*args, ctx.causal, ctx.group)))
+    else:  # the reference takes autograd inside, which an op's body has not: plain (traceable) PyTorch
+        g = backward(*args, causal=ctx.causal, checkpoint_group_size=ctx.group)
+    return (g["xq"], g["xk"], g["xv"], g["lr"], g["token_scale"] if ctx.causal else None,
             g["ln_weight"].sum(0), g["ln_bias"].sum(0), g["w1"], g["b1"], g["w2"], g["b2"], None, None)
 
 
