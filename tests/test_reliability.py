@@ -15,9 +15,7 @@ import torch
 from tether import checkpoint, cli, generate, train
 from tether.data import CharCorpus, Vocab
 from tether.models import LMConfig, build_model
-from test_train import CORPUS, TINY, cli_env
-
-needs_corpus = pytest.mark.skipif(not CORPUS.is_file(), reason=f"corpus not at {CORPUS}; set TETHER_DATA")
+from test_train import cli_env
 
 
 def run_cli(capsys, argv, main=cli.main):
@@ -215,10 +213,9 @@ def train_in_process(argv):
     return train.train(train.build_parser().parse_args(argv))
 
 
-@needs_corpus
-def test_sigterm_stops_at_the_step_boundary_and_resumes_bit_identically(tmp_path, monkeypatch, in_process):
+def test_sigterm_stops_at_the_step_boundary_and_resumes_bit_identically(tmp_path, tiny, monkeypatch, in_process):
     full, out = tmp_path / "full", tmp_path / "stopped"
-    train_in_process([*TINY, "--out", str(full)])
+    train_in_process([*tiny, "--out", str(full)])
     batch, train_batches = CharCorpus.batch, []
 
     def sigterm_during_step_13(self, split, *args, **kwargs):
@@ -230,7 +227,7 @@ def test_sigterm_stops_at_the_step_boundary_and_resumes_bit_identically(tmp_path
 
     monkeypatch.setattr(CharCorpus, "batch", sigterm_during_step_13)
     with pytest.raises(train.Stop) as stopped:
-        train_in_process([*TINY, "--out", str(out)])
+        train_in_process([*tiny, "--out", str(out)])
     assert stopped.value.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone with the loop
     assert checkpoint.load_state(out / "checkpoint")["step"] == 14
@@ -239,9 +236,8 @@ def test_sigterm_stops_at_the_step_boundary_and_resumes_bit_identically(tmp_path
     assert_same_weights(out, full)
 
 
-@needs_corpus
-def test_sigterm_to_a_training_process(tmp_path, in_process):
-    args = [*TINY, "--max-iters", "150", "--eval-interval", "50", "--d-model", "32", "--n-layer", "1"]
+def test_sigterm_to_a_training_process(tmp_path, tiny, in_process):
+    args = [*tiny, "--max-iters", "150", "--eval-interval", "50", "--d-model", "32", "--n-layer", "1"]
     full, out = tmp_path / "full", tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "tether.cli", "train", *args, "--out", str(out)],
                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -271,11 +267,10 @@ def test_an_existing_run_is_not_overwritten(run_dir, capsys, monkeypatch):
     assert checkpoint.load_state(run_dir / "checkpoint")["step"] == 3
 
 
-@needs_corpus
-def test_force_replaces_the_run(run_dir, in_process):
+def test_force_replaces_the_run(run_dir, tiny, in_process):
     (run_dir / "summary.json").write_text("stale")
     (run_dir / "notes.txt").write_text("not the run's")
-    train_in_process([*TINY, "--max-iters", "2", "--sample-tokens", "1", "--out", str(run_dir), "--force"])
+    train_in_process([*tiny, "--max-iters", "2", "--sample-tokens", "1", "--out", str(run_dir), "--force"])
     assert checkpoint.load_state(run_dir / "checkpoint")["step"] == 2
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
     assert (run_dir / "notes.txt").read_text() == "not the run's"
