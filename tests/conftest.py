@@ -1,5 +1,6 @@
 """Without a GPU, run the Triton kernels under the interpreter (set before any kernel is defined). The training
 tests share one made-up corpus and one tiny run's flags, so they need no download and no shipped file."""
+import contextlib
 import os
 import random
 
@@ -23,15 +24,24 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def in_process(monkeypatch):
+@contextlib.contextmanager
+def pytorch_path_one_thread():
     """A training run inside this process on the PyTorch path with one thread, as the CLI tests' subprocesses
     run (tiny tensors: threads only fight the other processes for the cores)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "0")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def in_process():
+    with pytorch_path_one_thread():
+        yield
 
 
 SPEAKERS = ["ROMEO", "JULIET", "NURSE", "MERCUTIO", "FRIAR LAURENCE"]

@@ -479,6 +479,7 @@ def train(args: argparse.Namespace) -> dict:
                                 world.rows(args.batch_size))
             train_step(x, y, lr)
             step += 1
+            checkpoint.fault("step")  # tests only (TETHER_FAULT): a kill between steps
             interval_steps += 1
             tokens_seen += tokens_per_step
             last = step >= args.max_iters
