@@ -1,6 +1,7 @@
 """Reliability of the commands: one-line user errors (exit 2, --debug for the traceback), every numeric flag
 checked before any work, checkpoints written and verified as one unit, SIGTERM saves at a step boundary,
 an existing run is not overwritten."""
+import hashlib
 import json
 import os
 import shutil
@@ -274,3 +275,46 @@ def test_force_replaces_the_run(run_dir, tiny, in_process):
     assert checkpoint.load_state(run_dir / "checkpoint")["step"] == 2
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
     assert (run_dir / "notes.txt").read_text() == "not the run's"
+
+
+@pytest.fixture
+def env_corpus_run(tmp_path, tiny, corpus, monkeypatch, in_process):
+    """(run, its corpus): a finished 2-step run whose corpus (a copy of the made-up one) came from TETHER_DATA,
+    not --data; TETHER_DATA is unset again after it, and there is no download to fall back on."""
+    out, data = tmp_path / "run", tmp_path / "play.txt"
+    shutil.copyfile(corpus, data)
+    monkeypatch.setenv("TETHER_DATA", str(data))
+    argv = [a for a in tiny if a not in ("--data", str(corpus))]
+    train_in_process([*argv, "--max-iters", "2", "--sample-tokens", "1", "--out", str(out)])
+    monkeypatch.delenv("TETHER_DATA")
+    monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "empty-cache"))
+    return out, data
+
+
+def test_resume_uses_the_corpus_the_run_recorded(env_corpus_run, tmp_path):
+    run, data = env_corpus_run
+    config = checkpoint.load_config(run / "checkpoint")
+    assert config["corpus"]["path"] == str(data) == config["train"]["data"]
+    assert train.main(["--resume", "--out", str(run), "--max-iters", "3"]) == 0
+    assert checkpoint.load_state(run / "checkpoint")["step"] == 3
+    copy = tmp_path / "copy.txt"  # the same text elsewhere is the same corpus
+    shutil.copyfile(data, copy)
+    assert train.main(["--resume", "--out", str(run), "--data", str(copy), "--max-iters", "4"]) == 0
+    assert checkpoint.load_state(run / "checkpoint")["step"] == 4
+
+
+def test_resume_on_other_text_is_refused(env_corpus_run, tmp_path, capsys):
+    run, data = env_corpus_run
+    other = tmp_path / "other.txt"
+    other.write_text(data.read_text() + "more\n")
+    recorded = hashlib.sha256(data.read_bytes()).hexdigest()
+    code, err = run_cli(capsys, ["--resume", "--out", str(run), "--data", str(other)], train.main)
+    digest = hashlib.sha256(other.read_bytes()).hexdigest()
+    assert (code, err) == (2, f"tether train: --data: expected the text the run was trained on ({data}, sha256 "
+                              f"{recorded}), got {other} with sha256 {digest}; resuming on other text is refused: "
+                              f"drop --data, or start a new run with --force\n")
+    data.unlink()
+    code, err = run_cli(capsys, ["--resume", "--out", str(run)], train.main)
+    assert (code, err) == (2, f"tether train: --resume: expected the run's corpus at {data} (recorded in its "
+                              f"checkpoint), got no file there; pass --data with a copy of it\n")
+    assert checkpoint.load_state(run / "checkpoint")["step"] == 2

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tether import train
+from tether import cli, train
 from tether.data import CharCorpus
 FILES = ["checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/state.pt", "checkpoint/manifest.json",
          "metrics.jsonl", "loss.png", "sample.txt", "summary.json"]
@@ -129,3 +129,19 @@ def test_error_saves_the_last_step_and_propagates(tmp_path, tiny, monkeypatch, i
         train.train(train.build_parser().parse_args([*tiny, "--out", str(out)]))
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 7
     assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "checkpoint" / "config.json").is_file()
+
+
+def test_train_on_any_text_then_generate_from_it(tmp_path, tiny, capsys, in_process):
+    text = "".join(f"{word} {i % 7} fox\n" for i, word in enumerate(["quick", "brown", "lazy", "jumps"] * 60))
+    (tmp_path / "any.txt").write_text(text, encoding="utf-8")  # no ROMEO: in its characters
+    out = tmp_path / "any"
+    assert cli.main(["train", *tiny, "--max-iters", "4", "--eval-interval", "2", "--data", str(tmp_path / "any.txt"),
+                     "--out", str(out)]) == 0
+    vocab = "".join(sorted(set(text)))
+    config = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert config["vocab"] == config["model"]["vocab"] == vocab and config["model"]["vocab_size"] == len(vocab)
+    assert set((out / "sample.txt").read_text()) <= set(vocab)
+    capsys.readouterr()
+    assert cli.main(["generate", "--checkpoint", str(out), "--prompt", "fox", "--tokens", "30", "--device", "cpu"]) == 0
+    generated = capsys.readouterr().out
+    assert generated.startswith("fox") and len(generated) == len("fox") + 30 + 1 and set(generated) <= set(vocab)
