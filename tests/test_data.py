@@ -1,16 +1,13 @@
-"""Corpus loader: where the text comes from, what a bad file or no network says, the 90/10 split, batches."""
-import os
+"""Corpus loader: any UTF-8 text from --data or TETHER_DATA, what a missing, binary, empty or too short file says,
+the verified TinyShakespeare download (faked: no network), the 90/10 split, batches."""
+import hashlib
 import shutil
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
 
-from tether import data
-
-CORPUS = Path(os.environ.get("TETHER_DATA") or Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
-needs_corpus = pytest.mark.skipif(not CORPUS.is_file(), reason=f"corpus not at {CORPUS}; set TETHER_DATA")
+from tether import cli, data
 
 
 @pytest.fixture
@@ -21,30 +18,36 @@ def no_env(monkeypatch, tmp_path):
     return tmp_path
 
 
-def test_missing_file_names_the_argument(no_env):
-    with pytest.raises(data.DataError, match=r"--data: expected the TinyShakespeare text file, got no file"):
-        data.resolve_corpus(str(no_env / "nope.txt"))
+def test_any_text_file_is_a_corpus(no_env, corpus):
+    loaded = data.CharCorpus.load(str(corpus))
+    assert loaded.vocab.chars == "".join(sorted(set(corpus.read_text(encoding="utf-8"))))
+    assert (loaded.path, loaded.what) == (corpus, "--data")
 
 
-def test_wrong_sha256_is_refused(no_env):
-    bad = no_env / "bad.txt"
-    bad.write_text("First Citizen:\nnot quite the corpus\n")
-    with pytest.raises(data.DataError, match=f"expected a file with sha256 {data.CORPUS_SHA256}.*got sha256"):
-        data.resolve_corpus(str(bad))
+@pytest.mark.parametrize("content, expected", [
+    (None, "--data: expected a UTF-8 text file, got no file at {path}"),
+    (b"", "--data: expected a UTF-8 text file, got an empty file {path}"),
+    (b"PK\x03\x04\x14\x00\x00\x00\x08\x00\xff\xfe binary", "--data: expected a UTF-8 text file, got a binary file "
+                                                           "{path} (byte 10 is not UTF-8)"),
+    ("short text ".encode() * 10, "--data: expected a text of at least 161 characters (its 10% validation split "
+                                  "longer than --block-size 16), got 110 characters in {path}"),
+])
+def test_a_bad_data_file_is_one_line_naming_the_flag(no_env, capsys, content, expected):
+    path = no_env / "any.bin"
+    if content is not None:
+        path.write_bytes(content)
+    code = cli.main(["train", "--device", "cpu", "--block-size", "16", "--data", str(path),
+                     "--out", str(no_env / "run")])
+    assert (code, capsys.readouterr().err) == (2, f"tether train: {expected.format(path=path)}\n")
+    assert not (no_env / "run").exists()
 
 
-def test_env_var_is_used_and_checked(no_env, monkeypatch):
-    bad = no_env / "bad.txt"
-    bad.write_text("x")
-    monkeypatch.setenv("TETHER_DATA", str(bad))
-    with pytest.raises(data.DataError, match="TETHER_DATA: expected a file with sha256"):
-        data.resolve_corpus()
-
-
-@needs_corpus
-def test_env_var_points_at_the_corpus(no_env, monkeypatch):
-    monkeypatch.setenv("TETHER_DATA", str(CORPUS))
-    assert data.resolve_corpus() == CORPUS
+def test_env_var_is_used_and_names_itself(no_env, monkeypatch, corpus):
+    monkeypatch.setenv("TETHER_DATA", str(corpus))
+    assert data.CharCorpus.load().path == corpus
+    monkeypatch.setenv("TETHER_DATA", str(no_env / "nope.txt"))
+    with pytest.raises(data.DataError, match="TETHER_DATA: expected a UTF-8 text file, got no file"):
+        data.CharCorpus.load()
 
 
 def test_no_network_says_how_to_fix(no_env, monkeypatch):
@@ -60,36 +63,50 @@ def test_no_network_says_how_to_fix(no_env, monkeypatch):
     assert "../shared/data/tinyshakespeare.txt" in message
 
 
-@needs_corpus
-def test_download_goes_to_the_cache_once(no_env, monkeypatch):
+@pytest.fixture
+def fake_download(no_env, monkeypatch, corpus):
+    """The network replaced by a copy of the made-up corpus, whose sha256 stands in for TinyShakespeare's."""
     calls = []
 
-    def fake_download(url, dest):  # the network, replaced by a copy of the real bytes
+    def download(url, dest):
         calls.append(url)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(CORPUS, dest)
+        shutil.copyfile(corpus, dest)
 
-    monkeypatch.setattr(data, "download", fake_download)
+    monkeypatch.setattr(data, "download", download)
+    monkeypatch.setattr(data, "CORPUS_SHA256", hashlib.sha256(corpus.read_bytes()).hexdigest())
+    return calls
+
+
+def test_download_goes_to_the_cache_once(no_env, fake_download):
     first = data.resolve_corpus()
     second = data.resolve_corpus()
-    assert first == second == no_env / "cache" / data.CORPUS_NAME
-    assert calls == [data.CORPUS_URL]
+    assert first[0] == second[0] == no_env / "cache" / data.CORPUS_NAME
+    assert fake_download == [data.CORPUS_URL]
 
 
-@needs_corpus
-def test_split_vocab_and_batches():
-    corpus = data.CharCorpus.load(str(CORPUS))
-    text = CORPUS.read_text(encoding="utf-8")
-    assert len(corpus.vocab) == 65 and corpus.vocab.chars == "".join(sorted(set(text)))
-    train, val = corpus.splits["train"], corpus.splits["val"]
+def test_the_download_is_checked(no_env, fake_download):
+    (no_env / "cache").mkdir()
+    (no_env / "cache" / data.CORPUS_NAME).write_text("First Citizen:\nnot quite the corpus\n")
+    with pytest.raises(data.DataError, match=f"cached corpus .*: expected a file with sha256 "
+                                             f"{data.CORPUS_SHA256} .*got sha256"):
+        data.resolve_corpus()
+    assert fake_download == []
+
+
+def test_split_vocab_and_batches(corpus):
+    loaded = data.CharCorpus.load(str(corpus))
+    text = corpus.read_text(encoding="utf-8")
+    assert loaded.vocab.chars == "".join(sorted(set(text)))
+    train, val = loaded.splits["train"], loaded.splits["val"]
     assert len(train) == int(0.9 * len(text)) and len(train) + len(val) == len(text)
-    assert corpus.vocab.decode(val[:50].tolist()) == text[len(train):len(train) + 50]
+    assert loaded.vocab.decode(val[:50].tolist()) == text[len(train):len(train) + 50]
 
-    x, y = corpus.batch("train", 6, 32, torch.Generator().manual_seed(3))
+    x, y = loaded.batch("train", 6, 32, torch.Generator().manual_seed(3))
     assert x.shape == y.shape == (6, 32) and x.dtype == torch.long
     assert torch.equal(x[:, 1:], y[:, :-1])
     # a rank's rows are its slice of the same global batch
-    x_rows, _ = corpus.batch("train", 6, 32, torch.Generator().manual_seed(3), slice(3, 6))
+    x_rows, _ = loaded.batch("train", 6, 32, torch.Generator().manual_seed(3), slice(3, 6))
     assert torch.equal(x_rows, x[3:])
 
 

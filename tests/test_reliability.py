@@ -1,6 +1,7 @@
 """Reliability of the commands: one-line user errors (exit 2, --debug for the traceback), every numeric flag
 checked before any work, checkpoints written and verified as one unit, SIGTERM saves at a step boundary,
 an existing run is not overwritten."""
+import hashlib
 import json
 import os
 import shutil
@@ -15,9 +16,7 @@ import torch
 from tether import checkpoint, cli, generate, train
 from tether.data import CharCorpus, Vocab
 from tether.models import LMConfig, build_model
-from test_train import CORPUS, TINY, cli_env
-
-needs_corpus = pytest.mark.skipif(not CORPUS.is_file(), reason=f"corpus not at {CORPUS}; set TETHER_DATA")
+from test_train import cli_env
 
 
 def run_cli(capsys, argv, main=cli.main):
@@ -215,10 +214,9 @@ def train_in_process(argv):
     return train.train(train.build_parser().parse_args(argv))
 
 
-@needs_corpus
-def test_sigterm_stops_at_the_step_boundary_and_resumes_bit_identically(tmp_path, monkeypatch, in_process):
+def test_sigterm_stops_at_the_step_boundary_and_resumes_bit_identically(tmp_path, tiny, monkeypatch, in_process):
     full, out = tmp_path / "full", tmp_path / "stopped"
-    train_in_process([*TINY, "--out", str(full)])
+    train_in_process([*tiny, "--out", str(full)])
     batch, train_batches = CharCorpus.batch, []
 
     def sigterm_during_step_13(self, split, *args, **kwargs):
@@ -230,7 +228,7 @@ def test_sigterm_stops_at_the_step_boundary_and_resumes_bit_identically(tmp_path
 
     monkeypatch.setattr(CharCorpus, "batch", sigterm_during_step_13)
     with pytest.raises(train.Stop) as stopped:
-        train_in_process([*TINY, "--out", str(out)])
+        train_in_process([*tiny, "--out", str(out)])
     assert stopped.value.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone with the loop
     assert checkpoint.load_state(out / "checkpoint")["step"] == 14
@@ -239,9 +237,8 @@ def test_sigterm_stops_at_the_step_boundary_and_resumes_bit_identically(tmp_path
     assert_same_weights(out, full)
 
 
-@needs_corpus
-def test_sigterm_to_a_training_process(tmp_path, in_process):
-    args = [*TINY, "--max-iters", "150", "--eval-interval", "50", "--d-model", "32", "--n-layer", "1"]
+def test_sigterm_to_a_training_process(tmp_path, tiny, in_process):
+    args = [*tiny, "--max-iters", "150", "--eval-interval", "50", "--d-model", "32", "--n-layer", "1"]
     full, out = tmp_path / "full", tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "tether.cli", "train", *args, "--out", str(out)],
                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -271,11 +268,53 @@ def test_an_existing_run_is_not_overwritten(run_dir, capsys, monkeypatch):
     assert checkpoint.load_state(run_dir / "checkpoint")["step"] == 3
 
 
-@needs_corpus
-def test_force_replaces_the_run(run_dir, in_process):
+def test_force_replaces_the_run(run_dir, tiny, in_process):
     (run_dir / "summary.json").write_text("stale")
     (run_dir / "notes.txt").write_text("not the run's")
-    train_in_process([*TINY, "--max-iters", "2", "--sample-tokens", "1", "--out", str(run_dir), "--force"])
+    train_in_process([*tiny, "--max-iters", "2", "--sample-tokens", "1", "--out", str(run_dir), "--force"])
     assert checkpoint.load_state(run_dir / "checkpoint")["step"] == 2
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
     assert (run_dir / "notes.txt").read_text() == "not the run's"
+
+
+@pytest.fixture
+def env_corpus_run(tmp_path, tiny, corpus, monkeypatch, in_process):
+    """(run, its corpus): a finished 2-step run whose corpus (a copy of the made-up one) came from TETHER_DATA,
+    not --data; TETHER_DATA is unset again after it, and there is no download to fall back on."""
+    out, data = tmp_path / "run", tmp_path / "play.txt"
+    shutil.copyfile(corpus, data)
+    monkeypatch.setenv("TETHER_DATA", str(data))
+    argv = [a for a in tiny if a not in ("--data", str(corpus))]
+    train_in_process([*argv, "--max-iters", "2", "--sample-tokens", "1", "--out", str(out)])
+    monkeypatch.delenv("TETHER_DATA")
+    monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "empty-cache"))
+    return out, data
+
+
+def test_resume_uses_the_corpus_the_run_recorded(env_corpus_run, tmp_path):
+    run, data = env_corpus_run
+    config = checkpoint.load_config(run / "checkpoint")
+    assert config["corpus"]["path"] == str(data) == config["train"]["data"]
+    assert train.main(["--resume", "--out", str(run), "--max-iters", "3"]) == 0
+    assert checkpoint.load_state(run / "checkpoint")["step"] == 3
+    copy = tmp_path / "copy.txt"  # the same text elsewhere is the same corpus
+    shutil.copyfile(data, copy)
+    assert train.main(["--resume", "--out", str(run), "--data", str(copy), "--max-iters", "4"]) == 0
+    assert checkpoint.load_state(run / "checkpoint")["step"] == 4
+
+
+def test_resume_on_other_text_is_refused(env_corpus_run, tmp_path, capsys):
+    run, data = env_corpus_run
+    other = tmp_path / "other.txt"
+    other.write_text(data.read_text() + "more\n")
+    recorded = hashlib.sha256(data.read_bytes()).hexdigest()
+    code, err = run_cli(capsys, ["--resume", "--out", str(run), "--data", str(other)], train.main)
+    digest = hashlib.sha256(other.read_bytes()).hexdigest()
+    assert (code, err) == (2, f"tether train: --data: expected the text the run was trained on ({data}, sha256 "
+                              f"{recorded}), got {other} with sha256 {digest}; resuming on other text is refused: "
+                              f"drop --data, or start a new run with --force\n")
+    data.unlink()
+    code, err = run_cli(capsys, ["--resume", "--out", str(run)], train.main)
+    assert (code, err) == (2, f"tether train: --resume: expected the run's corpus at {data} (recorded in its "
+                              f"checkpoint), got no file there; pass --data with a copy of it\n")
+    assert checkpoint.load_state(run / "checkpoint")["step"] == 2

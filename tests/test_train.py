@@ -1,5 +1,5 @@
-"""`tether train --device cpu` end to end on the shared corpus: loss goes down, checkpoint files, Ctrl-C then
---resume continues the same loss curve, generation from the checkpoint, DDP (gloo) == one process."""
+"""`tether train --device cpu` end to end on the made-up corpus (conftest): loss goes down, checkpoint files,
+Ctrl-C then --resume continues the same loss curve, generation from the checkpoint, DDP (gloo) == one process."""
 import json
 import os
 import subprocess
@@ -9,16 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tether import train
+from tether import cli, train
 from tether.data import CharCorpus
-
-CORPUS = Path(os.environ.get("TETHER_DATA") or Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
-pytestmark = pytest.mark.skipif(not CORPUS.is_file(), reason=f"corpus not at {CORPUS}; set TETHER_DATA")
-
-# A tiny model and run: 30 steps, validation + checkpoint every 10.
-TINY = ["--device", "cpu", "--data", str(CORPUS), "--d-model", "64", "--n-layer", "2", "--batch-size", "8",
-        "--block-size", "16", "--lr", "3e-3", "--warmup-iters", "5", "--max-iters", "30", "--eval-interval", "10",
-        "--eval-iters", "2", "--log-interval", "5", "--sample-tokens", "20", "--seed", "7"]
 FILES = ["checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/state.pt", "checkpoint/manifest.json",
          "metrics.jsonl", "loss.png", "sample.txt", "summary.json"]
 
@@ -35,16 +27,16 @@ def records(out: Path, split: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny):
     """One uninterrupted CLI run; its directory."""
     out = tmp_path_factory.mktemp("run") / "full"
-    proc = subprocess.run([sys.executable, "-m", "tether.cli", "train", *TINY, "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "tether.cli", "train", *tiny, "--out", str(out)],
                           env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
-def test_cli_train_loss_goes_down_and_writes_everything(trained):
+def test_cli_train_loss_goes_down_and_writes_everything(trained, corpus):
     for name in FILES:
         assert (trained / name).is_file(), name
     train_loss = records(trained, "train")
@@ -60,11 +52,13 @@ def test_cli_train_loss_goes_down_and_writes_everything(trained):
     assert (summary["best_val_loss"], summary["best_val_step"]) == (best["loss"], best["step"])
     assert (trained / "best" / "model.safetensors").is_file() and (trained / "best" / "config.json").is_file()
     config = json.loads((trained / "checkpoint" / "config.json").read_text())
-    assert config["model"]["d_model"] == 64 and len(config["vocab"]) == 65
+    assert config["model"]["d_model"] == 64
+    assert config["vocab"] == "".join(sorted(set(corpus.read_text()))) == config["model"]["vocab"]
+    assert config["corpus"]["path"] == str(corpus) == config["train"]["data"]
     assert torch.load(trained / "checkpoint" / "state.pt", weights_only=False)["step"] == 30
 
 
-def test_interrupt_then_resume_continues_the_curve(trained, tmp_path, monkeypatch, in_process):
+def test_interrupt_then_resume_continues_the_curve(trained, tiny, tmp_path, monkeypatch, in_process):
     out = tmp_path / "interrupted"
     batch = CharCorpus.batch
     train_batches = []
@@ -78,7 +72,7 @@ def test_interrupt_then_resume_continues_the_curve(trained, tmp_path, monkeypatc
 
     monkeypatch.setattr(CharCorpus, "batch", ctrl_c_at_step_13)
     with pytest.raises(KeyboardInterrupt):
-        train.train(train.build_parser().parse_args([*TINY, "--out", str(out)]))
+        train.train(train.build_parser().parse_args([*tiny, "--out", str(out)]))
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 13
     monkeypatch.setattr(CharCorpus, "batch", batch)
 
@@ -102,9 +96,9 @@ def test_generate_from_the_checkpoint(trained, weights):
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 120
 
 
-def test_ddp_gloo_two_processes_match_one(tmp_path, in_process):
+def test_ddp_gloo_two_processes_match_one(tmp_path, tiny, in_process):
     # Dropout off: the ranks' dropout masks cannot match one process's.
-    args = [*TINY, "--max-iters", "4", "--log-interval", "1", "--eval-interval", "100", "--dropout", "0",
+    args = [*tiny, "--max-iters", "4", "--log-interval", "1", "--eval-interval", "100", "--dropout", "0",
             "--sample-tokens", "5"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m",
                            "tether.train", *args, "--out", str(tmp_path / "ddp")],
@@ -119,7 +113,7 @@ def test_ddp_gloo_two_processes_match_one(tmp_path, in_process):
     assert summary["world_size"] == 2 and summary["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
 
 
-def test_error_saves_the_last_step_and_propagates(tmp_path, monkeypatch, in_process):
+def test_error_saves_the_last_step_and_propagates(tmp_path, tiny, monkeypatch, in_process):
     out = tmp_path / "failed"
     batch = CharCorpus.batch
     calls = []
@@ -132,6 +126,22 @@ def test_error_saves_the_last_step_and_propagates(tmp_path, monkeypatch, in_proc
 
     monkeypatch.setattr(CharCorpus, "batch", fail_at_step_7)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        train.train(train.build_parser().parse_args([*TINY, "--out", str(out)]))
+        train.train(train.build_parser().parse_args([*tiny, "--out", str(out)]))
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=False)["step"] == 7
     assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "checkpoint" / "config.json").is_file()
+
+
+def test_train_on_any_text_then_generate_from_it(tmp_path, tiny, capsys, in_process):
+    text = "".join(f"{word} {i % 7} fox\n" for i, word in enumerate(["quick", "brown", "lazy", "jumps"] * 60))
+    (tmp_path / "any.txt").write_text(text, encoding="utf-8")  # no ROMEO: in its characters
+    out = tmp_path / "any"
+    assert cli.main(["train", *tiny, "--max-iters", "4", "--eval-interval", "2", "--data", str(tmp_path / "any.txt"),
+                     "--out", str(out)]) == 0
+    vocab = "".join(sorted(set(text)))
+    config = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert config["vocab"] == config["model"]["vocab"] == vocab and config["model"]["vocab_size"] == len(vocab)
+    assert set((out / "sample.txt").read_text()) <= set(vocab)
+    capsys.readouterr()
+    assert cli.main(["generate", "--checkpoint", str(out), "--prompt", "fox", "--tokens", "30", "--device", "cpu"]) == 0
+    generated = capsys.readouterr().out
+    assert generated.startswith("fox") and len(generated) == len("fox") + 30 + 1 and set(generated) <= set(vocab)

@@ -7,17 +7,27 @@ A run keeps its checkpoint in ``<out>/checkpoint``. A save never leaves a torn c
 1. the files and the manifest are written (and fsync'd) into a fresh ``<unit>.tmp`` beside the target;
 2. the previous ``<unit>`` is renamed to ``<unit>.old``;
 3. ``<unit>.tmp`` is renamed to ``<unit>``;
-4. ``<unit>.old`` is deleted.
+4. ``<unit>.old`` is deleted, its manifest first (a half-deleted unit is no checkpoint).
 
 A crash between 2 and 3 leaves no ``<unit>`` but a complete ``<unit>.old``: loading reads it, and the next save
 renames it back first. Any ``<unit>.tmp`` is a save that did not finish: loading ignores it, a save deletes it.
 Loading checks the manifest (every file present, every checksum equal) and refuses anything else with a
 message naming the file and what to do.
+
+Fault injection, for tests: ``TETHER_FAULT=<point>:<n>[:<signal>]`` sends this process SIGKILL (or the named
+signal, e.g. SIGTERM) the n-th time it reaches ``point``. The points of a save of ``<unit>`` (``checkpoint``,
+``best``) are ``<unit>/<file>`` (the file just written; SIGKILL cuts it to half its bytes first, as a kill
+mid-write leaves it), ``<unit>/written`` (all files and the manifest written, nothing renamed),
+``<unit>/renamed-old`` (between the two renames), ``<unit>/renamed-new`` (after both) and
+``<unit>/deleting-old`` (``<unit>.old`` without its manifest); tether.train adds ``step`` (after each training
+step). Unset, reaching a point is one environment lookup.
 """
+import collections
 import hashlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -27,6 +37,27 @@ CONFIG = "config.json"
 STATE = "state.pt"
 MANIFEST = "manifest.json"
 CHECKPOINT = "checkpoint"  # a run's checkpoint: <out>/checkpoint
+
+
+_faults_reached = collections.Counter()  # point -> times this process reached it, while TETHER_FAULT is set
+
+
+def fault(point: str, written: Path = None) -> None:
+    """The TETHER_FAULT signal (module docstring) if this is its point and occurrence; ``written``: the file just
+    written, which SIGKILL cuts to half its bytes first."""
+    spec = os.environ.get("TETHER_FAULT")
+    if spec is None:
+        return
+    name, n, *signal_name = spec.split(":")
+    if name != point:
+        return
+    _faults_reached[point] += 1
+    if _faults_reached[point] != int(n):
+        return
+    signum = signal.Signals[signal_name[0] if signal_name else "SIGKILL"]
+    if written is not None and signum == signal.SIGKILL:
+        os.truncate(written, written.stat().st_size // 2)
+    os.kill(os.getpid(), signum)
 
 
 class CheckpointError(ValueError):
@@ -75,16 +106,23 @@ def _save_unit(unit, writers: dict, step) -> None:
     files = {}
     for name, write in writers.items():
         write(tmp / name)
+        fault(f"{unit.name}/{name}", tmp / name)
         _fsync(tmp / name)
         files[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
+    fault(f"{unit.name}/{MANIFEST}", tmp / MANIFEST)
     _fsync(tmp / MANIFEST)
     _fsync(tmp)
+    fault(f"{unit.name}/written")
     if unit.exists():
         os.replace(unit, old)
+    fault(f"{unit.name}/renamed-old")
     os.replace(tmp, unit)
     _fsync(unit.parent)
+    fault(f"{unit.name}/renamed-new")
     if old.exists():
+        (old / MANIFEST).unlink(missing_ok=True)
+        fault(f"{unit.name}/deleting-old")
         shutil.rmtree(old)
 
 
@@ -117,6 +155,10 @@ def find(path, what: str = "--checkpoint", need_state: bool = False) -> Path:
         if (candidate / MANIFEST).is_file():
             return verify(candidate, what, need_state)
     fix = f"delete {path} to start over" if what == "--resume" else "point --checkpoint at a directory tether train wrote"
+    for torn in (path / (CHECKPOINT + ".tmp"), _sibling(path, ".tmp")):
+        if torn.is_dir():
+            raise CheckpointError(f"{what}: expected a complete checkpoint, got only {torn}, a save that did not "
+                                  f"finish (the run stopped before its first checkpoint); {fix}")
     for unit in (path, path / CHECKPOINT):
         if (unit / WEIGHTS).is_file() or (unit / CONFIG).is_file():
             raise CheckpointError(f"{what}: expected a checkpoint with {MANIFEST} (written by this version of "

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     add_debug(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     subparsers = {
-        "train": train.build_parser(commands.add_parser("train", help="train a char-level LM on TinyShakespeare",
+        "train": train.build_parser(commands.add_parser("train", help="train a char-level LM on any text",
                                                         description=train.__doc__,
                                                         formatter_class=argparse.RawDescriptionHelpFormatter)),
         "generate": generate.build_parser(commands.add_parser("generate", help="stream text from a checkpoint",

@@ -1,8 +1,9 @@
-"""Char-level TinyShakespeare: find or download the corpus, check it, split it 90/10, sample batches.
+"""Char-level corpora: find or download the text, check it, split it 90/10, sample batches.
 
 The corpus comes from (first match wins) an explicit path (``--data``), the ``TETHER_DATA`` environment
-variable, or a download into the cache directory (``TETHER_CACHE``, default ``~/.cache/tether``).
-Its sha256 is checked in every case, so every run trains on byte-identical text.
+variable, or a download of TinyShakespeare into the cache directory (``TETHER_CACHE``, default
+``~/.cache/tether``). A given path may hold any UTF-8 text (the vocabulary is its set of characters); the
+download's sha256 is checked, so every default run trains on byte-identical text.
 """
 import hashlib
 import os
@@ -19,7 +20,7 @@ TRAIN_FRACTION = 0.9
 
 
 class DataError(RuntimeError):
-    """The corpus cannot be found, downloaded or verified; the message says how to fix it."""
+    """The corpus cannot be found, downloaded, read or verified; the message says how to fix it."""
 
 
 def cache_dir() -> Path:
@@ -32,13 +33,26 @@ def sha256_of(path: Path) -> str:
 
 def verify(path: Path, what: str) -> Path:
     """Return path if it holds the TinyShakespeare bytes; else a DataError naming where it came from."""
-    if not path.is_file():
-        raise DataError(f"{what}: expected the TinyShakespeare text file, got no file at {path}")
     digest = sha256_of(path)
     if digest != CORPUS_SHA256:
         raise DataError(f"{what}: expected a file with sha256 {CORPUS_SHA256} (TinyShakespeare, "
                         f"1,115,394 bytes), got sha256 {digest} for {path}")
     return path
+
+
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text at path; a DataError naming ``what`` for no file, an empty file or bytes that are not
+    UTF-8."""
+    if not path.is_file():
+        raise DataError(f"{what}: expected a UTF-8 text file, got no file at {path}")
+    raw = path.read_bytes()
+    if not raw:
+        raise DataError(f"{what}: expected a UTF-8 text file, got an empty file {path}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{what}: expected a UTF-8 text file, got a binary file {path} (byte {err.start} "
+                        f"is not UTF-8)") from None
 
 
 def download(url: str, dest: Path) -> None:
@@ -50,12 +64,13 @@ def download(url: str, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def resolve_corpus(path: Optional[str] = None) -> Path:
-    """Path of a verified corpus: --data, else TETHER_DATA, else the cached (or freshly downloaded) copy."""
+def resolve_corpus(path: Optional[str] = None) -> tuple:
+    """(path, what): --data, else TETHER_DATA, else the cached (or freshly downloaded, verified) TinyShakespeare;
+    ``what`` names where it came from, for errors."""
     if path:
-        return verify(Path(path).expanduser(), "--data")
+        return Path(path).expanduser(), "--data"
     if os.environ.get("TETHER_DATA"):
-        return verify(Path(os.environ["TETHER_DATA"]).expanduser(), "TETHER_DATA")
+        return Path(os.environ["TETHER_DATA"]).expanduser(), "TETHER_DATA"
     cached = cache_dir() / CORPUS_NAME
     if not cached.is_file():
         try:
@@ -65,7 +80,8 @@ def resolve_corpus(path: Optional[str] = None) -> Path:
                 f"could not download the corpus from {CORPUS_URL} ({err}). Without network, point at a "
                 f"local copy: pass --data PATH or set TETHER_DATA=PATH "
                 f"(e.g. --data ../shared/data/tinyshakespeare.txt)") from err
-    return verify(cached, f"cached corpus (delete it to download again; from {CORPUS_URL})")
+    what = f"cached corpus (delete it to download again; from {CORPUS_URL})"
+    return verify(cached, what), what
 
 
 class Vocab:
@@ -89,9 +105,11 @@ class Vocab:
 
 
 class CharCorpus:
-    """Token ids of the corpus, split 90/10 into train and validation, kept on one device."""
+    """Token ids of the corpus, split 90/10 into train and validation, kept on one device. ``path`` and
+    ``what`` (the flag or variable it came from) are kept for errors and for the run's record."""
 
-    def __init__(self, text: str, device="cpu"):
+    def __init__(self, text: str, device="cpu", path: Optional[Path] = None, what: str = "--data"):
+        self.path, self.what = path, what
         self.vocab = Vocab("".join(sorted(set(text))))
         ids = self.vocab.encode(text).to(device)  # [n_chars]
         n_train = int(TRAIN_FRACTION * len(ids))
@@ -99,7 +117,18 @@ class CharCorpus:
 
     @classmethod
     def load(cls, path: Optional[str] = None, device="cpu") -> "CharCorpus":
-        return cls(resolve_corpus(path).read_text(encoding="utf-8"), device)
+        path, what = resolve_corpus(path)
+        return cls(read_text(path, what), device, path, what)
+
+    def check_block_size(self, block_size: int) -> None:
+        """Both splits must be longer than a training window; else a DataError naming where the text came from."""
+        if len(self.splits["val"]) > block_size:
+            return
+        n_chars = len(self.splits["train"]) + len(self.splits["val"])
+        needed = next(n for n in range(block_size, 20 * (block_size + 1))
+                      if n - int(TRAIN_FRACTION * n) > block_size)
+        raise DataError(f"{self.what}: expected a text of at least {needed} characters (its 10% validation split "
+                        f"longer than --block-size {block_size}), got {n_chars} characters in {self.path}")
 
     def batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator,
               rows: slice = slice(None)):

@@ -1,4 +1,4 @@
-"""Train the spiking char-level language model on TinyShakespeare.
+"""Train the spiking char-level language model on TinyShakespeare, or on any UTF-8 text (--data).
 
     tether train [--mixer spiking|softmax|ttt-mlp] [--device cuda|cpu] [--out DIR] [--resume] ...
     torchrun --nproc_per_node=N -m tether.train ...   # data-parallel, same global batch as one process
@@ -7,7 +7,7 @@ Defaults depend on the device: on a GPU the default model for ~9.5 minutes, on a
 for ~3 minutes. The run writes to --out: checkpoint/ (see tether.checkpoint), best/ (weights of the lowest
 validation loss), metrics.jsonl, loss.png, sample.txt and summary.json. Ctrl-C or SIGTERM (at the next step
 boundary), an error or the end of the time budget saves a checkpoint first; --resume continues it at the same
-step with the same data and RNG streams.
+step with the same data and RNG streams, on the corpus file the run recorded (path and sha256).
 """
 import argparse
 import json
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from tether import checkpoint, cli
-from tether.data import CharCorpus
+from tether.data import CharCorpus, DataError, read_text, sha256_of
 from tether.progress import ProgressBar
 from tether.step import TrainStep, autocast, make_optimizer
 
@@ -55,7 +55,8 @@ FINAL_EVAL_FACTOR = 5  # the reported validation loss averages 5x the batches of
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # Defaults are None here and filled in by resolve_args, so explicit flags can be told apart.
-    p.add_argument("--data", help="path of tinyshakespeare.txt (else $TETHER_DATA, else download)")
+    p.add_argument("--data", help="UTF-8 text file to train on (else $TETHER_DATA, else TinyShakespeare, "
+                                  "downloaded); --resume reuses the run's")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--mixer", choices=["spiking", "softmax", "ttt-mlp"], help="token mixer (default spiking)")
     p.add_argument("--out", help="output directory (default runs/tether)")
@@ -284,6 +285,39 @@ def evaluate(model, corpus: CharCorpus, args, world: Distributed, batches: int) 
     return world.mean([total.item() / batches])[0]
 
 
+def load_corpus(given, saved: dict, device) -> CharCorpus:
+    """The corpus of a new run (``given`` --data, else TETHER_DATA or the download), or of a resumed one: the
+    file its config records (path and sha256), which an explicit --data may replace only by the same text."""
+    record = (saved or {}).get("corpus")
+    if record is None:
+        corpus = CharCorpus.load(given, device)
+        if saved and saved["vocab"] != corpus.vocab.chars:  # a checkpoint from before the config held its corpus
+            raise DataError("--data: expected the corpus the checkpoint was trained on (same vocabulary), "
+                            "got a different character set")
+        return corpus
+    if given is None:
+        path = Path(record["path"])
+        if not path.is_file():
+            raise DataError(f"--resume: expected the run's corpus at {path} (recorded in its checkpoint), got no "
+                            f"file there; pass --data with a copy of it")
+        corpus = CharCorpus(read_text(path, "--resume"), device, path, "--resume")
+    else:
+        corpus = CharCorpus.load(given, device)
+    digest = sha256_of(corpus.path)
+    if digest != record["sha256"]:
+        raise DataError(f"{corpus.what}: expected the text the run was trained on ({record['path']}, sha256 "
+                        f"{record['sha256']}), got {corpus.path} with sha256 {digest}; resuming on other text is "
+                        f"refused: drop --data, or start a new run with --force")
+    return corpus
+
+
+def sample_prompt(corpus: CharCorpus) -> str:
+    """ROMEO: when the vocabulary has its characters, else the corpus's first characters."""
+    if set(SAMPLE_PROMPT) <= set(corpus.vocab.chars):
+        return SAMPLE_PROMPT
+    return corpus.vocab.decode(corpus.splits["train"][:len(SAMPLE_PROMPT)].tolist())
+
+
 def model_config(args, vocab: str, saved: dict = None):
     from tether.models import LMConfig
 
@@ -349,6 +383,7 @@ def train(args: argparse.Namespace) -> dict:
     world = Distributed(device)
     resumed = checkpoint.find(out, "--resume", need_state=True) if args.resume else None
     saved_config = checkpoint.load_config(resumed) if args.resume else None
+    given_data = args.data  # before resolve_args fills in the resumed run's
     args = resolve_args(args, device, saved_config["train"] if saved_config else None)
     device = world.device
     if args.batch_size % world.world:
@@ -356,10 +391,9 @@ def train(args: argparse.Namespace) -> dict:
                          f"got {args.batch_size}")
 
     torch.manual_seed(args.seed)
-    corpus = CharCorpus.load(args.data, device)
-    if saved_config and saved_config["vocab"] != corpus.vocab.chars:
-        raise ValueError("--data: expected the corpus the checkpoint was trained on (same vocabulary), "
-                         "got a different character set")
+    corpus = load_corpus(given_data, saved_config, device)
+    corpus.check_block_size(args.block_size)
+    args.data = str(corpus.path.resolve())  # the run remembers a corpus that came from TETHER_DATA or the cache
     config = model_config(args, corpus.vocab.chars, saved_config["model"] if saved_config else None)
     raw = build_model(config).to(device)
     optimizer = make_optimizer(raw, args.lr, args.weight_decay, device)
@@ -385,7 +419,8 @@ def train(args: argparse.Namespace) -> dict:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     files = RunFiles(out)
-    run_config = {"model": config.to_dict(), "vocab": corpus.vocab.chars, "train": vars(args)}
+    run_config = {"model": config.to_dict(), "vocab": corpus.vocab.chars,
+                  "corpus": {"path": args.data, "sha256": sha256_of(corpus.path)}, "train": vars(args)}
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         if args.resume:
@@ -447,6 +482,7 @@ def train(args: argparse.Namespace) -> dict:
                                 world.rows(args.batch_size))
             train_step(x, y, lr)
             step += 1
+            checkpoint.fault("step")  # tests only (TETHER_FAULT): a kill between steps
             interval_steps += 1
             tokens_seen += tokens_per_step
             last = step >= args.max_iters
@@ -514,7 +550,7 @@ def train(args: argparse.Namespace) -> dict:
         files.log({"step": step, "split": "val", "loss": val_loss, "elapsed_s": elapsed(), **energy})
         save()
         bar.message(f"step {step}: final val loss {val_loss:.4f}")
-        text = sample(raw, corpus.vocab, SAMPLE_PROMPT, args.sample_tokens, temperature=0.8, top_k=40,
+        text = sample(raw, corpus.vocab, sample_prompt(corpus), args.sample_tokens, temperature=0.8, top_k=40,
                       generator=torch.Generator(device=device).manual_seed(args.seed))
         (out / "sample.txt").write_text(text)
         print(f"--- sample ---\n{text}\n--------------", flush=True)
