@@ -4,7 +4,7 @@ what was expected and what came ("name: expected ..., got ...").
 
 Values are checked where they are Python numbers (no cost); a tensor's values only where a bad one would make
 the output all NaN (spike attention's gamma), since on CUDA reading them waits for the GPU (see
-check_values_in).
+check_positive_values).
 """
 import math
 import numbers
@@ -57,15 +57,15 @@ def check_real(name: str, value, *, low: float = -math.inf, high: float = math.i
     return value
 
 
-def check_values_in(name: str, t: torch.Tensor, low: float, high: float, interval: str) -> None:
-    """Every value of t in low < t <= high (NaN is not). On a CUDA tensor this reads one flag back: it waits
-    for the GPU. Skipped while torch.compile traces (no values to read) and while a CUDA graph is captured
+def check_positive_values(name: str, t: torch.Tensor) -> None:
+    """Every value of t finite and > 0 (NaN is not). On a CUDA tensor this reads one flag back: it waits for
+    the GPU. Skipped while torch.compile traces (no values to read) and while a CUDA graph is captured
     (reading back is not allowed then)."""
     if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    bad = ~((t > low) & (t <= high))
+    bad = ~((t > 0) & (t < math.inf))
     if bool(bad.any()):
-        raise ValueError(f"{name}: expected values in {interval}, got {t.detach()[bad].flatten()[:4].tolist()} "
+        raise ValueError(f"{name}: expected finite values > 0, got {t.detach()[bad].flatten()[:4].tolist()} "
                          f"among them")
 
 
@@ -147,15 +147,17 @@ FORMS = ("elementwise", "matrix")
 
 
 def check_gamma(gamma, H: int, device) -> None:
-    """A decay in (0, 1]: a float, or a 0-d / [H] tensor whose values are checked too (gamma 0 makes the
-    output NaN); on CUDA that check waits for the GPU, and it is skipped under torch.compile and CUDA-graph
-    capture (check_values_in)."""
+    """A decay: a float in (0, 1] (the spec's range), or a 0-d / [H] tensor whose values are checked to be
+    finite and > 0, what the op is defined for (gamma <= 0 made the whole output NaN). A tensor may step over
+    1 (the memory then grows): finite differences probe gamma = 1 from both sides, and a learnable gamma that
+    an optimizer moves past 1 should not stop a run. On CUDA the value check waits for the GPU; it is skipped
+    under torch.compile and CUDA-graph capture (check_positive_values)."""
     if isinstance(gamma, torch.Tensor):
         check_tensor("gamma", gamma, dtypes=FLOAT_DTYPES, device=device)
         if gamma.dim() > 1 or (gamma.dim() == 1 and gamma.shape[0] != H):
             raise ValueError(f"gamma: expected a float, a 0-d tensor or a tensor of shape ({H},) "
                              f"(one decay per head), got shape {tuple(gamma.shape)}")
-        check_values_in("gamma", gamma, 0.0, 1.0, "(0, 1]")
+        check_positive_values("gamma", gamma)
     elif isinstance(gamma, numbers.Real) and not isinstance(gamma, bool):
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"gamma: expected a decay in (0, 1], got {gamma}")
