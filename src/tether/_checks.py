@@ -222,3 +222,14 @@ def check_ttt_inputs(xq, xk, xv, lr, ln_weight, ln_bias, state, token_scale=None
     if token_scale is not None:
         check_tensor(n["token_scale"], token_scale, shape=(CS,), dtypes=(dtype,), device=dev)
     return B, NH, NC, CS, F
+
+
+def check_ttt_grads(grad_out, grad_last, xq, state_dtype: torch.dtype, *,
+                    names: Sequence[str] = ("grad_out", "grad_w1_last", "grad_b1_last", "grad_w2_last",
+                                            "grad_b2_last")) -> None:
+    """TTT-MLP's upstream gradients: of the outputs, grad_out like xq (any activation dtype), and of the
+    final state, grad_last (w1, b1, w2, b2) in state_dtype."""
+    B, NH, _, _, F = xq.shape
+    check_tensor(names[0], grad_out, shape=xq.shape, dtypes=TTT_ACT_DTYPES, device=xq.device)
+    for name, t, shape in zip(names[1:], grad_last, ttt_state_shapes(B, NH, F)):
+        check_tensor(name, t, shape=shape, dtypes=(state_dtype,), device=xq.device)
