@@ -55,7 +55,7 @@ def lif(x: torch.Tensor, decay: Param, threshold: Param, v_init: Optional[torch.
 
     T = 0 (or an empty neuron dim): empty spikes, v_final = v_init (zeros when None). Non-finite input: h_t =
     NaN never fires (NaN >= theta is false) and stays NaN; +inf fires, and the hard reset brings it back to
-    v_reset (the spec's h (1 - s) + v_reset s, computed as a select so that inf * 0 makes no NaN), the soft
+    v_reset (the spec's h (1 - s) + v_reset s, computed so that inf * 0 makes no NaN), the soft
     reset leaves it at +inf; -inf never fires. Gradients through non-finite membranes are not specified.
     """
     args = check_lif_args(x, decay, threshold, v_init, surrogate, alpha, reset, v_reset)
@@ -69,10 +69,10 @@ def lif(x: torch.Tensor, decay: Param, threshold: Param, v_init: Optional[torch.
         s = SurrogateSpike.apply(h - theta, args.surrogate, args.alpha)
         if not args.hard:
             v = h - theta * (s.detach() if detach_reset else s)
-        else:
-            v = torch.where(s.detach() > 0, v_reset, h)  # dv/dh = 1 - s
-            if not detach_reset:  # through the spike too: dv/ds = v_reset - h (a zero-valued term)
-                v = v + (s - s.detach()) * (v_reset - h.nan_to_num(0.0, 0.0, 0.0))
+        elif detach_reset:
+            v = torch.where(s > 0, v_reset, h)  # h (1 - s) + v_reset s, also for h = +inf; dv/dh = 1 - s
+        else:  # through the spike too, dv/ds = v_reset - h; the clamp keeps h = +inf from making inf * 0
+            v = h.clamp(max=torch.finfo(dtype).max) * (1 - s) + v_reset * s
         spikes.append(s)
     if not spikes:  # T = 0: no step
         return x.clone(), v.clone()
