@@ -27,8 +27,6 @@ def run(corpus, out, *flags):
 def test_patience(monkeypatch, tmp_path, corpus, in_process, patience, steps, stopped):
     losses = itertools.count(3.0, 0.1)  # every validation worse than the one before: the best is step 2's
     monkeypatch.setattr(train, "evaluate", lambda *args: next(losses))
-    monkeypatch.setattr(train.CharCorpus, "load", classmethod(lambda cls, path, device="cpu":
-                                                             cls(open(path).read(), device)))
     summary = run(corpus, tmp_path / "run", "--patience", str(patience))
     assert summary["steps"] == steps and summary["stopped_early"] is stopped
     assert (summary["best_val_loss"], summary["best_val_step"]) == (3.0, 2)

@@ -262,11 +262,17 @@ def test_reference_dynamics():
     (dict(surrogate="relu"), ValueError, ["surrogate", "arctan", "relu"]),
     (dict(reset="zero"), ValueError, ["reset", "hard", "zero"]),
     (dict(decay="0.5"), TypeError, ["decay", "float", "str"]),
+    (dict(decay=1.5), ValueError, ["decay", "[0, 1]", "1.5"]),
+    (dict(decay=math.nan), ValueError, ["decay", "[0, 1]", "nan"]),
+    (dict(threshold=math.inf), ValueError, ["threshold", "inf"]),
+    (dict(alpha=0.0), ValueError, ["alpha", "(0, inf)", "0.0"]),
+    (dict(alpha=-1.0), ValueError, ["alpha", "(0, inf)", "-1.0"]),
+    (dict(v_reset=torch.zeros(3)), TypeError, ["v_reset", "float", "Tensor"]),
 ])
 def test_bad_input(impl, kwargs, error, words):
     args = dict(x=torch.randn(4, 3), decay=0.5, threshold=1.0, v_init=None)
     args.update(kwargs)
-    extra = {k: args.pop(k) for k in ("surrogate", "reset") if k in args}
+    extra = {k: args.pop(k) for k in ("surrogate", "reset", "alpha", "v_reset") if k in args}
     with pytest.raises(error) as info:
         impl(args["x"], args["decay"], args["threshold"], args["v_init"], **extra)
     for word in words:
@@ -295,3 +301,34 @@ def test_float64_on_cuda_says_it_runs_the_reference(monkeypatch):
     with pytest.warns(UserWarning, match="tether.functional.lif: float64 input"):
         spikes, _ = lif(x, 0.5, 1.0)
     torch.testing.assert_close(spikes, reference.lif(x, 0.5, 1.0)[0])
+
+
+@pytest.mark.parametrize("impl", [lif, reference.lif])
+@pytest.mark.parametrize("shape", [(0, 3), (0,), (4, 0), (3, 0, 2)], ids=str)
+def test_empty_input(impl, shape):
+    """No step or no neuron: empty spikes, v_final = v_init, gradient of v_init = that of v_final."""
+    x = torch.randn(shape, requires_grad=True)
+    v_init = torch.randn(shape[1:], requires_grad=True)
+    spikes, v_final = impl(x, 0.5, 1.0, v_init)
+    assert spikes.shape == x.shape and v_final.shape == v_init.shape
+    torch.testing.assert_close(v_final, v_init.detach())
+    (spikes.sum() + (2 * v_final).sum()).backward()
+    assert x.grad.shape == x.shape and torch.equal(v_init.grad, torch.full_like(v_init, 2.0))
+
+
+@pytest.mark.parametrize("save", [kernels.SAVE_COMPACT, kernels.SAVE_MEMBRANE])
+@pytest.mark.parametrize("T, N", [(0, 70), (5, 0)])
+def test_launchers_take_empty_inputs(device, save, T, N):
+    """No launch on an empty grid or with no step (the backward with T = 0 read bits never written)."""
+    x = torch.randn(T, N, device=device)
+    spikes, v_final, saved, bits = kernels.lif_forward(x, None, 0.5, 1.0, surrogate=0, alpha=2.0, hard=True,
+                                                       v_reset=0.0, save=save, inv_sg_peak=1.0)
+    assert spikes.shape == (T, N) and torch.equal(v_final, torch.zeros(N, device=device))
+    grad_v_final = torch.randn(N, device=device)
+    grad_x, grad_v_init, grad_decay, grad_threshold = kernels.lif_backward(
+        torch.randn(T, N, device=device), grad_v_final, saved, bits, None, 0.5, 1.0, surrogate=0, alpha=2.0,
+        hard=True, v_reset=0.0, detach_reset=True, save=save, sg_peak=1.0, grad_v_init=True, grad_decay=True,
+        grad_threshold=True)
+    assert grad_x.shape == (T, N)
+    assert torch.equal(grad_v_init, grad_v_final if T == 0 else torch.zeros(0, device=device))
+    assert not grad_decay.any() and not grad_threshold.any()

@@ -104,5 +104,12 @@ def test_repr_and_bad_arguments():
         tnn.LIF(4, decay=1.5)
     with pytest.raises(ValueError, match="reset"):
         tnn.LIF(4, reset="zero")
+    tnn.LIF(4, decay=1.0)  # a fixed decay takes what tether.functional.lif takes: [0, 1]
+    with pytest.raises(ValueError, match=r"decay: expected a value in \(0, 1\) with learnable_decay"):
+        tnn.LIF(4, decay=1.0, learnable_decay=True)
+    with pytest.raises(ValueError, match="threshold: expected a value in"):
+        tnn.LIF(4, threshold=float("nan"))
+    with pytest.raises(ValueError, match=r"alpha: expected a value in \(0, inf\), got 0.0"):
+        tnn.Arctan(0.0)
     with pytest.raises(ValueError, match="channels=4"):
         tnn.LIF(4)(torch.randn(3, 2, 5))

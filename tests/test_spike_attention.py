@@ -1,4 +1,5 @@
 """Linear spike-driven attention: reference oracle, cumsum formulation, Triton kernels, argument checks."""
+import math
 import re
 
 import pytest
@@ -227,6 +228,12 @@ def _bad_inputs():
         (dict(good, gamma=torch.ones(H + 1)), ValueError, "gamma: expected a float, a 0-d tensor or a tensor of shape"),
         (dict(good, gamma=1.5), ValueError, "gamma: expected a decay in (0, 1], got 1.5"),
         (dict(good, gamma="0.5"), TypeError, "gamma: expected a float or a tensor, got str"),
+        (dict(good, gamma=torch.tensor(0.0)), ValueError, "gamma: expected finite values > 0, got [0.0]"),
+        (dict(good, gamma=torch.tensor([0.5, -0.5, 1.0])), ValueError, "gamma: expected finite values > 0, got [-0.5]"),
+        (dict(good, gamma=torch.tensor(math.nan)), ValueError, "gamma: expected finite values > 0, got [nan]"),
+        (dict(good, q=q[..., :0], k=q[..., :0], v=q[..., :0]), ValueError, "q: expected a head dim D >= 1"),
+        (dict(good, q=q[..., :0], k=q[..., :0], v=q[..., :0], form="matrix"), ValueError,
+         "q: expected a head dim D >= 1"),
         (dict(good, state=torch.zeros(2, H, 5, 5)), ValueError, "state: expected shape (2, 3, 5)"),
         (dict(good, state=torch.zeros(2, H, 5), form="matrix"), ValueError, "state: expected shape (2, 3, 5, 5)"),
         (dict(good, form="softmax"), ValueError, "form: expected one of"),
@@ -255,3 +262,26 @@ def test_gradient_through_one_output_only(device, launches, only):
     assert launches == {"forward": 1, "backward": 1}
     for got, want in zip(*grads):
         close(got, want, 1e-4)
+
+
+@pytest.mark.parametrize("form", ["elementwise", "matrix"])
+@pytest.mark.parametrize("impl", ["functional", "reference", "cumsum"])
+@pytest.mark.parametrize("shape", [(0, 2, H, 4), (5, 0, H, 4), (5, 2, 0, 4)], ids=str)
+def test_empty_input(device, shape, impl, form):
+    """No step, batch or head: an empty out, the state as it came, the state's gradient = the final one's."""
+    if impl == "cumsum" and form == "matrix":
+        pytest.skip("the cumsum formulation is the elementwise form")
+    fn = {"functional": spike_attention, "reference": reference}[impl] if impl != "cumsum" else None
+    T, B, heads, D = shape
+    q, k, v = (spikes(*shape, device=device).requires_grad_() for _ in range(3))
+    state = torch.randn((B, heads, D) if form == "elementwise" else (B, heads, D, D), device=device,
+                        requires_grad=True)
+    gamma = torch.full((heads,), 0.9, device=device, requires_grad=True)
+    out, final = (spike_attention_cumsum(q, k, v, gamma, state) if fn is None else
+                  fn(q, k, v, gamma, state, form=form))
+    assert out.shape == shape and final.shape == state.shape
+    (out.sum() + (2 * final).sum()).backward()
+    if T == 0:
+        torch.testing.assert_close(final, state.detach())
+        assert torch.equal(state.grad, torch.full_like(state, 2.0))
+    assert gamma.grad is None or not gamma.grad.any()

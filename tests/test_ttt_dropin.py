@@ -49,7 +49,8 @@ def run_backward(acts, ln_w, ln_b, ckpts, out, grad_last, grad_out, G, **change)
     args["grad_L_XQW_batch"] = grad_out
     outputs = dict(grad_L_ttt_norm_weight=torch.empty(B, NH, 1, F, device=dev),  # [B, NH, 1, F] per batch elem
                    grad_L_ttt_norm_bias=torch.empty(B, NH, 1, F, device=dev))
-    outputs.update((f"grad_L_{n}_init", torch.empty_like(c[:, :, 0])) for n, c in zip(("W1", "b1", "W2", "b2"), ckpts))
+    outputs.update((f"grad_L_{n}_init", c.new_empty(c.shape[:2] + c.shape[3:]))  # NK may be 0
+                   for n, c in zip(("W1", "b1", "W2", "b2"), ckpts))
     outputs["grad_L_last_eta"] = torch.empty_like(acts[3])
     outputs.update((f"grad_L_{n}", torch.empty_like(XQ)) for n in ("XQ", "XK", "XV"))
     args.update(outputs, checkpoint_group_size=G)
@@ -178,3 +179,21 @@ def test_backward_bad_inputs_name_the_argument(name, change, match, monkeypatch)
     grad_last = [torch.zeros_like(s) for s in state]
     with pytest.raises((ValueError, TypeError), match=match):
         run_backward(acts, ln_w, ln_b, ckpts, out, grad_last, torch.randn_like(out), 2, **{name: change})
+
+
+@pytest.mark.parametrize("path", ["reference", "kernel"])
+def test_no_mini_batch(path, monkeypatch):
+    """NC = 0: an empty output, no checkpoint; the initial state's gradient is the final state's, the rest
+    zero (the kernel path launches nothing)."""
+    if path == "reference":
+        force_reference_path(monkeypatch)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    acts, ln_w, ln_b, state = ttt_tk_inputs(1, 2, 0, 16, 16, torch.float32, device)
+    assert (_kernels(acts[0], state[0]) is not None) == (path == "kernel")
+    out, ckpts = run_forward(acts, ln_w, ln_b, state, 2)
+    assert out.shape == acts[0].shape and all(c.shape[2] == 0 for c in ckpts)
+    grad_last = [torch.randn_like(s) for s in state]
+    grads = run_backward(acts, ln_w, ln_b, ckpts, out, grad_last, torch.randn_like(out), 2)
+    for key, g in zip(("w1", "b1", "w2", "b2"), grad_last):
+        assert torch.equal(grads[key], g), key
+    assert not grads["ln_weight"].any() and not grads["ln_bias"].any()

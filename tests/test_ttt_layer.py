@@ -219,6 +219,25 @@ def test_bad_input_names_the_argument():
         TTTMLP(16, 3)
 
 
+@pytest.mark.parametrize("B, T", [(2, 0), (0, 5)])
+def test_layer_empty_input(B, T):
+    """No token (or no sequence): an empty output, zero gradients to every parameter (head dim 16,
+    mini-batch 16: the kernel path where kernels run)."""
+    layer = TTTMLP(32, 2, mini_batch=16, causal=True)
+    x = torch.randn(B, T, 32, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (B, T, 32)
+    grads = torch.autograd.grad(y.sum(), [x, *layer.parameters()], allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
+
+
+def test_op_refuses_head_dim_0():
+    args = make_inputs(1, 2, 3, 4, 4, dtype=torch.float32)
+    args = [t[..., :0] if t.dim() == 5 and t.shape[-1] == 4 else t for t in args]
+    with pytest.raises(ValueError, match=r"xq: expected a head dim F >= 1"):
+        ttt_mlp(*args)
+
+
 def test_layer_compiles_with_fullgraph(monkeypatch):
     """torch.compile traces through the custom op (fake impl with the real op's strides) in one graph."""
     force_reference_path(monkeypatch)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from tether import checkpoint, cli
-from tether.data import CharCorpus, resolve_corpus
+from tether.data import CharCorpus
 
 PLOT_BIN = 64  # positions per point of the loss-vs-position curve
 
@@ -78,16 +78,17 @@ def curve(losses: torch.Tensor, bin_size: int = PLOT_BIN) -> list:
     return [(p, losses[:, p:p + bin_size].mean().item()) for p in range(0, L, bin_size)]
 
 
-def _corpus_text(data: Optional[str]) -> str:
+def _corpus(ckpt: str, data: Optional[str], device) -> CharCorpus:
+    """--data, else the corpus the checkpoint's run recorded (when that file is still there), else the one
+    tether train finds."""
     if data is None:
-        return resolve_corpus(None).read_text(encoding="utf-8")
-    path = Path(data)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data: expected a text file, got {data!r} (no such file)")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"--data: expected UTF-8 text, got {data!r} ({err.reason} at byte {err.start})") from None
+        try:
+            record = checkpoint.load_config(checkpoint.find(ckpt, "--checkpoint")).get("corpus")
+        except (ValueError, FileNotFoundError):  # a save_pretrained directory records no corpus
+            record = None
+        if record and Path(record["path"]).is_file():
+            data = record["path"]
+    return CharCorpus.load(data, device)
 
 
 def evaluate_checkpoint(ckpt: str, contexts: Sequence[int], sequences: int, batch_size: int, device,
@@ -97,7 +98,7 @@ def evaluate_checkpoint(ckpt: str, contexts: Sequence[int], sequences: int, batc
 
     model, vocab = load(ckpt, device)
     model.eval()
-    corpus = CharCorpus(_corpus_text(data), device)
+    corpus = _corpus(ckpt, data, device)
     if corpus.vocab.chars != vocab.chars:
         raise ValueError(f"--data: expected the corpus the checkpoint {ckpt} was trained on (its vocabulary of "
                          f"{len(vocab)} characters), got one with {len(corpus.vocab)}")

@@ -6,19 +6,14 @@ activations, any head dim F (K = 4F), any mini-batch size, NC not a multiple of 
 """
 import torch
 
-from tether._checks import check_group_size, check_tensor
-from tether.functional.ttt_mlp import STATE_DTYPES, backward, check_inputs, forward
+from tether._checks import (check_buffer, check_group_size, check_tensor, check_ttt_grads, check_ttt_inputs,
+                            ttt_state_shapes)
+from tether.functional.ttt_mlp import backward, forward
 from tether.reference.ttt_mlp import default_token_scale
 
-_NAMES = ("XQ", "XK", "XV", "last_eta", "ttt_norm_weight", "ttt_norm_bias", "W1_init", "b1_init", "W2_init",
-          "b2_init", "token_scale")
-
-
-def _check_buffer(name, t, shape, dtype, device):
-    """An output buffer: exact shape, dtype and device, and contiguous since it is written in place."""
-    check_tensor(name, t, shape=shape, dtypes=(dtype,), device=device)
-    if not t.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous output buffer, got strides {t.stride()}")
+_ACT_NAMES = ("XQ", "XK", "XV", "last_eta", "ttt_norm_weight", "ttt_norm_bias")
+_INIT_NAMES = ("W1_init", "b1_init", "W2_init", "b2_init")
+_CKPT_NAMES = ("W1_checkpoints", "b1_checkpoints", "W2_checkpoints", "b2_checkpoints")
 
 
 def _check_group(XQ, checkpoint_group_size) -> int:
@@ -28,8 +23,9 @@ def _check_group(XQ, checkpoint_group_size) -> int:
     return -(-XQ.shape[2] // checkpoint_group_size)
 
 
-def _inputs(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, W1, b1, W2, b2):
-    """Check ttt-tk's inputs; returns the op's lr [B, NH, NC, CS, 1] and LN params [NH, F].
+def _inputs(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, state, names, lead=()):
+    """Check ttt-tk's inputs (state: the initial state, or the checkpoints with lead = (NK,), named by
+    names); returns the op's lr [B, NH, NC, CS, 1] and LN params [NH, F].
 
     last_eta may also come as [B, NH, NC, CS] (ttt-tk's own forward test passes it so; same memory)."""
     NH, F = XQ.shape[1], XQ.shape[4]
@@ -38,14 +34,8 @@ def _inputs(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, W1, b1, W2, b2
     for name, t in (("ttt_norm_weight", ttt_norm_weight), ("ttt_norm_bias", ttt_norm_bias)):
         check_tensor(name, t, shape=(1, NH, 1, F))
     ln_weight, ln_bias = ttt_norm_weight.reshape(NH, F), ttt_norm_bias.reshape(NH, F)
-    check_inputs(XQ, XK, XV, last_eta, ln_weight, ln_bias, W1, b1, W2, b2, names=_NAMES)
+    check_ttt_inputs(XQ, XK, XV, last_eta, ln_weight, ln_bias, state, names=_ACT_NAMES + tuple(names), lead=lead)
     return last_eta, ln_weight, ln_bias
-
-
-def _state_shapes(XQ, n_ckpt):
-    """Shapes of (W1, b1, W2, b2) with `n_ckpt` checkpoints: [B, NH, NK, ...]."""
-    B, NH, _, _, F = XQ.shape
-    return [(B, NH, n_ckpt, *s) for s in ((F, 4 * F), (1, 4 * F), (4 * F, F), (1, F))]
 
 
 def ttt_forward(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, W1_init, b1_init, W2_init, b2_init,
@@ -53,13 +43,13 @@ def ttt_forward(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, W1_init, b
     """Writes the outputs into XQW_batch [B, NH, NC, CS, F] and the state at the start of every
     checkpoint_group_size-th mini-batch into W1/b1/W2/b2_checkpoints [B, NH, NK, ...]."""
     n_ckpt = _check_group(XQ, checkpoint_group_size)
-    lr, ln_weight, ln_bias = _inputs(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, W1_init, b1_init,
-                                     W2_init, b2_init)
+    lr, ln_weight, ln_bias = _inputs(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias,
+                                     (W1_init, b1_init, W2_init, b2_init), _INIT_NAMES)
     ckpts = (W1_checkpoints, b1_checkpoints, W2_checkpoints, b2_checkpoints)
-    for name, t, shape in zip(("W1_checkpoints", "b1_checkpoints", "W2_checkpoints", "b2_checkpoints"), ckpts,
-                              _state_shapes(XQ, n_ckpt)):
-        _check_buffer(name, t, shape, W1_init.dtype, XQ.device)
-    _check_buffer("XQW_batch", XQW_batch, XQ.shape, XQ.dtype, XQ.device)
+    B, NH, _, _, F = XQ.shape
+    for name, t, shape in zip(_CKPT_NAMES, ckpts, ttt_state_shapes(B, NH, F, (n_ckpt,))):
+        check_buffer(name, t, shape, W1_init.dtype, XQ.device)
+    check_buffer("XQW_batch", XQW_batch, XQ.shape, XQ.dtype, XQ.device)
     token_scale = default_token_scale(XQ.shape[3], XQ.device).to(W1_init.dtype)  # unused: non-causal
     with torch.no_grad():
         forward(XQ, XK, XV, lr, token_scale, ln_weight, ln_bias, W1_init, b1_init, W2_init, b2_init,
@@ -81,20 +71,14 @@ def ttt_backward(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, W1_checkp
     n_ckpt = _check_group(XQ, checkpoint_group_size)
     B, NH, NC, CS, F = XQ.shape
     ckpts = (W1_checkpoints, b1_checkpoints, W2_checkpoints, b2_checkpoints)
-    check_tensor("W1_checkpoints", W1_checkpoints, dtypes=STATE_DTYPES)
+    lr, ln_weight, ln_bias = _inputs(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, ckpts, _CKPT_NAMES,
+                                     lead=(n_ckpt,))
     state_dtype, dev = W1_checkpoints.dtype, XQ.device
-    ckpt_names = ("W1_checkpoints", "b1_checkpoints", "W2_checkpoints", "b2_checkpoints")
-    for name, t, shape in zip(ckpt_names, ckpts, _state_shapes(XQ, n_ckpt)):
-        check_tensor(name, t, shape=shape, dtypes=(state_dtype,), device=dev)
-    # the checkpoints hold the initial state too, so the shared input checks run on checkpoint 0
-    lr, ln_weight, ln_bias = _inputs(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias,
-                                     *(c[:, :, 0] for c in ckpts))
     grad_last = (grad_L_W1_last, grad_L_b1_last, grad_L_W2_last, grad_L_b2_last)
-    state_shapes = [s[:2] + s[3:] for s in _state_shapes(XQ, 1)]
-    for name, t, shape in zip(("grad_L_W1_last", "grad_L_b1_last", "grad_L_W2_last", "grad_L_b2_last"),
-                              grad_last, state_shapes):
-        check_tensor(name, t, shape=shape, dtypes=(state_dtype,), device=dev)
-    check_tensor("grad_L_XQW_batch", grad_L_XQW_batch, shape=XQ.shape, dtypes=(XQ.dtype,), device=dev)
+    check_ttt_grads(grad_L_XQW_batch, grad_last, XQ, state_dtype,
+                    names=("grad_L_XQW_batch", "grad_L_W1_last", "grad_L_b1_last", "grad_L_W2_last", "grad_L_b2_last"))
+    check_tensor("grad_L_XQW_batch", grad_L_XQW_batch, dtypes=(XQ.dtype,))
+    state_shapes = ttt_state_shapes(B, NH, F)
 
     outputs = {"ln_weight": ("grad_L_ttt_norm_weight", grad_L_ttt_norm_weight, (B, NH, 1, F), ln_weight.dtype),
                "ln_bias": ("grad_L_ttt_norm_bias", grad_L_ttt_norm_bias, (B, NH, 1, F), ln_bias.dtype),
@@ -110,7 +94,7 @@ def ttt_backward(XQ, XK, XV, last_eta, ttt_norm_weight, ttt_norm_bias, W1_checkp
     views = {"ln_weight": (B, NH, F), "ln_bias": (B, NH, F), "lr": lr.shape}
     grads = {}
     for key, (name, t, shape, dtype) in outputs.items():
-        _check_buffer(name, t, shape, dtype, dev)
+        check_buffer(name, t, shape, dtype, dev)
         grads[key] = t.view(views[key]) if key in views else t
 
     token_scale = default_token_scale(CS, dev).to(state_dtype)  # unused: non-causal

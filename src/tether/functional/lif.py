@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from tether._backend import use_triton, warn_fallback
+from tether._checks import check_lif_args
 from tether.kernels import lif as kernels
 from tether.reference import lif as reference
 
@@ -171,11 +172,13 @@ class _LIF(torch.autograd.Function):
 def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surrogate="arctan",
         alpha: Optional[float] = None, reset: str = "hard", v_reset: float = 0.0, detach_reset: bool = True):
     """``x [T, *rest]`` -> (spikes ``[T, *rest]`` in x's dtype, v_final ``[*rest]`` fp32). decay / threshold: float, 0-d
-    tensor or per-channel [C] (C = x.shape[-1]); gradients to x, v_init, decay, threshold as they require."""
-    args = reference.check_lif_args(x, decay, threshold, v_init, surrogate, alpha, reset)
+    tensor or per-channel [C] (C = x.shape[-1]); gradients to x, v_init, decay, threshold as they require.
+    Arguments are checked by tether._checks.check_lif_args; empty and non-finite inputs give what
+    tether.reference.lif says, on every path."""
+    args = check_lif_args(x, decay, threshold, v_init, surrogate, alpha, reset, v_reset)
     if x.dtype == torch.float64 and x.is_cuda:
         warn_fallback("lif", "float64 input (the kernels take float32, float16 and bfloat16)")
-    if x.dtype == torch.float64 or not use_triton(x):
+    if x.dtype == torch.float64 or not use_triton(x) or x.numel() == 0:  # empty: nothing to launch
         return reference.lif(x, decay, threshold, v_init, surrogate=args.surrogate, alpha=args.alpha, reset=reset,
                              v_reset=v_reset, detach_reset=detach_reset)
     # the kernels take [T, *rest] as [T, N] (N = prod(rest)) and return x's shapes: no reshapes, no views

@@ -9,8 +9,8 @@ PyTorch (intra-chunk decay-masked matmul + state carried across chunks), autogra
 import torch
 
 from tether._backend import use_triton
-from tether.reference.spike_attention import (check_spike_attention_args, compute_dtype, decay_matrix,
-                                              gamma_per_head, spike_attention_cumsum)
+from tether._checks import check_spike_attention_args
+from tether.reference.spike_attention import compute_dtype, decay_matrix, gamma_per_head, spike_attention_cumsum
 
 MATRIX_CHUNK = 64
 
@@ -112,14 +112,22 @@ def _matrix_chunked(q, k, v, gamma, state, scale, chunk=MATRIX_CHUNK):
         inter = (qc * torch.exp((i + 1) * log_g)) @ S  # gamma^(i+1) q_i S_entering
         outs.append(scale * (intra + inter))
         S = torch.exp(n * log_g) * S + (kc * torch.exp((n - 1 - i) * log_g)).transpose(-1, -2) @ vc
+    if not outs:  # T = 0: no step
+        return q.permute(2, 0, 1, 3) * 0, S.clone()
     return torch.cat(outs, dim=2).permute(2, 0, 1, 3), S
 
 
 def spike_attention(q, k, v, gamma=1.0, state=None, *, form="elementwise"):
     """Causal linear attention over time on spikes. q, k, v: [T, B, H, D] spikes (bf16/fp16/fp32).
 
-    gamma: decay in (0, 1], a float, 0-d tensor or [H] tensor (may require grad).
+    gamma: decay in (0, 1], a float, 0-d tensor or [H] tensor (may require grad). A tensor's values are
+    checked to be finite and > 0 (tether._checks.check_gamma): on CUDA that waits for the GPU once per call,
+    except under torch.compile or CUDA-graph capture, where it is skipped.
     state: [B, H, D] (elementwise) or [B, H, D, D] (matrix, scale 1/D) to continue a sequence.
+    T, B or H = 0: empty out, the state as it came (zeros when None), zero gradients; D = 0 is refused.
+    q, k, v are spikes: NaN and inf are outside the contract. The kernels and the reference loop carry them
+    forward in time only; the vectorised PyTorch path (CPU, gamma < 1) can also spread a NaN to earlier
+    steps of its sequence (its across-chunk matmul multiplies it by 0).
     Returns (out [T, B, H, D] fp32, final state fp32). The kernels read q, k, v packed: a projection that
     makes them as one tensor calls ``spike_attention_qkv`` and saves the copy into that layout.
     """

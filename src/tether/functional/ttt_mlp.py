@@ -4,38 +4,16 @@
 `tether.ttt` and the custom op `tether::ttt_mlp` both go through them, so the choice is made here only.
 The custom op saves its inputs and the group-start checkpoints; the backward recomputes each group.
 """
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from tether._backend import use_triton, warn_fallback
-from tether._checks import check_group_size, check_tensor
+from tether._checks import check_group_size, check_ttt_inputs
 from tether.reference.ttt_mlp import compute_dtype, default_token_scale, ttt_mlp_scan
 from tether.reference.ttt_mlp import ttt_mlp as reference_ttt_mlp
 
-ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-STATE_DTYPES = (torch.float32, torch.float64)
-ARG_NAMES = ("xq", "xk", "xv", "lr", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2", "token_scale")
 GRAD_KEYS = ("xq", "xk", "xv", "lr", "token_scale", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2")
-
-
-def check_inputs(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, token_scale=None,
-                 names: Sequence[str] = ARG_NAMES) -> None:
-    """Shapes, dtypes and devices of the op's inputs; `names` lets the drop-in report its own names."""
-    n = dict(zip(ARG_NAMES, names))
-    check_tensor(n["xq"], xq, ndim=5, dtypes=ACT_DTYPES)
-    B, NH, NC, CS, F = xq.shape
-    K, dev = 4 * F, xq.device
-    for name, t in (("xk", xk), ("xv", xv)):
-        check_tensor(n[name], t, shape=xq.shape, dtypes=(xq.dtype,), device=dev)
-    check_tensor(n["lr"], lr, shape=(B, NH, NC, CS, 1), dtypes=ACT_DTYPES, device=dev)
-    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        check_tensor(n[name], t, shape=(NH, F), dtypes=STATE_DTYPES, device=dev)
-    for name, t, shape in (("w1", w1, (B, NH, F, K)), ("b1", b1, (B, NH, 1, K)),
-                           ("w2", w2, (B, NH, K, F)), ("b2", b2, (B, NH, 1, F))):
-        check_tensor(n[name], t, shape=shape, dtypes=(w1.dtype,) if name != "w1" else STATE_DTYPES, device=dev)
-    if token_scale is not None:
-        check_tensor(n["token_scale"], token_scale, shape=(CS,), dtypes=(w1.dtype,), device=dev)
 
 
 def _kernels(xq: torch.Tensor, state: torch.Tensor):
@@ -207,10 +185,12 @@ def ttt_mlp(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, *, causal: bool 
     causal: token i reads only the updates of tokens <= i, scaled by token_scale[i] (default 1/(i+1)).
     checkpoint_group_size: mini-batches per remat group (default: the whole sequence is one group).
     Returns (out [B, NH, NC, CS, F], final state (w1, b1, w2, b2)); differentiable w.r.t. every tensor.
+    Arguments are checked by tether._checks.check_ttt_inputs. B, NH or NC = 0: empty out, the final state is
+    the initial one (NC = 0), zero gradients; F = 0 or CS = 0 is refused.
     """
-    check_inputs(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, token_scale)
+    check_ttt_inputs(xq, xk, xv, lr, ln_weight, ln_bias, (w1, b1, w2, b2), token_scale)
     n_chunks = xq.shape[2]
-    group = n_chunks if checkpoint_group_size is None else checkpoint_group_size
+    group = max(n_chunks, 1) if checkpoint_group_size is None else checkpoint_group_size
     check_group_size(group)
     if token_scale is None:
         token_scale = default_token_scale(xq.shape[3], xq.device).to(w1.dtype)

@@ -375,6 +375,8 @@ def lif_forward(x, v_init, decay, threshold, *, surrogate: int, alpha: float, ha
     saved, bits = saved_buffers(T, N, save, x)
     decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
     threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
+    if T == 0 or N == 0:  # nothing to launch (an empty grid or no step): v_final = v_init
+        return spikes, v_final.zero_() if v_init is None else v_final.copy_(v_init), saved, bits
     block, chunk, warps = launch_config("forward", N, x.element_size())
     _forward_kernel[(cdiv(N, block),)](
         x, v_init, decay_ptr, threshold_ptr, spikes, v_final, saved, bits,
@@ -399,6 +401,13 @@ def lif_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshol
     g_threshold = grad_spikes.new_empty(N, dtype=f32) if grad_threshold else None  # [N]
     decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
     threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
+    if T == 0 or N == 0:  # nothing to launch (the kernel would read bits that were never written)
+        if g_v_init is not None:  # no step: v_final = v_init
+            g_v_init.zero_() if grad_v_final is None else g_v_init.copy_(grad_v_final)
+        for g in (g_decay, g_threshold):
+            if g is not None:
+                g.zero_()
+        return grad_x, g_v_init, g_decay, g_threshold
     block, chunk, warps = launch_config("backward", N, grad_spikes.element_size())
     _backward_kernel[(cdiv(N, block),)](
         grad_spikes, grad_v_final, saved, bits, v_init, decay_ptr, threshold_ptr,

@@ -143,7 +143,7 @@ def _chunk_backward_kernel(q_ptr, k_ptr, v_ptr, gamma_ptr, entering_ptr, adjoint
 
 def _grids(T: int, B: int, H: int, D: int):
     # 32 keeps the [CHUNK, BLOCK_D] tiles in registers and the grid large (4096 programs at the bench shape)
-    block_d = min(32, triton.next_power_of_2(D))
+    block_d = min(32, triton.next_power_of_2(max(D, 1)))  # D = 0: no launch, but a grid to size
     n_chunks = cdiv(T, CHUNK)
     return block_d, (n_chunks, B * H, cdiv(D, block_d)), (cdiv(B * H * D, CARRY_BLOCK),)
 
@@ -163,6 +163,8 @@ def spike_attention_forward(qkv, gamma, state):
     entering = torch.empty_like(sums)
     final = torch.empty(B, H, D, device=qkv.device, dtype=torch.float32)
     out = torch.empty(T, B, H, D, device=qkv.device, dtype=torch.float32)
+    if T == 0 or N == 0:  # nothing to launch (an empty grid or no step): the state comes out as it went in
+        return out, final.copy_(state), entering
     _chunk_sums_kernel[chunk_grid](k, v, gamma, sums, T, H, D, N, CHUNK=CHUNK, BLOCK_D=block_d, TO_START=False)
     _carry_kernel[carry_grid](sums, gamma, state, entering, final, T, H, D, N,
                               CHUNK=CHUNK, BLOCK=CARRY_BLOCK, REVERSE=False)
@@ -185,6 +187,8 @@ def spike_attention_backward(qkv, gamma, entering, dout, dfinal, need_dgamma: bo
     dqkv = torch.empty_like(qkv)
     dq, dk, dv = dqkv.unbind(2)
     dgamma_parts = torch.zeros(chunk_grid[0], B, H, chunk_grid[2], device=qkv.device, dtype=torch.float32)
+    if T == 0 or N == 0:  # nothing to launch (an empty grid or no step): dstate = dfinal, dgamma = 0
+        return dqkv, dstate.copy_(dfinal), dgamma_parts.sum(dim=(0, 1, 3))
     _chunk_sums_kernel[chunk_grid](q, dout, gamma, sums, T, H, D, N, CHUNK=CHUNK, BLOCK_D=block_d, TO_START=True)
     _carry_kernel[carry_grid](sums, gamma, dfinal, adjoint, dstate, T, H, D, N,
                               CHUNK=CHUNK, BLOCK=CARRY_BLOCK, REVERSE=True)

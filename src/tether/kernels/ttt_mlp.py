@@ -34,7 +34,7 @@ import triton.language as tl
 
 from . import cdiv
 from .._backend import interpreting
-from .._checks import check_group_size, check_tensor
+from .._checks import check_buffer, check_group_size, check_tensor, check_ttt_grads, check_ttt_inputs
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -859,21 +859,26 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee"
 
 
-def _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal, checkpoint_group_size):
+def _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, state, causal, checkpoint_group_size,
+                  checkpoints=False):
+    """The op's argument checks (tether._checks, as on every path), after what only the kernels need: F and
+    CS they take, and fp32 LN parameters, token_scale and state (state: (w1, b1, w2, b2), or the checkpoints,
+    [B, NH, NK, ...], when checkpoints)."""
     check_tensor("xq", xq, ndim=5, dtypes=_DTYPES)
     B, NH, NC, CS, F = xq.shape
     if unsupported(F, CS, xq.dtype) is not None:
         raise ValueError(f"xq: expected head dim F a multiple of 16 in 16..128 and mini-batch size CS in "
                          f"(16, 32, 64), got F={F}, CS={CS}")
-    for name, t in (("xk", xk), ("xv", xv)):
-        check_tensor(name, t, shape=xq.shape, dtypes=(xq.dtype,), device=xq.device)
-    # any float dtype: the kernels read lr as fp32 (an autocast layer passes fp32 rates with bf16 tokens)
-    check_tensor("lr", lr, shape=(B, NH, NC, CS, 1), dtypes=_DTYPES + (torch.float64,), device=xq.device)
-    if causal:
-        check_tensor("token_scale", token_scale, shape=(CS,), dtypes=(torch.float32,), device=xq.device)
-    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        check_tensor(name, t, shape=(NH, F), dtypes=(torch.float32,), device=xq.device)
     check_group_size(checkpoint_group_size)
+    lead = (cdiv(NC, checkpoint_group_size),) if checkpoints else ()
+    names = ("xq", "xk", "xv", "lr", "ln_weight", "ln_bias") + tuple(f"{n}_ckpt" if lead else n for n in _STATE)
+    check_ttt_inputs(xq, xk, xv, lr, ln_weight, ln_bias, state, token_scale if causal else None,
+                     names=names + ("token_scale",), lead=lead)
+    fp32_args = [("ln_weight", ln_weight), ("ln_bias", ln_bias), (names[6], state[0])]  # the state: one dtype
+    if causal:
+        fp32_args.append(("token_scale", token_scale))
+    for name, t in fp32_args:
+        check_tensor(name, t, dtypes=(torch.float32,))
     return B, NH, NC, CS, F
 
 
@@ -885,16 +890,8 @@ def _buffer(name, buf, shape, dtype, device):
     """A caller's output buffer, checked, or a new one."""
     if buf is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    check_tensor(name, buf, shape=shape, dtypes=(dtype,), device=device)
-    if not buf.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous output buffer, got strides {buf.stride()}")
+    check_buffer(name, buf, shape, dtype, device)
     return buf
-
-
-def _state_in(names, tensors, shapes, device):
-    for name, t, shape in zip(names, tensors, shapes):
-        check_tensor(name, t, shape=shape, dtypes=(torch.float32,), device=device)
-    return [t.contiguous() for t in tensors]
 
 
 _SIDE_STREAMS = {}  # device index -> the stream the rematerialisation runs on
@@ -936,16 +933,18 @@ def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
                 checkpoint_group_size, out=None, w1_ckpt=None, b1_ckpt=None, w2_ckpt=None, b2_ckpt=None,
                 block_k=None, num_warps=None, num_stages=None, split=None):
     """Forward scan. Returns (out, (w1, b1, w2, b2) checkpoints [B, NH, NK, ...], final state)."""
-    B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal,
+    B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, (w1, b1, w2, b2), causal,
                                      checkpoint_group_size)
     G = checkpoint_group_size
     NK = cdiv(NC, G)
     K, FP = 4 * F, _padded(F)
     dev = xq.device
-    state = _state_in(_STATE, (w1, b1, w2, b2), _state_shapes(B, NH, F, K), dev)
+    state = [t.contiguous() for t in (w1, b1, w2, b2)]
     out = _buffer("out", out, xq.shape, xq.dtype, dev)
     ckpt = [_buffer(f"{n}_ckpt", buf, s, torch.float32, dev) for n, buf, s in
             zip(_STATE, (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt), _state_shapes(B, NH, F, K, (NK,)))]
+    if NC == 0 or B * NH == 0:  # nothing to launch: no mini-batch (or no head), the state comes out as it went in
+        return out, tuple(ckpt), tuple(t.clone() for t in state)
     xq, xk, xv, lr, lnw, lnb = (t.contiguous() for t in (xq, xk, xv, lr, ln_weight, ln_bias))
     ts = token_scale.contiguous() if causal else lr  # not read when non-causal
     if FP == F:
@@ -975,18 +974,19 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
                 grads=None, block_k=None, num_warps=None, num_stages=None, split=None):
     """Backward scan with rematerialisation from the checkpoints. Returns a dict of gradients (see module
     tether.functional.ttt_mlp); ln_weight/ln_bias gradients are per batch element, [B, NH, F]."""
-    B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, causal,
-                                     checkpoint_group_size)
+    B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias,
+                                     (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt), causal, checkpoint_group_size,
+                                     checkpoints=True)
     G = checkpoint_group_size
     NK = cdiv(NC, G)
     K, FP = 4 * F, _padded(F)
     dev = xq.device
-    ckpt = _state_in(tuple(f"{n}_ckpt" for n in _STATE), (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt),
-                     _state_shapes(B, NH, F, K, (NK,)), dev)
+    ckpt = [t.contiguous() for t in (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt)]
     shapes = _state_shapes(B, NH, F, K)
-    grad_last = _state_in(tuple(f"grad_{n}_last" for n in _STATE),
-                          (grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last), shapes, dev)
-    check_tensor("grad_out", grad_out, shape=xq.shape, dtypes=_DTYPES, device=dev)
+    grad_last = (grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last)
+    check_ttt_grads(grad_out, grad_last, xq, torch.float32,
+                    names=("grad_out",) + tuple(f"grad_{n}_last" for n in _STATE))
+    grad_last = [t.contiguous() for t in grad_last]
     grads = dict(grads or {})
     specs = {"xq": (xq.shape, xq.dtype), "xk": (xq.shape, xq.dtype), "xv": (xq.shape, xq.dtype),
              "lr": (lr.shape, lr.dtype), "ln_weight": ((B, NH, F), torch.float32),
@@ -994,6 +994,16 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
              **{n: (s, torch.float32) for n, s in zip(_STATE, shapes)}}
     for name, (shape, dtype) in specs.items():
         grads[name] = _buffer(f"grads['{name}']", grads.get(name), shape, dtype, dev)
+    if NK == 0 or B * NH == 0:  # nothing to launch: no mini-batch (or no head) between the state and the output
+        if causal and grads.get("token_scale") is None:
+            grads["token_scale"] = torch.empty(CS, dtype=torch.float32, device=dev)
+        for g in grads.values():
+            g.zero_()
+        for name, g in zip(_STATE, grad_last):
+            grads[name].copy_(g)  # the initial state is the final one
+        if not causal:
+            grads["token_scale"] = None
+        return grads
     xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
     lnw, lnb = ln_weight.contiguous(), ln_bias.contiguous()
     ts = token_scale.contiguous() if causal else lr

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tether._checks import SURROGATES
 from tether.nn.attention import BACKENDS, NormLIF
 from tether.nn.transformer import SpikingTransformerBlock
-from tether.reference.lif import SURROGATES
 
 MIXERS = ("spiking", "softmax", "ttt-mlp")
 PJ_PER_MAC, PJ_PER_AC = 4.6, 0.9  # 32-bit float multiply-accumulate / accumulate, 45 nm (Horowitz 2014)

@@ -5,17 +5,17 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from tether._checks import check_tensor
+from tether._checks import RESETS, check_decay, check_real, check_tensor
 from tether.functional.lif import lif
 from tether.nn.surrogate import Arctan, Surrogate
-from tether.reference.lif import RESETS
 
 
 class LIF(nn.Module):
     """x [T, ..., C] -> spikes (same shape and dtype); the final membrane [..., C] is kept for the next call.
 
-    decay: fixed float, or learnable (PLIF) as sigmoid(w) so that it stays in (0, 1); per_channel gives it
-    shape [C]. threshold: a float, or a fixed [C] tensor (one per channel; needs channels). The state is detached between calls unless detach_state=False; reset() or a call with a new
+    decay: fixed float in [0, 1], or learnable (PLIF) as sigmoid(w) so that it stays in (0, 1); per_channel
+    gives it shape [C]. threshold: a float, or a fixed [C] tensor (one per channel; needs channels). The state is
+    detached between calls unless detach_state=False; reset() or a call with a new
     batch shape clears it. firing_rate is the last call's mean spike rate, a device tensor (no sync).
     """
 
@@ -26,8 +26,13 @@ class LIF(nn.Module):
         super().__init__()
         if per_channel and channels is None:
             raise ValueError("channels: per_channel=True needs the channel count, got None")
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"decay: expected a value in (0, 1), got {decay}")
+        check_decay(decay)  # what tether.functional.lif takes
+        if learnable_decay and not 0.0 < decay < 1.0:
+            raise ValueError(f"decay: expected a value in (0, 1) with learnable_decay (it is sigmoid(logit)), "
+                             f"got {decay}")
+        if not isinstance(threshold, torch.Tensor):
+            check_real("threshold", threshold)
+        check_real("v_reset", v_reset)
         if reset not in RESETS:
             raise ValueError(f"reset: expected one of {RESETS}, got {reset!r}")
         self.channels = channels

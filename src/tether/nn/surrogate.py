@@ -2,18 +2,18 @@
 import torch
 from torch import nn
 
+from tether._checks import SURROGATES, check_alpha
 from tether.functional.lif import spike
-from tether.reference.lif import SURROGATES
 
 
 class Surrogate(nn.Module):
-    """Base: `name` is one of tether.reference.lif.SURROGATES; sg(u) = H(u) forward, sg'(u) backward."""
+    """Base: `name` is one of tether._checks.SURROGATES; sg(u) = H(u) forward, sg'(u) backward; alpha > 0."""
 
     name: str
 
     def __init__(self, alpha: float):
         super().__init__()
-        self.alpha = float(alpha)
+        self.alpha = check_alpha(alpha)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return spike(u, self.name, self.alpha)

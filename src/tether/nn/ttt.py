@@ -51,8 +51,8 @@ class TTTMLP(nn.Module):
         pad = n_chunks * cs - T
         x_pad = F.pad(x, (0, 0, 0, pad))  # [B, NC * CS, d_model]
 
-        def heads(t):  # [B, NC * CS, NH * n] -> [B, NH, NC, CS, n]
-            return t.reshape(B, n_chunks, cs, nh, -1).permute(0, 3, 1, 2, 4)
+        def heads(t):  # [B, NC * CS, NH * n] -> [B, NH, NC, CS, n] (n spelled out: B or T may be 0)
+            return t.reshape(B, n_chunks, cs, nh, t.shape[-1] // nh).permute(0, 3, 1, 2, 4)
 
         q, k, v = heads(self.qkv(x_pad)).chunk(3, dim=-1)  # each [B, NH, NC, CS, F]
         q, k = F.normalize(q, dim=-1).to(v.dtype), F.normalize(k, dim=-1).to(v.dtype)  # autocast: norm is fp32

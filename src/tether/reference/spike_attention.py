@@ -5,42 +5,14 @@ Matrix form:                 S_t = gamma * S_{t-1} + k_t^T v_t,  o_t = scale * q
 
 `spike_attention` is the readable loop over time; `spike_attention_cumsum` is the same elementwise
 function vectorised over time (the "PyTorch cumsum formulation", the eager peer of the Triton kernel).
-`check_spike_attention_args` is the one place that validates the arguments of every implementation.
+Arguments are checked by tether._checks.check_spike_attention_args, as on every other path.
+T = 0 gives an empty out and the state as it came (zeros when None).
 """
 import math
-import numbers
 
 import torch
 
-from tether._checks import FLOAT_DTYPES, check_tensor
-
-FORMS = ("elementwise", "matrix")
-
-
-def check_spike_attention_args(q, k, v, gamma, state, form, scale=None) -> None:
-    """Raise an error naming the argument, what was expected and what came."""
-    if form not in FORMS:
-        raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
-    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
-    for name, t in (("k", k), ("v", v)):
-        check_tensor(name, t, shape=q.shape, dtypes=FLOAT_DTYPES, device=q.device)
-    T, B, H, D = q.shape
-    if isinstance(gamma, torch.Tensor):
-        check_tensor("gamma", gamma, dtypes=FLOAT_DTYPES, device=q.device)
-        if gamma.dim() > 1 or (gamma.dim() == 1 and gamma.shape[0] != H):
-            raise ValueError(f"gamma: expected a float, a 0-d tensor or a tensor of shape ({H},) "
-                             f"(one decay per head), got shape {tuple(gamma.shape)}")
-    elif isinstance(gamma, numbers.Real) and not isinstance(gamma, bool):
-        if not 0.0 < gamma <= 1.0:
-            raise ValueError(f"gamma: expected a decay in (0, 1], got {gamma}")
-    else:
-        raise TypeError(f"gamma: expected a float or a tensor, got {type(gamma).__name__}")
-    if state is not None:
-        shape = (B, H, D) if form == "elementwise" else (B, H, D, D)
-        check_tensor("state", state, shape=shape, dtypes=FLOAT_DTYPES, device=q.device)
-    if scale is not None and (form != "matrix" or not isinstance(scale, numbers.Real)):
-        raise ValueError(f"scale: expected None, or a float with form='matrix', got {scale!r} with form={form!r}")
-
+from tether._checks import check_spike_attention_args
 
 def compute_dtype(*args) -> torch.dtype:
     """float64 when any tensor among args is float64 (gradcheck), else float32: spike counts accumulate in
@@ -70,14 +42,20 @@ def spike_attention(q, k, v, gamma=1.0, state=None, *, form="elementwise", scale
         for t in range(T):
             C = decay * C + k[t] * v[t]
             outs.append(q[t] * C)
-        return torch.stack(outs), C
+        return _finish(outs, q, C)
     scale = 1.0 / D if scale is None else scale
     decay = g[:, None, None]  # [H, 1, 1], broadcasts over [B, H, D, D]
     S = torch.zeros(B, H, D, D, dtype=dtype, device=q.device) if state is None else state.to(dtype)
     for t in range(T):
         S = decay * S + k[t][..., :, None] * v[t][..., None, :]  # outer product k_t^T v_t: [B, H, D, D]
         outs.append(scale * (q[t][..., None, :] @ S)[..., 0, :])
-    return torch.stack(outs), S
+    return _finish(outs, q, S)
+
+
+def _finish(outs, q, state):
+    """(out [T, B, H, D], final state); T = 0: an empty out that autograd connects to q, and a copy of the
+    state (no step)."""
+    return (torch.stack(outs), state) if outs else (q * 0, state.clone())
 
 
 def decay_matrix(log_gamma: torch.Tensor, n: int, strict: bool = False) -> torch.Tensor:
@@ -107,7 +85,7 @@ def spike_attention_cumsum(q, k, v, gamma=1.0, state=None, chunk: int = 16):
     C0 = torch.zeros(B, H, D, dtype=dtype, device=q.device) if state is None else state.to(dtype)
     if not isinstance(gamma, torch.Tensor) and gamma == 1.0:
         C = C0 + torch.cumsum(x, dim=0)  # [T, B, H, D]
-        return q.to(dtype) * C, C[-1]
+        return q.to(dtype) * C, C[-1] if T else C0.clone()
     log_g = torch.log(gamma_per_head(gamma, H, dtype, q.device))  # [H]
     n = math.ceil(T / chunk)
     x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 0, 0, n * chunk - T)).view(n, chunk, B, H, D)
@@ -122,4 +100,4 @@ def spike_attention_cumsum(q, k, v, gamma=1.0, state=None, chunk: int = 16):
         + torch.exp(chunk * c[:, None] * log_g)[:, None, :, None] * C0  # [n, B, H, D]
     C = local + (power * torch.exp(log_g)[:, None]).unsqueeze(0) * entering[:, None]  # + gamma^(i+1) entering
     C = C.view(n * chunk, B, H, D)[:T]
-    return q.to(dtype) * C, C[-1]
+    return q.to(dtype) * C, C[-1] if T else C0.clone()

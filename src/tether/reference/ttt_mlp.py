@@ -110,7 +110,7 @@ def ttt_mlp(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, *, causal: bool 
     only the group-start states and recomputes the group in the backward.
     """
     n_chunks, mini_batch = xq.shape[2], xq.shape[3]
-    group = n_chunks if checkpoint_group_size is None else checkpoint_group_size
+    group = max(n_chunks, 1) if checkpoint_group_size is None else checkpoint_group_size
     if token_scale is None:
         token_scale = default_token_scale(mini_batch, xq.device)
     cdt = compute_dtype(xq, w1)
@@ -133,6 +133,9 @@ def ttt_mlp(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, *, causal: bool 
             out, *state = checkpoint(run_group, start, state, use_reentrant=False)
         outs.append(out)
         state = tuple(state)
+    if not outs:  # NC = 0: no mini-batch, no checkpoint; the state comes out as it went in
+        return (xq.clone(), tuple(t.clone() for t in (w1, b1, w2, b2)),
+                tuple(t.new_empty(*t.shape[:2], 0, *t.shape[2:]) for t in (w1, b1, w2, b2)))
     out = torch.cat(outs, dim=2).to(xq.dtype)  # [B, NH, NC, CS, F]
     final = tuple(s.to(w1.dtype) for s in state)
     checkpoints = tuple(torch.stack(c, dim=2).to(w1.dtype) for c in zip(*ckpts))  # each [B, NH, NK, ...]
