@@ -1,23 +1,18 @@
 """Elementwise linear spike-driven attention: tether's Triton kernels vs the PyTorch cumsum formulation,
 eager and under torch.compile, timed in the same run on the same inputs (../shared/BENCHMARKS.md).
 
-    PYTHONPATH=src python3 benchmarks/bench_attention.py     (GPU) -> results/attention.json, attention.md
+    PYTHONPATH=src python3 -m benchmarks.bench_attention     (GPU, repo root) -> results/attention.json, .md
 
 Shape T=1024, B=16, H=8, D=64; spikes in bf16 and fp32; gamma 1.0 (a float) and a learnable [H] gamma.
 "fwd" is the training forward (inputs require grad, so each implementation saves what its backward needs);
 "fwd+bwd" adds the gradients to q, k, v (and gamma). q, k, v are fresh random spikes at rate 0.5.
 The row "tether kernels only, CUDA graph" times the same launchers replayed from a CUDA graph: GPU time alone.
 """
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_ms, ceilings, markdown_table, peak_extra_bytes, saved_bytes, write_results  # noqa: E402
-
-from tether.functional.spike_attention import spike_attention  # noqa: E402
-from tether.reference.spike_attention import spike_attention_cumsum  # noqa: E402
+from benchmarks.common import bench_ms, ceilings, markdown_table, peak_extra_bytes, saved_bytes, write_results
+from tether.functional.spike_attention import spike_attention
+from tether.reference.spike_attention import spike_attention_cumsum
 
 T, B, H, D = 1024, 16, 8, 64
 DEVICE = "cuda"

@@ -1,10 +1,12 @@
 """LIF benchmark (../shared/BENCHMARKS.md): tether's fused kernels against SpikingJelly 2.0, tetherpy 0.2.0,
 snnTorch 1.0, the eager reference loop and torch.compile of it, in one run on one GPU.
 
-On the GPU machine (peer wheels installed with --target; tetherpy into its own dir, its import name clashes):
-  PYTHONPATH=src:/tmp/site python3 benchmarks/bench_lif.py --tetherpy-site /tmp/tetherpy
-Order: launch-config sweep (its winners are used for the rest and recorded), tether on every standard shape
-(checked against the reference first), saved bytes per case, an int64-offset check (T * N > 2**31), peers.
+On the GPU machine, from the repository root (peer wheels installed with --target; tetherpy into its own dir,
+its import name clashes):
+  PYTHONPATH=src:/tmp/site python3 -m benchmarks.bench_lif --tetherpy-site /tmp/tetherpy [--write-table]
+Order: launch-config sweep (its winners are recorded; with --write-table they are written to the shipped table,
+src/tether/kernels/launch_lif.json), tether on every standard shape with the shipped table (checked against the
+reference first), saved bytes per case, an int64-offset check (T * N > 2**31), peers.
 Writes lif.json, lif.md and lif.png under $OUT (or benchmarks/results/).
 """
 import argparse
@@ -15,16 +17,15 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (bench_ms, ceilings, environment, markdown_table, peak_extra_bytes,  # noqa: E402
-                    saved_bytes, write_results)
-
-from tether.functional.lif import lif  # noqa: E402
-from tether.kernels import lif as kernels  # noqa: E402
-from tether.reference import lif as reference  # noqa: E402
+from benchmarks.common import (bench_ms, ceilings, environment, lif_launch, markdown_table, peak_extra_bytes,
+                               saved_bytes, write_results)
+from tether.functional.lif import lif
+from tether.kernels import lif as kernels
+from tether.reference import lif as reference
 
 MAIN = (1024, 65536)  # T, N = 64 x 1024
 SHAPES = [(1024, 65536, torch.float32), (1024, 65536, torch.bfloat16), (64, 4 * 2**20, torch.float32),
@@ -187,9 +188,8 @@ def snntorch_fn():
 
 
 TETHERPY = r"""
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-from common import bench_ms, peak_extra_bytes
+import json, torch
+from benchmarks.common import bench_ms, peak_extra_bytes
 import tether
 T, N = %d, %d
 torch.manual_seed(0)
@@ -210,12 +210,12 @@ print(json.dumps({"fwd_infer_ms": bench_ms(infer), "fwd_ms": bench_ms(fwd), "fwd
 
 
 def tetherpy_result(site):
-    """tetherpy's import name is `tether`: time it in a child process that sees only its own install."""
+    """tetherpy's import name is `tether`: time it in a child process that sees only its own install (and the
+    benchmarks package, from the repository root)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = site
+    env["PYTHONPATH"] = os.pathsep.join([site, str(Path(__file__).resolve().parent.parent)])
     code = TETHERPY % MAIN
-    out = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))], env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         return {"error": out.stderr[-800:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -236,7 +236,7 @@ def run_benchmark(args):
     ceil = ceilings()
     results = {"environment": env, "ceilings": ceil, "decay": DECAY, "threshold": THRESHOLD,
                "surrogate": "arctan alpha 2", "shapes": [], "peers": {}}
-    sweep_launch(results)
+    sweep_launch(results, args.write_table)
     for T, N, dtype in SHAPES:
         x = torch.randn(T, N, device="cuda", dtype=dtype)  # [T, N]
         grad = torch.randn(T, N, device="cuda", dtype=dtype)
@@ -325,8 +325,7 @@ def write_outputs(results):
              + markdown_table(peer_rows, pcols) +
              "\n\n## Saved for backward, bytes per element (T=1024, N=65536, fp32)\n\n| case | B/elem |\n|---|---|\n"
              + saved + f"\n\nint64 offsets (T * N > 2**31): {json.dumps(results['int64_check'])}\n\n"
-             f"Launch (min N, BLOCK, CHUNK, WARPS) per (kernel, bytes per element) chosen by the sweep: "
-             f"{json.dumps(results['launch']['chosen'])}\n\n"
+             + launch_section(results["launch"]) +
              + markdown_table(results["launch"]["sweep"], ["T", "N", "dtype", "BLOCK", "CHUNK", "WARPS", "fwd_ms",
                                                            "bwd_ms"])
              + "\n\n![LIF times](lif.png)")
@@ -334,6 +333,17 @@ def write_outputs(results):
     if torch.cuda.is_available():  # a rewrite of the tables from lif.json elsewhere keeps the run's PNG
         plot(peers, path.parent / "lif.png")
     print(table)
+
+
+def launch_section(launch):
+    """The table the timings above ran with and the sweep's winners, as markdown."""
+    timed = launch.get("shipped")
+    text = ("Launch (min N, BLOCK, CHUNK, WARPS) per (kernel, bytes per element): "
+            + (f"timed above, the shipped table (src/tether/kernels/launch_lif.json"
+               f"{', written by this run' if launch.get('written') else ''}): {json.dumps(timed)}; "
+               if timed else "")
+            + f"the sweep's winners: {json.dumps(launch.get('winners', launch.get('chosen')))}\n\n")
+    return text
 
 
 def rounds_section(results):
@@ -419,20 +429,21 @@ SWEEP = {
 }
 
 
-def sweep_launch(results):
+def sweep_launch(results, write_table: bool):
     """Time the training forward and the backward alone for candidate (BLOCK, CHUNK, WARPS) on a large-N shape
-    per dtype and a small-N shape; install the winners in kernels.LAUNCH for the rest of the run and record
-    them (small N: the fp32 winner for both dtypes)."""
+    per dtype and a small-N shape (small N: the fp32 winner for both dtypes) and record the winners. With
+    write_table, write them to the shipped table (launch_lif.json) and use it from then on; without, the rest of
+    the run times the shipped table as it is."""
     rows = []
     for (T, N, dtype), candidates in SWEEP.items():
         x = torch.randn(T, N, device="cuda", dtype=dtype, requires_grad=True)
         grad = torch.randn(T, N, device="cuda", dtype=dtype)
         for cfg in candidates:
-            kernels.LAUNCH = {(k, x.element_size()): [(0, *cfg)] for k in ("forward", "backward")}
-            spikes = tether_fn(x)
-            r = {"T": T, "N": N, "dtype": str(dtype).replace("torch.", ""), "BLOCK": cfg[0], "CHUNK": cfg[1],
-                 "WARPS": cfg[2], "fwd_ms": bench_ms(train_forward(tether_fn, x), 5, 40),
-                 "bwd_ms": bench_ms(lambda: torch.autograd.grad(spikes, x, grad, retain_graph=True), 5, 40)}
+            with lif_launch({(k, x.element_size()): [(0, *cfg)] for k in ("forward", "backward")}):
+                spikes = tether_fn(x)
+                r = {"T": T, "N": N, "dtype": str(dtype).replace("torch.", ""), "BLOCK": cfg[0], "CHUNK": cfg[1],
+                     "WARPS": cfg[2], "fwd_ms": bench_ms(train_forward(tether_fn, x), 5, 40),
+                     "bwd_ms": bench_ms(lambda: torch.autograd.grad(spikes, x, grad, retain_graph=True), 5, 40)}
             rows.append(r)
             print("sweep", json.dumps(r), flush=True)
         del x, grad, spikes
@@ -443,10 +454,30 @@ def sweep_launch(results):
             big = min((r for r in rows if r["N"] == 65536 and r["dtype"] == dtype), key=lambda r: r[key])
             best[(kernel, size)] = [(50_000, big["BLOCK"], big["CHUNK"], big["WARPS"]),
                                     (0, small["BLOCK"], small["CHUNK"], small["WARPS"])]
-    kernels.LAUNCH = best
-    chosen = {f"{k} {size}B": v for (k, size), v in best.items()}
-    results["launch"] = {"sweep": rows, "chosen": chosen}
-    print("launch", json.dumps(chosen), flush=True)
+    if write_table:
+        write_launch_table(best)
+        kernels.LAUNCH = kernels.read_launch_table()
+    results["launch"] = {"sweep": rows, "winners": as_json(best), "shipped": as_json(kernels.LAUNCH),
+                         "written": write_table}
+    print("launch", json.dumps(results["launch"]["winners"]), flush=True)
+
+
+def as_json(table):
+    """{(kernel, size): rows} -> {"kernel sizeB": rows}, for the results file."""
+    return {f"{k} {size}B": [list(row) for row in rows] for (k, size), rows in table.items()}
+
+
+def write_launch_table(table, path=None):
+    """Write table as the shipped launch table (src/tether/kernels/launch_lif.json, or path), keeping the shipped
+    file's "about"; one line per (kernel, element bytes)."""
+    shipped = Path(kernels.__file__).with_name(kernels.LAUNCH_FILE)
+    lines = ["{", f'  "about": {json.dumps(json.loads(shipped.read_text())["about"])},']
+    for kernel, end in (("forward", ","), ("backward", "")):
+        rows = [f'    "{size}": {json.dumps([list(row) for row in table[kernel, size]])}' for size in (4, 2)]
+        lines += [f'  "{kernel}": {{', ",\n".join(rows), "  }" + end]
+    path = Path(path or shipped)
+    path.write_text("\n".join(lines + ["}"]) + "\n")
+    print("wrote", path, flush=True)
 
 
 def int64_check():
@@ -474,5 +505,7 @@ def dump_partial(results):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--tetherpy-site", default=None)
+    parser.add_argument("--write-table", action="store_true",
+                        help="write the sweep's winners to src/tether/kernels/launch_lif.json and time those")
     args = parser.parse_args()
     run_benchmark(args)

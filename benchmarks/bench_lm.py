@@ -6,7 +6,7 @@
 - generation (`tether.generate.Decoder`, greedy): ms a token at batch 1 and tokens/s at batch 64, after 256,
   1k and 16k tokens of context, eager and graphed.
 
-Run: PYTHONPATH=src python benchmarks/bench_lm.py [--data PATH] [--profile]
+Run, from the repository root: PYTHONPATH=src python -m benchmarks.bench_lm [--data PATH] [--profile]
 Writes lm_bench.json, .md and .png under benchmarks/results (or $OUT).
 """
 import argparse
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common import markdown_table, write_results
+from benchmarks.common import markdown_table, write_results
 from tether.generate import Decoder, _tensors
 from tether.models import LMConfig, build_model
 from tether.step import TrainStep, make_optimizer

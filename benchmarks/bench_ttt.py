@@ -6,7 +6,8 @@ output and of every gradient vs an fp32 reference computed on the GPU with tethe
 same run on the same inputs, torch.compile of the reference's per-mini-batch step and the eager fp32
 reference (the latter with and without remat: its peak memory is the bar for ours).
 
-GPU: PYTHONPATH=src python3 benchmarks/bench_ttt.py [--configs default,BK:FWDWARPS:BWDWARPS:STAGES:SPLIT,...]
+GPU, from the repository root:
+    PYTHONPATH=src python3 -m benchmarks.bench_ttt [--configs default,BK:FWDWARPS:BWDWARPS:STAGES:SPLIT,...]
     [--splits 1,2,4] [--no-peers]
 A config is the K block, the warps of the forward and of the backward kernel, the pipelining stages and the
 programs per head (split); '-' leaves a field to the launchers. --splits runs every config at each split.
@@ -21,12 +22,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_ms, ceilings, environment, markdown_table, peak_extra_bytes, write_results  # noqa: E402
+from benchmarks.common import bench_ms, ceilings, environment, markdown_table, peak_extra_bytes, write_results
+from tether.kernels import ttt_mlp as kernels
+from tether.reference import ttt_mlp as ref
 
-from tether.kernels import ttt_mlp as kernels  # noqa: E402
-from tether.reference import ttt_mlp as ref  # noqa: E402
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, for python -m
 NH, L, CS, F, G = 48, 2048, 64, 64, 8
 NC, K = L // CS, 4 * F
 GRADS = ("xq", "xk", "xv", "lr", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2")
@@ -127,8 +127,8 @@ def measure_in_subprocess(B, cfg):
     """One config in its own process: a config that fails to compile or run (or hangs: its programs wait
     for each other) is reported, not fatal."""
     try:
-        run = subprocess.run([sys.executable, __file__, "--measure", f"{B}:{config_name(cfg)}"],
-                             capture_output=True, text=True, timeout=240)
+        run = subprocess.run([sys.executable, "-m", "benchmarks.bench_ttt", "--measure", f"{B}:{config_name(cfg)}"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired:
         print(f"B={B} config {config_name(cfg)} timed out", flush=True)
         return None

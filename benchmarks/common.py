@@ -1,4 +1,6 @@
-"""Shared benchmark plumbing (see ../shared/BENCHMARKS.md): timing, memory, ceilings, result files."""
+"""Shared benchmark plumbing (see ../shared/BENCHMARKS.md): timing, memory, ceilings, result files, launch-table
+overrides for sweeps."""
+import contextlib
 import datetime
 import json
 import os
@@ -8,6 +10,21 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@contextlib.contextmanager
+def lif_launch(table: dict):
+    """Run the LIF kernels with `table` ({(kernel, element bytes): [(min N, BLOCK, CHUNK, WARPS)]}, a sweep's
+    candidate) in place of the shipped table (tether/kernels/launch_lif.json), which is back on exit. For
+    sweeps only: published numbers time the shipped table."""
+    from tether.kernels import lif as kernels
+
+    shipped = kernels.LAUNCH
+    kernels.LAUNCH = table
+    try:
+        yield
+    finally:
+        kernels.LAUNCH = shipped
 
 
 def environment() -> dict:

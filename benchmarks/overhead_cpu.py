@@ -4,7 +4,7 @@ Every Triton launcher is replaced by a function that only allocates correctly-sh
 is timed is the eager-mode work around the kernels: argument checks, custom-op / autograd dispatch, saving
 for backward, allocations. CPU tensors with TRITON_INTERPRET=1 take the kernel path without a GPU.
 
-    python benchmarks/overhead_cpu.py --label before   # then change the code, then --label after
+    python -m benchmarks.overhead_cpu --label before   # then change the code, then --label after
 
 Each run stores its times under its label (the lowest over the label's runs) in
 benchmarks/results/overhead_cpu.json and rewrites
@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import tether.kernels.lif as lif_kernels  # noqa: E402
 import tether.kernels.pack as pack_kernels  # noqa: E402
 import tether.kernels.spike_attention as attention_kernels  # noqa: E402
-from common import RESULTS  # noqa: E402
+from benchmarks.common import RESULTS  # noqa: E402
 from tether.functional import lif, spike_attention  # noqa: E402
 from tether.functional.spike_linear import spike_linear  # noqa: E402
 
@@ -139,9 +139,9 @@ def write_markdown(results: dict):
         f"(runs: {results['runs_per_label']}, before / after alternated; the VM is noisy); `fwd` =",
         "forward only with inputs that require grad,",
         "`fwd+bwd` = forward then `torch.autograd.backward` with given output gradients.",
-        "Produced by `python benchmarks/overhead_cpu.py --label <label>` (one column per label); an older",
-        "commit's column: `git archive COMMIT src | tar -x -C /tmp/old` then `PYTHONPATH=/tmp/old/src python",
-        "benchmarks/overhead_cpu.py --label before`.",
+        "Produced by `python -m benchmarks.overhead_cpu --label <label>` (one column per label); an older",
+        "commit's column: `git archive COMMIT src | tar -x -C /tmp/old` then `PYTHONPATH=/tmp/old/src python -m",
+        "benchmarks.overhead_cpu --label before`.",
         "",
         "| op | " + " | ".join(f"{label} fwd | {label} fwd+bwd" for label in labels) + " |",
         "|---|" + "---:|---:|" * len(labels),

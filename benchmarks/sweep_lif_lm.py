@@ -1,17 +1,20 @@
 """LIF launch configs at the spiking LM's shapes (GPU): T = 256 tokens, N = batch x channels for the four neuron
 groups of a block (384, 1152, 384, 1536 channels) at batch 64 and 256, bf16 input (autocast).
 
-The LIF launch table (tether.kernels.lif.LAUNCH) was swept at T = 1024, N = 65536. At the LM's smaller N a
-program per 64 neurons leaves most SMs idle while it walks its 256 steps. This times the training forward and
-the backward of candidate (BLOCK, CHUNK, WARPS) per shape against the table's own choice.
+The shipped LIF launch table (src/tether/kernels/launch_lif.json) was swept at T = 1024, N = 65536. At the LM's
+smaller N a program per 64 neurons leaves most SMs idle while it walks its 256 steps. This times the training
+forward and the backward of candidate (BLOCK, CHUNK, WARPS) per shape (each installed with
+benchmarks.common.lif_launch) against the shipped table's own choice; it does not write the table.
 
-Run: PYTHONPATH=src python benchmarks/sweep_lif_lm.py    (writes lif_lm_sweep.json / .md under results or $OUT)
+Run, from the repository root: PYTHONPATH=src python -m benchmarks.sweep_lif_lm
+(writes lif_lm_sweep.json / .md under results or $OUT)
 """
+import contextlib
+
 import torch
 
-from common import bench_ms, markdown_table, write_results
+from benchmarks.common import bench_ms, lif_launch, markdown_table, write_results
 from tether.functional.lif import lif
-from tether.kernels import lif as kernels
 
 SHAPES = [(256, 64 * c) for c in (384, 1152, 1536)] + [(256, 256 * c) for c in (384, 1536)]
 CANDIDATES = [(32, 8, 1), (32, 16, 1), (64, 8, 1), (64, 16, 1), (64, 32, 1), (128, 8, 1), (128, 16, 2),
@@ -19,15 +22,12 @@ CANDIDATES = [(32, 8, 1), (32, 16, 1), (64, 8, 1), (64, 16, 1), (64, 32, 1), (12
 
 
 def time_config(x, grad, cfg):
-    saved = kernels.LAUNCH
-    if cfg is not None:
-        kernels.LAUNCH = {(k, 2): [(0, *cfg)] for k in ("forward", "backward")}
-    try:
+    """(fwd ms, bwd ms) with launch config cfg = (BLOCK, CHUNK, WARPS) for both kernels, or the shipped table."""
+    table = {(k, 2): [(0, *cfg)] for k in ("forward", "backward")}
+    with contextlib.nullcontext() if cfg is None else lif_launch(table):
         spikes = lif(x, 0.5, 1.0)[0]
         fwd = bench_ms(lambda: lif(x, 0.5, 1.0), 5, 40)
         bwd = bench_ms(lambda: torch.autograd.grad(spikes, x, grad, retain_graph=True), 5, 40)
-    finally:
-        kernels.LAUNCH = saved
     return fwd, bwd
 
 

@@ -1,4 +1,4 @@
-"""Fused LIF kernels (spec: ../shared/spec/lif.md): forward over the whole time window, reverse-time backward.
+"""Fused LIF kernels (spec: docs/spec/lif.md): forward over the whole time window, reverse-time backward.
 
 Layout: x, spikes and their gradients are [T, N] contiguous (N = the flattened trailing dims, the channel
 innermost); membrane, v_init and per-neuron parameter gradients are [N] fp32. decay / threshold are either a
@@ -18,7 +18,10 @@ What the forward saves for backward (SAVE):
           4 B/elem. Needed when dL/ddecay = sum_t g_h_t v_{t-1} is asked for (v_{t-1} = reset(h_{t-1})),
           or for the hard reset differentiated through the spike (needs h_t - v_reset).
 """
+import json
 import math
+from importlib import resources
+from pathlib import Path
 
 import torch
 import triton
@@ -324,15 +327,24 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
 
 # (min N, BLOCK, CHUNK, WARPS) per (kernel, bytes per element of x), first match wins. BLOCK = 32 x WARPS x
 # neurons per thread: small enough that several programs share an SM; CHUNK (even, dividing 32) rows in flight per
-# tile, bounded by registers (no spills at these sizes). Chosen by the sweep in benchmarks/bench_lif.py on an
-# H100 (benchmarks/results/lif.md): 1024-2048 programs of 1-2 warps, 2 neurons per thread, 16-32 rows in flight;
-# BLOCK 32 was 5-25x slower there, so small N keeps BLOCK 64.
-LAUNCH = {
-    ("forward", 4): [(50_000, 64, 16, 1), (0, 64, 8, 1)],
-    ("forward", 2): [(50_000, 64, 32, 1), (0, 64, 8, 1)],
-    ("backward", 4): [(50_000, 128, 16, 1), (0, 64, 16, 1)],
-    ("backward", 2): [(50_000, 128, 16, 2), (0, 64, 16, 1)],
-}
+# tile, bounded by registers. The values live in launch_lif.json, shipped with the package, which the sweep of
+# `python -m benchmarks.bench_lif --write-table` writes (results: benchmarks/results/lif.md; why these shapes:
+# docs/lif_kernels.md).
+LAUNCH_FILE = "launch_lif.json"
+
+
+def read_launch_table(path=None) -> dict:
+    """The launch table in launch_lif.json (or path): {(kernel, element bytes): [(min N, BLOCK, CHUNK, WARPS)]}."""
+    if path is None:
+        text = resources.files(__package__).joinpath(LAUNCH_FILE).read_text()
+    else:
+        text = Path(path).read_text()
+    data = json.loads(text)
+    return {(kernel, int(size)): [tuple(row) for row in rows]
+            for kernel in ("forward", "backward") for size, rows in data[kernel].items()}
+
+
+LAUNCH = read_launch_table()
 
 
 def launch_config(kernel: str, N: int, element_size: int):
