@@ -74,7 +74,7 @@ def check_group_size(checkpoint_group_size) -> None:
         raise ValueError(f"checkpoint_group_size: expected a positive int, got {checkpoint_group_size!r}")
 
 
-# ---- LIF (spec: ../shared/spec/lif.md) -----------------------------------------------------------------------
+# ---- LIF (spec: docs/spec/lif.md) ----------------------------------------------------------------------------
 
 # name -> (default alpha, peak of sg'(u) as a function of alpha): the peak scales the kernel's uint16 save.
 SURROGATES = {
@@ -141,7 +141,7 @@ def check_lif_args(x, decay, threshold, v_init, surrogate, alpha, reset, v_reset
     return LIFArgs(surrogate, alpha, reset == "hard")
 
 
-# ---- spike attention (spec: ../shared/spec/spike_attention.md) -----------------------------------------------
+# ---- spike attention (spec: docs/spec/spike_attention.md) ----------------------------------------------------
 
 FORMS = ("elementwise", "matrix")
 
@@ -184,7 +184,7 @@ def check_spike_attention_args(q, k, v, gamma, state, form, scale=None) -> None:
         raise ValueError(f"scale: expected None, or a float with form='matrix', got {scale!r} with form={form!r}")
 
 
-# ---- TTT-MLP (spec: ../shared/spec/ttt_mlp.md) ---------------------------------------------------------------
+# ---- TTT-MLP (spec: docs/spec/ttt_mlp.md) --------------------------------------------------------------------
 
 TTT_ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TTT_STATE_DTYPES = (torch.float32, torch.float64)

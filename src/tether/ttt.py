@@ -1,5 +1,5 @@
 """Drop-in for ttt_tk (`import tether.ttt as ttt_tk`): ttt_forward / ttt_backward with ttt-tk's argument
-names, order, shapes and buffer semantics (spec: ../shared/spec/ttt_mlp.md, non-causal TTT-MLP).
+names, order, shapes and buffer semantics (spec: docs/spec/ttt_mlp.md, non-causal TTT-MLP).
 
 Both write their results into the caller's buffers and return None. Beyond ttt-tk: fp32/fp16/bf16
 activations, any head dim F (K = 4F), any mini-batch size, NC not a multiple of the group size, CPU tensors.

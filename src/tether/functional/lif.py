@@ -1,4 +1,4 @@
-"""The LIF op (spec: ../shared/spec/lif.md): fused Triton kernels (tether.kernels.lif) as torch.library
+"""The LIF op (spec: docs/spec/lif.md): fused Triton kernels (tether.kernels.lif) as torch.library
 custom ops with fake impls and a registered backward (what torch.compile traces; eager mode calls the launchers
 through a plain autograd.Function, half the Python time per call), or the pure-PyTorch reference where no kernel
 runs."""

@@ -1,4 +1,4 @@
-"""Bit-packed spikes in the public format (spec: ../shared/spec/lif.md): Triton kernels where they run,
+"""Bit-packed spikes in the public format (spec: docs/spec/lif.md): Triton kernels where they run,
 the reference otherwise."""
 import torch
 

@@ -1,4 +1,4 @@
-"""Linear spike-driven attention as an autograd op (spec: shared/spec/spike_attention.md).
+"""Linear spike-driven attention as an autograd op (spec: docs/spec/spike_attention.md).
 
 Elementwise form: the fused Triton kernels (tether.kernels.spike_attention) behind the torch.library
 custom op `tether::spike_attention_elementwise` (fake impl for torch.compile, autograd registered; eager

@@ -1,4 +1,4 @@
-"""TTT-MLP as an autograd op with rematerialisation built in (spec: ../shared/spec/ttt_mlp.md).
+"""TTT-MLP as an autograd op with rematerialisation built in (spec: docs/spec/ttt_mlp.md).
 
 `forward` / `backward` pick the Triton kernels (tether.kernels.ttt_mlp) or the reference; the drop-in
 `tether.ttt` and the custom op `tether::ttt_mlp` both go through them, so the choice is made here only.

@@ -1,4 +1,4 @@
-"""Triton kernels for the elementwise linear spike-driven attention (spec: shared/spec/spike_attention.md).
+"""Triton kernels for the elementwise linear spike-driven attention (spec: docs/spec/spike_attention.md).
 
     C_t = gamma_h * C_{t-1} + k_t * v_t,   o_t = q_t * C_t        per (b, h, d) channel
 

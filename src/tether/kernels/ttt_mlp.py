@@ -1,4 +1,4 @@
-"""Triton kernels for the TTT-MLP scan (math: shared/spec/ttt_mlp.md; derivation: .notes/ttt_kernels.md).
+"""Triton kernels for the TTT-MLP scan (math: docs/spec/ttt_mlp.md; derivation: docs/ttt_mlp_kernels.md).
 
 Layout: activations `[B, NH, NC, CS, F]` and learning rates `[B, NH, NC, CS, 1]` contiguous; per (batch, head)
 the inner state `W1 [F, K]`, `b1 [K]`, `W2 [K, F]`, `b2 [F]` in fp32. Grid: P programs per (batch, head)

@@ -1,4 +1,4 @@
-"""Readable LIF oracle (spec: ../shared/spec/lif.md): a Python loop over time, autograd does the backward.
+"""Readable LIF oracle (spec: docs/spec/lif.md): a Python loop over time, autograd does the backward.
 
 Its argument checks and the surrogate table are tether._checks' (shared with the kernel path).
 """

@@ -1,4 +1,4 @@
-"""Linear spike-driven attention, pure PyTorch: the oracle (spec: shared/spec/spike_attention.md).
+"""Linear spike-driven attention, pure PyTorch: the oracle (spec: docs/spec/spike_attention.md).
 
 Elementwise form (default):  C_t = gamma * C_{t-1} + k_t * v_t,  o_t = q_t * C_t        (C: [B, H, D])
 Matrix form:                 S_t = gamma * S_{t-1} + k_t^T v_t,  o_t = scale * q_t S_t  (S: [B, H, D, D])

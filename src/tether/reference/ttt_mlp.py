@@ -1,4 +1,4 @@
-"""TTT-MLP in plain PyTorch: the oracle for the kernels (spec: ../shared/spec/ttt_mlp.md).
+"""TTT-MLP in plain PyTorch: the oracle for the kernels (spec: docs/spec/ttt_mlp.md).
 
 Layout: xq, xk, xv `[B, NH, NC, CS, F]`, lr `[B, NH, NC, CS, 1]`, token_scale `[CS]`, ln_weight/ln_bias
 `[NH, F]` (or `[B, NH, F]`, one copy per batch element), state w1 `[B, NH, F, K]`, b1 `[B, NH, 1, K]`,
