@@ -82,7 +82,7 @@ _elementwise.register_autograd(_backward, setup_context=_setup_context)
 
 class _Elementwise(torch.autograd.Function):
     """Eager mode: the custom op's forward / backward calling the launchers directly (the custom-op +
-    register_autograd dispatch cost about 2x the Python time of this path per call)."""
+    register_autograd dispatch costs more host time per call: docs/attention_kernels.md)."""
 
     @staticmethod
     def forward(ctx, qkv, gamma, state):

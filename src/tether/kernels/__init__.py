@@ -7,7 +7,7 @@ from tether._backend import interpreting
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for the launchers' grids and buffer sizes: plain Python (triton.cdiv goes through Triton's
-    constexpr-function call path, ~10 us a call on the CPU)."""
+    constexpr-function call path, slow on the host: docs/lif_kernels.md#host-cost-and-tetherkernelslauncher)."""
     return -(-a // b)
 
 
@@ -32,10 +32,10 @@ class Launcher:
     """`Launcher(kernel)[grid](*args, **constexprs_and_options)` = `kernel[grid](...)` with less host time.
 
     Triton's launch binds and specializes every argument and hashes the result into a cache key on every call
-    (tens of microseconds for a kernel of ~30 arguments; an LIF forward+backward step at small sizes is bound by
-    this host time). Here the key is the same properties computed directly (`_spec`) plus the constexprs; the
-    first call of a key goes through Triton (which compiles) and keeps the compiled kernel, later calls launch it
-    directly, with Triton's own launcher and arguments. Under the interpreter, or with a launch hook set (a
+    (an LIF forward+backward step at small sizes is bound by this host time: docs/lif_kernels.md). Here the key
+    is the same properties computed directly (`_spec`) plus the constexprs; the first call of a key goes through
+    Triton (which compiles) and keeps the compiled kernel, later calls launch it directly, with Triton's own
+    launcher and arguments. Under the interpreter, or with a launch hook set (a
     profiler), every call goes through Triton."""
 
     def __init__(self, kernel):

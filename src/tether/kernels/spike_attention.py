@@ -21,8 +21,8 @@ import triton.language as tl
 
 from . import cdiv
 
-CHUNK = 32
-CARRY_BLOCK = 128
+CHUNK = 32  # time steps a program scans (why: docs/attention_kernels.md)
+CARRY_BLOCK = 128  # channels a program of the carry scan walks
 
 
 @triton.jit
@@ -142,7 +142,7 @@ def _chunk_backward_kernel(q_ptr, k_ptr, v_ptr, gamma_ptr, entering_ptr, adjoint
 
 
 def _grids(T: int, B: int, H: int, D: int):
-    # 32 keeps the [CHUNK, BLOCK_D] tiles in registers and the grid large (4096 programs at the bench shape)
+    # 32 keeps the [CHUNK, BLOCK_D] tiles in registers and the grid large (docs/attention_kernels.md)
     block_d = min(32, triton.next_power_of_2(max(D, 1)))  # D = 0: no launch, but a grid to size
     n_chunks = cdiv(T, CHUNK)
     return block_d, (n_chunks, B * H, cdiv(D, block_d)), (cdiv(B * H * D, CARRY_BLOCK),)

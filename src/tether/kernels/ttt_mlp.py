@@ -46,8 +46,9 @@ _HW_TANH = tl.constexpr(not interpreting())
 @triton.jit
 def _tanh(x, DT: tl.constexpr):
     """tanh of fp32 x. With 16-bit matmul operands (rounding error ~4e-3) the GPU's tanh.approx.f32 (one MUFU
-    instruction, relative error ~5e-4): the exp / reciprocal form and the GELU around it were half of the
-    backward's instructions (ncu, H100). fp32 and the interpreter: through exp(-2|x|) <= 1 (never overflows)."""
+    instruction, relative error ~5e-4): the exp / reciprocal form and the GELU around it were most of the
+    backward's instructions (profile: docs/ttt_mlp_kernels.md). fp32 and the interpreter: through
+    exp(-2|x|) <= 1 (never overflows)."""
     if _HW_TANH and DT != tl.float32:
         return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
                                          pack=1)
@@ -393,7 +394,7 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
 def _first(x, p):
     """A mask of x's shape, true in program p == 0: the full-width values (token and rate gradients, sums) are
     program 0's to store. A predicate, not a branch around the stores: the branch made the compiler spill the
-    tiles live across it (sm_90a, Triton 3.6: backward stack 1528 -> 1424 B a thread)."""
+    tiles live across it (docs/ttt_mlp_kernels.md#register-pressure-what-the-source-edits-bought)."""
     return (tl.zeros(x.shape, tl.int32) + p) == 0
 
 
@@ -483,7 +484,7 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     zq2 = _xsum(xb, ex, CS * F + tile, P, CS, F)
     a2raw = _xsum(xb, ex, 3 * CS * F + _tile_offs(CS, CS), P, CS, F)
     ex += 1
-    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)  # reloaded (L1): not held through pass 2 (1424 -> 1352 B)
+    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)  # reloaded (L1): not held through pass 2 (fewer spills)
     a2 = (eta * (a2raw + 1.0)).to(DT)
     xhq, rstdq = _ln_stats(_dot(a2, -gz2_dt, DT, PREC, zq2 + tl.load(b2_p + fc)[None, :]), F, F_REAL)
 
@@ -584,7 +585,7 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     tl.store(dlnb_p + fc, tl.load(dlnb_p + fc) + dbt, mask=_first(fc, p))
     tl.store(db2s_p + fc, tl.load(db2s_p + fc) + tl.sum(dz2, 0))
     eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
-    xq = _load_tokens(xq_p, CS, F)  # reloaded: not held through pass 3 (stack 1352 -> 1128 B a thread)
+    xq = _load_tokens(xq_p, CS, F)  # reloaded: not held through pass 3 (fewer spills)
     xk = _load_tokens(xk_p, CS, F)
     deta = tl.load(_tile_ptrs(deta_p, CS, CS)) + da1 * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)
     da1raw = da1 * eta
@@ -794,17 +795,17 @@ def _sequential(device: torch.device) -> bool:
 
 def _config(K: int, block_k, num_warps, num_stages, split, heads: int, device: torch.device, backward: bool):
     """K block, warps, software-pipelining stages and programs per head (split): the caller's (a
-    benchmark's sweep) or the defaults measured on an H100 (benchmarks/results/ttt.md): the forward is
-    fastest with one warp group, the backward, with far more live tiles, with two. One stage: pipelined K
-    loops multiply the shared memory (the backward then needs more than the 227 KB an H100 block can have).
-    split P: the P programs of a head exchange their partial sums through global memory and wait for each
-    other. The interpreter runs programs one after another: P = 1. On the GPU a head's chain of small
-    matmuls is latency bound and P programs shorten it, but only while they have SMs of their own: the
-    default is the largest P (a divisor of the block count) with heads * P programs resident at once. Both
-    kernels use all 255 registers a thread may have, so an SM holds 2 programs of 4 warps, 1 of 8
-    (H100, B=1, 48 heads: forward P=4, backward P=2; B=8: P=1, as measured). A head's programs must all
-    be resident at once: CTAs start in pid order, so at most one head is partly resident and the others
-    finish and make room (the tests launch more programs than fit)."""
+    benchmark's sweep) or the defaults chosen by bench_ttt's sweep (benchmarks/results/ttt.md; why:
+    docs/ttt_mlp_kernels.md): the forward is fastest with one warp group, the backward, with far more live
+    tiles, with two. One stage: pipelined K loops multiply the shared memory (the backward then needs more
+    than the 227 KB an H100 block can have). split P: the P programs of a head exchange their partial sums
+    through global memory and wait for each other. The interpreter runs programs one after another: P = 1.
+    On the GPU a head's chain of small matmuls is latency bound and P programs shorten it, but only while
+    they have SMs of their own: the default is the largest P (a divisor of the block count) with heads * P
+    programs resident at once. Both kernels use all 255 registers a thread may have, so an SM holds 2
+    programs of 4 warps, 1 of 8. A head's programs must all be resident at once: CTAs start in pid order, so
+    at most one head is partly resident and the others finish and make room (the tests launch more programs
+    than fit)."""
     block_k = block_k or min(K, 64)  # K = 4F: a multiple of 64 for every head dim the kernels take
     if block_k < 16 or block_k & (block_k - 1) or K % block_k:
         raise ValueError(f"block_k: expected a power of two >= 16 dividing K = {K}, got {block_k}")
@@ -831,14 +832,14 @@ _L1_SET = set()  # CUfunction handles whose shared-memory carveout is already se
 def _prefer_l1(kernel):
     """Give the SM's unified L1 / shared memory to L1 beyond what the resident programs' shared memory needs.
     Triton asks for the largest carveout (228 KB shared on an H100) for kernels over 48 KB, which leaves
-    ~20 KB of L1 for the backward's register spills (ncu: 56M local-memory requests, 43% of its L2
-    traffic). A CUfunction attribute: it holds for the later launches of this compiled kernel."""
+    ~20 KB of L1 for the backward's register spills (its effect: docs/ttt_mlp_kernels.md). A CUfunction
+    attribute: it holds for the later launches of this compiled kernel."""
     if kernel.function in _L1_SET:
         return
     _L1_SET.add(kernel.function)
     per_sm = max(1, 65536 // (kernel.n_regs * 32 * kernel.metadata.num_warps))  # programs an SM holds
     percent = min(100, -(-100 * per_sm * (kernel.metadata.shared + 1024) // (228 * 1024)))  # of H100's 228 KB
-    try:  # a hint (0.05 ms of 7.3 on the H100): where the driver or the attribute is missing, skip it
+    try:  # a hint (a small gain, docs/ttt_mlp_kernels.md): where the driver or the attribute is missing, skip it
         # 9: CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT (the driver rounds up to a valid split)
         ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(ctypes.c_void_p(kernel.function), 9, ctypes.c_int(percent))
     except (OSError, AttributeError):
