@@ -335,11 +335,8 @@ LAUNCH_FILE = "launch_lif.json"
 
 def read_launch_table(path=None) -> dict:
     """The launch table in launch_lif.json (or path): {(kernel, element bytes): [(min N, BLOCK, CHUNK, WARPS)]}."""
-    if path is None:
-        text = resources.files(__package__).joinpath(LAUNCH_FILE).read_text()
-    else:
-        text = Path(path).read_text()
-    data = json.loads(text)
+    source = resources.files(__package__).joinpath(LAUNCH_FILE) if path is None else Path(path)
+    data = json.loads(source.read_text())
     return {(kernel, int(size)): [tuple(row) for row in rows]
             for kernel in ("forward", "backward") for size, rows in data[kernel].items()}
 
