@@ -6,29 +6,21 @@ import torch
 
 import tether._backend
 from tether._backend import use_triton
+from tether._checks import SURROGATES
 from tether.functional.lif import lif
 from tether.kernels import lif as kernels
 from tether.reference import lif as reference
+from utils import assert_rel_close, count_launches
 
-SURROGATES = ["arctan", "sigmoid", "fast_sigmoid"]
 # relative (norm-wise) error allowed on gradients, by input dtype: fp32 is the 1e-4 target of issue 2
 GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts launches of the forward / backward kernels, so a test proves the kernel ran."""
-    calls = {"forward": 0, "backward": 0}
-
-    def counting(name, fn):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(kernels, "lif_forward", counting("forward", kernels.lif_forward))
-    monkeypatch.setattr(kernels, "lif_backward", counting("backward", kernels.lif_backward))
-    return calls
+    """Launches of the forward / backward kernels, so a test proves the kernel ran."""
+    return count_launches(monkeypatch, {"forward": "tether.kernels.lif.lif_forward",
+                                        "backward": "tether.kernels.lif.lif_backward"})
 
 
 def make_param(form, C, device, low, high):
@@ -49,11 +41,6 @@ def run(fn, x, decay, threshold, v_init, grad_spikes, grad_v, **kw):
     return spikes, v_final, grads
 
 
-def assert_close_rel(actual, expected, rtol, name):
-    err = (actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)
-    assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:.0e}"
-
-
 def check_kernel(device, T, rest, dtype=torch.float32, decay_form="float", threshold_form="float", **kw):
     """Kernel vs reference on fresh random inputs: spikes equal (fp32 membrane in both), v_final and grads."""
     assert use_triton(torch.empty(0, device=device))
@@ -72,10 +59,10 @@ def check_kernel(device, T, rest, dtype=torch.float32, decay_form="float", thres
     for name, a, e in zip(("x", "decay", "threshold", "v_init"), g_k, g_r):
         if e is not None:
             rtol = GRAD_RTOL[dtype] if name == "x" else 1e-4
-            assert_close_rel(a, e, rtol, f"grad {name}")
+            assert_rel_close(a, e, rtol, f"grad {name}")
 
 
-@pytest.mark.parametrize("surrogate", SURROGATES)
+@pytest.mark.parametrize("surrogate", tuple(SURROGATES))
 @pytest.mark.parametrize("reset", ["hard", "soft"])
 @pytest.mark.parametrize("detach_reset", [True, False])
 def test_kernel_matches_reference(device, kernel_calls, surrogate, reset, detach_reset):
@@ -164,7 +151,7 @@ def test_reference_path_without_interpreter(monkeypatch):
     s_r, v_r, g_r = run(lif, x, decay, 1.0, None, grad_spikes, grad_v, **kw)
     assert torch.equal(s_k, s_r)
     torch.testing.assert_close(v_k, v_r)
-    assert_close_rel(g_k[1], g_r[1], 1e-5, "grad decay")
+    assert_rel_close(g_k[1], g_r[1], 1e-5, "grad decay")
 
 
 def test_compile_fullgraph(device, kernel_calls):
@@ -223,16 +210,16 @@ PRIMITIVES = {
 }
 
 
-@pytest.mark.parametrize("surrogate", SURROGATES)
+@pytest.mark.parametrize("surrogate", tuple(SURROGATES))
 def test_surrogate_spike(surrogate):
     u = torch.randn(50, dtype=torch.float64, requires_grad=True)
-    alpha = reference.SURROGATES[surrogate][0]
+    alpha = SURROGATES[surrogate][0]
     (expected,) = torch.autograd.grad(PRIMITIVES[surrogate](u, alpha).sum(), u)
     spikes = reference.spike(u, surrogate)
     (grad,) = torch.autograd.grad(spikes.sum(), u)
     torch.testing.assert_close(grad, expected)
     assert torch.equal(spikes, (u >= 0).double())
-    peak = reference.SURROGATES[surrogate][1](alpha)
+    peak = SURROGATES[surrogate][1](alpha)
     torch.testing.assert_close(reference.surrogate_grad(torch.zeros(1, dtype=torch.float64), surrogate, alpha),
                                torch.full((1,), peak, dtype=torch.float64))
 
@@ -290,7 +277,7 @@ def test_gradient_through_one_output_only(device, kernel_calls, only):
         (spikes.sum() if only == "spikes" else (v_final * v_final).sum()).backward()
         grads.append(xi.grad)
     assert kernel_calls == {"forward": 1, "backward": 1}
-    assert_close_rel(grads[0], grads[1], GRAD_RTOL[torch.float32], f"grad x through {only} only")
+    assert_rel_close(grads[0], grads[1], GRAD_RTOL[torch.float32], f"grad x through {only} only")
 
 
 def test_float64_on_cuda_says_it_runs_the_reference(monkeypatch):

@@ -6,6 +6,7 @@ import torch
 
 from tether.models import LMConfig, build_model
 from tether.nn import SpikingSelfAttention, SpikingTransformerBlock
+from utils import count_launches
 
 TINY = dict(d_model=32, n_head=4, n_layer=2, dropout=0.0)
 
@@ -70,20 +71,8 @@ LAUNCHERS = [("tether.kernels.lif", "lif_forward"), ("tether.kernels.lif", "lif_
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts calls of each Triton launcher the fused build should use."""
-    import importlib
-
-    calls = dict.fromkeys([name for _, name in LAUNCHERS], 0)
-    for module_name, name in LAUNCHERS:
-        module = importlib.import_module(module_name)
-        launcher = getattr(module, name)
-
-        def counted(*args, _launcher=launcher, _name=name, **kwargs):
-            calls[_name] += 1
-            return _launcher(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, counted)
-    return calls
+    """Calls of each Triton launcher the fused build should use."""
+    return count_launches(monkeypatch, {name: f"{module}.{name}" for module, name in LAUNCHERS})
 
 
 def test_fused_matches_eager(kernel_calls):

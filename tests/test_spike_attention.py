@@ -9,6 +9,7 @@ from tether._backend import use_triton
 from tether.functional.spike_attention import spike_attention
 from tether.reference.spike_attention import spike_attention as reference
 from tether.reference.spike_attention import spike_attention_cumsum
+from utils import assert_close, count_launches
 
 H = 3  # heads in every test shape
 
@@ -19,10 +20,6 @@ def spikes(*shape, dtype=torch.float32, device="cpu", rate=0.5):
 
 def qkv(T, B, D, dtype=torch.float32, device="cpu"):
     return [spikes(T, B, H, D, dtype=dtype, device=device) for _ in range(3)]
-
-
-def close(a, b, tol):
-    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------- reference
@@ -49,8 +46,8 @@ def test_cumsum_formulation_matches_reference(gamma):
     state = torch.randn(B, H, D, requires_grad=True)
     out, final = spike_attention_cumsum(q, k, v, gamma, state)
     ref_out, ref_final = reference(q, k, v, gamma, state)
-    close(out, ref_out, 1e-5)
-    close(final, ref_final, 1e-5)
+    assert_close(out, ref_out, 1e-5)
+    assert_close(final, ref_final, 1e-5)
     inputs = [q, k, v, state] + ([gamma] if isinstance(gamma, torch.Tensor) else [])
     assert_same_grads((out, final), (ref_out, ref_final), inputs, 1e-4)
 
@@ -62,8 +59,8 @@ def test_matrix_form_chunked_matches_loop_reference():
     state = torch.randn(B, H, D, D, requires_grad=True)
     out, final = spike_attention(q, k, v, gamma, state, form="matrix")
     ref_out, ref_final = reference(q, k, v, gamma, state, form="matrix")
-    close(out, ref_out, 1e-5)
-    close(final, ref_final, 1e-5)
+    assert_close(out, ref_out, 1e-5)
+    assert_close(final, ref_final, 1e-5)
     assert_same_grads((out, final), (ref_out, ref_final), [q, k, v, gamma, state], 1e-4)
 
 
@@ -76,24 +73,14 @@ def assert_same_grads(outputs, ref_outputs, inputs, tol):
     want = torch.autograd.grad(ref_loss, inputs)
     for x, a, b in zip(inputs, got, want):
         assert a.dtype == x.dtype and a.shape == x.shape
-        close(a, b, tol)
+        assert_close(a, b, tol)
 
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts calls of the Triton launchers, to prove the kernels (not a fallback) ran."""
-    import tether.kernels.spike_attention as kernels
-
-    calls = {"forward": 0, "backward": 0}
-    for name in calls:
-        launcher = getattr(kernels, f"spike_attention_{name}")
-
-        def counted(*args, _launcher=launcher, _name=name, **kwargs):
-            calls[_name] += 1
-            return _launcher(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, f"spike_attention_{name}", counted)
-    return calls
+    """Calls of the Triton launchers, to prove the kernels (not a fallback) ran."""
+    return count_launches(monkeypatch, {name: f"tether.kernels.spike_attention.spike_attention_{name}"
+                                        for name in ("forward", "backward")})
 
 
 def test_forward_launcher_matches_reference(device):
@@ -105,12 +92,12 @@ def test_forward_launcher_matches_reference(device):
     state = torch.randn(B, H, D, device=device)
     out, final, entering = spike_attention_forward(torch.stack((q, k, v), 2), gamma, state)
     ref_out, ref_final = reference(q, k, v, gamma, state)
-    close(out, ref_out, 1e-5)
-    close(final, ref_final, 1e-5)
+    assert_close(out, ref_out, 1e-5)
+    assert_close(final, ref_final, 1e-5)
     assert entering.shape == (3, B, H, D)
-    close(entering[0], state, 0)
+    assert_close(entering[0], state, 0)
     for c in (1, 2):
-        close(entering[c], reference(q[:c * CHUNK], k[:c * CHUNK], v[:c * CHUNK], gamma, state)[1], 1e-5)
+        assert_close(entering[c], reference(q[:c * CHUNK], k[:c * CHUNK], v[:c * CHUNK], gamma, state)[1], 1e-5)
 
 
 # spikes are exact in any float dtype and the kernels compute in fp32 (no tl.dot), so bf16 runs in the
@@ -132,8 +119,8 @@ def test_kernel_matches_reference(device, launches, dtype, gamma):
     out, final = spike_attention(q, k, v, gamma, state)
     ref_out, ref_final = reference(q, k, v, gamma, state)
     assert out.dtype == torch.float32 and final.dtype == torch.float32
-    close(out, ref_out, 1e-5)
-    close(final, ref_final, 1e-5)
+    assert_close(out, ref_out, 1e-5)
+    assert_close(final, ref_final, 1e-5)
     inputs = [q, k, v, state] + ([gamma] if isinstance(gamma, torch.Tensor) else [])
     assert_same_grads((out, final), (ref_out, ref_final), inputs, TOL[dtype])
     assert launches == {"forward": 1, "backward": 1}
@@ -155,8 +142,8 @@ def test_chunked_and_token_by_token_match_full(device, launches):
     tokens = 12  # one token at a time over a prefix: the interpreter is slow
     for bounds in ([0, 9, 10, T], list(range(tokens + 1))):  # chunks with the state carried; token by token
         full, split = run([0, bounds[-1]]), run(bounds)
-        close(split[0], full[0], 1e-5)
-        close(split[1], full[1], 1e-5)
+        assert_close(split[0], full[0], 1e-5)
+        assert_close(split[1], full[1], 1e-5)
         assert_same_grads(split, full, [q, k, v, gamma, state], 1e-4)
     assert launches["forward"] == 2 + 3 + tokens
 
@@ -176,7 +163,7 @@ def test_custom_op_registration(device):
     compiled = torch.compile(spike_attention, fullgraph=True, backend="aot_eager")
     out, final = compiled(q, k, v, gamma, state)
     ref_out, ref_final = reference(q, k, v, gamma, state)
-    close(out, ref_out, 1e-5)
+    assert_close(out, ref_out, 1e-5)
     assert_same_grads((out, final), (ref_out, ref_final), [q, k, v, gamma, state], 1e-4)
 
 
@@ -192,8 +179,8 @@ def test_packed_qkv_is_the_same_op(device):
     state = torch.randn(B, H, D, device=device, requires_grad=True)
     out, final = spike_attention_qkv(packed, gamma, state)
     ref_out, ref_final = reference(*packed.unbind(2), gamma, state)
-    close(out, ref_out, 1e-5)
-    close(final, ref_final, 1e-5)
+    assert_close(out, ref_out, 1e-5)
+    assert_close(final, ref_final, 1e-5)
     assert_same_grads((out, final), (ref_out, ref_final), [packed, gamma, state], 1e-4)
     with pytest.raises(ValueError, match=r"qkv: expected a \[T, B, 3, H, D\] tensor"):
         spike_attention_qkv(q, gamma, state)
@@ -210,7 +197,7 @@ def test_reference_path_without_interpreter(monkeypatch, launches):
     state = torch.randn(B, H, D, requires_grad=True)
     out, final = spike_attention(q, k, v, gamma, state)
     ref_out, ref_final = reference(q, k, v, gamma, state)
-    close(out, ref_out, 1e-5)
+    assert_close(out, ref_out, 1e-5)
     assert_same_grads((out, final), (ref_out, ref_final), [q, k, v, gamma, state], 1e-4)
     assert launches == {"forward": 0, "backward": 0}
 
@@ -261,7 +248,7 @@ def test_gradient_through_one_output_only(device, launches, only):
         grads.append([torch.zeros_like(t) if t.grad is None else t.grad for t in (q, k, v)])  # q: no path to state
     assert launches == {"forward": 1, "backward": 1}
     for got, want in zip(*grads):
-        close(got, want, 1e-4)
+        assert_close(got, want, 1e-4)
 
 
 @pytest.mark.parametrize("form", ["elementwise", "matrix"])

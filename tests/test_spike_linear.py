@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from tether.functional.pack import unpack_spikes
 from tether.functional.spike_linear import spike_linear
 from tether.nn import SpikeLinear
+from utils import assert_close
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -29,10 +30,10 @@ def test_matches_linear(dtype, shape, bias):
     want = torch.autograd.grad(ref_out, [spikes, weight] + ([b] if bias else []), grad)
 
     assert out.dtype == ref_out.dtype
-    torch.testing.assert_close(out, ref_out, atol=TOL[dtype], rtol=TOL[dtype])
+    assert_close(out, ref_out, TOL, dtype)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype
-        torch.testing.assert_close(g, w, atol=TOL[dtype] * 4, rtol=TOL[dtype])
+        assert_close(g, w, TOL, dtype, atol=TOL[dtype] * 4)
 
 
 def _saved(fn):

@@ -7,9 +7,9 @@ from test_ttt_reference import force_reference_path, make_inputs
 import tether.ttt as ttt_tk
 from tether.functional.ttt_mlp import _kernels
 from tether.reference.ttt_mlp import ttt_mlp as reference
+from utils import assert_close
 
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-2),
-       torch.bfloat16: dict(atol=6e-2, rtol=6e-2)}
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}  # rtol = atol, by input dtype
 
 
 def ttt_tk_inputs(B, NH, NC, CS, F, dtype, device):
@@ -80,14 +80,13 @@ def check_against_reference(path, B, NH, NC, CS, F, G, dtype):
                   w1=state[0], b1=state[1], w2=state[2], b2=state[3])
     leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
     out_ref, final_ref, ckpt_ref = reference(*leaves.values(), checkpoint_group_size=G)
-    tol = TOL[dtype]
-    torch.testing.assert_close(out, out_ref, **tol)
+    assert_close(out, out_ref, TOL, dtype)
     for c, c_ref in zip(ckpts, ckpt_ref):
-        torch.testing.assert_close(c, c_ref, **TOL[torch.float32] if dtype == torch.float32 else tol)
+        assert_close(c, c_ref, TOL, dtype)
     g_ref = torch.autograd.grad((out_ref, *final_ref), list(leaves.values()), (grad_out, *grad_last))
     for key, g in zip(leaves, g_ref):
         got = grads[key].view(B, NH, F) if key.startswith("ln_") else grads[key]
-        torch.testing.assert_close(got.float(), g.float(), **tol, msg=lambda m: f"grad {key}: {m}")
+        assert_close(got.float(), g.float(), TOL, dtype, msg=lambda m: f"grad {key}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -1,6 +1,7 @@
-"""Argument checks, one home for every op and every path: the kernel path and the reference (CPU) path of
-tether.functional, the modules of tether.nn and the ttt-tk drop-in all call these. Errors name the argument,
-what was expected and what came ("name: expected ..., got ...").
+"""Argument checks, and the constants and defaults they share (surrogate table, resets, forms, TTT-MLP shapes,
+token scale): one home for every op and every path. The kernel path and the reference (CPU) path of
+tether.functional, the reference itself, the modules of tether.nn and the ttt-tk drop-in all use these.
+Errors name the argument, what was expected and what came ("name: expected ..., got ...").
 
 Values are checked where they are Python numbers (no cost); a tensor's values only where a bad one would make
 the output all NaN (spike attention's gamma), since on CUDA reading them waits for the GPU (see
@@ -195,6 +196,11 @@ def ttt_state_shapes(B: int, NH: int, F: int, lead: tuple = ()):
     """Shapes of (w1, b1, w2, b2), with `lead` dims after [B, NH] (the checkpoints' (NK,))."""
     K = 4 * F
     return ((B, NH, *lead, F, K), (B, NH, *lead, 1, K), (B, NH, *lead, K, F), (B, NH, *lead, 1, F))
+
+
+def default_token_scale(mini_batch: int, device=None) -> torch.Tensor:
+    """token_scale[i] = 1 / (i + 1): token i of a mini-batch averages the gradients of tokens 0..i."""
+    return 1.0 / torch.arange(1, mini_batch + 1, dtype=torch.float32, device=device)  # [CS]
 
 
 def check_ttt_inputs(xq, xk, xv, lr, ln_weight, ln_bias, state, token_scale=None, *,

@@ -7,9 +7,8 @@ activations, any head dim F (K = 4F), any mini-batch size, NC not a multiple of 
 import torch
 
 from tether._checks import (check_buffer, check_group_size, check_tensor, check_ttt_grads, check_ttt_inputs,
-                            ttt_state_shapes)
+                            default_token_scale, ttt_state_shapes)
 from tether.functional.ttt_mlp import backward, forward
-from tether.reference.ttt_mlp import default_token_scale
 
 _ACT_NAMES = ("XQ", "XK", "XV", "last_eta", "ttt_norm_weight", "ttt_norm_bias")
 _INIT_NAMES = ("W1_init", "b1_init", "W2_init", "b2_init")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from tether._backend import use_triton, warn_fallback
-from tether._checks import check_lif_args
+from tether._checks import SURROGATES, check_lif_args
 from tether.kernels import lif as kernels
 from tether.reference import lif as reference
 
@@ -19,7 +19,7 @@ spike = reference.spike
 
 def _sg_peak(surrogate: str, alpha: float) -> float:
     """max of sg'(u): the COMPACT save stores sqrt(sg' / peak) in 16 bits."""
-    return reference.SURROGATES[surrogate][1](alpha)
+    return SURROGATES[surrogate][1](alpha)
 
 
 def _param(p):
@@ -203,3 +203,9 @@ def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surroga
     else:
         spikes, v_final = _LIF.apply(x2, v0, decay_t, threshold_t, cfg)
     return spikes, v_final
+
+
+def lif_eager(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, **kwargs):
+    """``lif`` from plain PyTorch ops on every device (the reference loop, autograd for the backward): the
+    LIF of tether.nn's ``backend="eager"``, the baseline the kernels are measured against."""
+    return reference.lif(x, decay, threshold, v_init, **kwargs)

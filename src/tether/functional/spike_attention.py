@@ -150,6 +150,12 @@ def spike_attention_qkv(qkv, gamma=1.0, state=None):
     return _elementwise_op(qkv, gamma, state)
 
 
+def spike_attention_qkv_eager(qkv, gamma=1.0, state=None):
+    """``spike_attention_qkv`` from plain PyTorch ops on every device (the reference's cumsum formulation): the
+    attention of tether.nn's ``backend="eager"``, the baseline the kernels are measured against."""
+    return spike_attention_cumsum(*qkv.unbind(2), gamma, state)
+
+
 def _elementwise_op(qkv, gamma, state):
     T, B, _, H, D = qkv.shape
     gamma = gamma_per_head(gamma, H, torch.float32, qkv.device)  # [H]

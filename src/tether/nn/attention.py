@@ -4,22 +4,14 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from tether.functional.lif import lif
-from tether.functional.spike_attention import spike_attention_qkv
+from tether.functional.lif import lif, lif_eager
+from tether.functional.spike_attention import spike_attention_qkv, spike_attention_qkv_eager
 from tether.nn.spike_linear import SpikeLinear
-from tether.reference.lif import lif as loop_lif
-from tether.reference.spike_attention import spike_attention_cumsum
-
-
-
-def _cumsum_qkv(qkv, gamma, state):
-    return spike_attention_cumsum(*qkv.unbind(2), gamma, state)
-
 
 # backend -> (LIF op, attention op on packed qkv [T, B, 3, H, D]): "fused" runs the Triton kernels
 # (tether.functional picks kernel or reference per device), "eager" is the same math from plain PyTorch ops
-# (the benchmark's baseline)
-OPS = {"fused": (lif, spike_attention_qkv), "eager": (loop_lif, _cumsum_qkv)}
+# on every device (the benchmark's baseline)
+OPS = {"fused": (lif, spike_attention_qkv), "eager": (lif_eager, spike_attention_qkv_eager)}
 BACKENDS = tuple(OPS)
 
 

@@ -4,9 +4,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tether._checks import check_tensor
+from tether._checks import check_tensor, default_token_scale
 from tether.functional.ttt_mlp import ttt_mlp
-from tether.reference.ttt_mlp import default_token_scale
 
 
 class TTTMLP(nn.Module):

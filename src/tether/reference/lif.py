@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import torch
 
-from tether._checks import SURROGATES, check_lif_args, resolve_surrogate  # noqa: F401 (SURROGATES: the table)
+from tether._checks import check_lif_args, resolve_surrogate
 
 Param = Union[float, torch.Tensor]
 

@@ -10,6 +10,8 @@ from typing import Optional, Tuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from tether._checks import default_token_scale
+
 LN_EPS = 1e-8
 _GELU_C = math.sqrt(2.0 / math.pi)  # 0.79788456...
 
@@ -24,11 +26,6 @@ def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
     """d gelu_tanh / dx, written out because the inner gradient is part of the forward."""
     t = torch.tanh(_GELU_C * (x + 0.044715 * x ** 3))
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
-
-
-def default_token_scale(mini_batch: int, device=None) -> torch.Tensor:
-    """token_scale[i] = 1 / (i + 1): token i of a mini-batch averages the gradients of tokens 0..i."""
-    return 1.0 / torch.arange(1, mini_batch + 1, dtype=torch.float32, device=device)  # [CS]
 
 
 def _layer_norm(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor):
