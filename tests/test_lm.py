@@ -162,3 +162,13 @@ def test_torch_compile_fullgraph(monkeypatch):
     torch.testing.assert_close(got_logits, logits)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[name], msg=name)
+
+
+@pytest.mark.parametrize("mixer", ["spiking", "softmax", "ttt-mlp"])
+def test_generate_on_the_model(mixer):
+    model = build_model(LMConfig(**TINY, mixer=mixer, block_size=16)).train()
+    prompt = _idx(2, 3)
+    out = model.generate(prompt, 8, top_k=5, generator=torch.Generator().manual_seed(0))
+    again = model.generate(prompt, 8, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 11) and torch.equal(out[:, :3], prompt) and torch.equal(out, again)
+    assert model.training  # generate runs in eval mode and restores the mode

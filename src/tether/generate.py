@@ -96,15 +96,6 @@ class Decoder:
             self.state.length = length  # capture ran the host side of the step once, the device side not
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: Optional[int], generator) -> torch.Tensor:
-    """logits [B, V] -> sampled token ids [B]."""
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).view(-1)  # [B]
-
-
 def _check_sampling(prompt: str, tokens: int, temperature: float, top_k: Optional[int], batch_size: int) -> None:
     if not prompt:
         raise ValueError("prompt: expected at least one character, got an empty string")
@@ -126,21 +117,11 @@ def samples(model, vocab: Vocab, prompt: str, tokens: int, batch_size: int, temp
     on_text(ch) sees each character of the first sample as it is made (a sync per token: only then)."""
     _check_sampling(prompt, tokens, temperature, top_k, batch_size)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    ids = vocab.encode(prompt, "prompt").to(device)  # [len(prompt)]
-    decoder = Decoder(model, batch_size, device, cuda_graph)
-    logits = decoder.prefill(ids[None].expand(batch_size, -1))  # [B, V]
-    out = []
-    for _ in range(tokens):
-        token = _pick(logits, temperature, top_k, generator)  # [B]
-        out.append(token)
-        if on_text is not None:
-            on_text(vocab.chars[token[0].item()])
-        logits = decoder.step(token)
-    model.train(was_training)
-    rows = torch.stack(out, 1).tolist() if out else [[] for _ in range(batch_size)]  # [B, tokens]
-    return [prompt + vocab.decode(row) for row in rows]
+    ids = vocab.encode(prompt, "prompt").to(device)[None].expand(batch_size, -1)  # [B, len(prompt)]
+    stream = None if on_text is None else (lambda token: on_text(vocab.chars[token[0].item()]))
+    out = model.generate(ids, tokens, temperature, top_k, generator,
+                         decoder=Decoder(model, batch_size, device, cuda_graph), on_token=stream)
+    return [prompt + vocab.decode(row) for row in out[:, len(prompt):].tolist()]  # out [B, len(prompt) + tokens]
 
 
 def sample(model, vocab: Vocab, prompt: str, tokens: int, temperature: float = 0.8, top_k: Optional[int] = 40,
@@ -151,12 +132,12 @@ def sample(model, vocab: Vocab, prompt: str, tokens: int, temperature: float = 0
 
 def load(ckpt_dir, device):
     """(model, vocab) from a directory written by tether train (its --out, or its checkpoint/ or best/), or by
-    ``SpikingLM.save_pretrained``."""
-    from tether.models import LMConfig, SpikingLM, build_model
+    ``save_pretrained`` of any of the models (``LanguageModel.from_pretrained`` builds the saved mixer's)."""
+    from tether.models import LanguageModel, LMConfig, build_model
 
     hub_config = Path(ckpt_dir) / checkpoint.CONFIG
     if hub_config.is_file() and "cfg" in json.loads(hub_config.read_text()):  # the Hugging Face Hub layout
-        model = SpikingLM.from_pretrained(ckpt_dir).to(device)
+        model = LanguageModel.from_pretrained(ckpt_dir).to(device)
         if not model.cfg.vocab:
             raise ValueError(f"--checkpoint: expected a model config with its vocabulary, got none in {ckpt_dir}")
         return model, Vocab(model.cfg.vocab)

@@ -59,7 +59,7 @@ class TrainStep:
         self.loss_sum = torch.zeros((), device=device)
         self.rate_sum = torch.zeros((), device=device)
         self.steps_since_sums = 0
-        self.spiking = getattr(raw, "spiking", False)
+        self.rated = False  # whether the model reports a firing rate (the first step finds out)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.eager_steps = 0
         self._side = torch.cuda.Stream(device) if cuda_graph else None
@@ -84,6 +84,7 @@ class TrainStep:
         self.loss_sum += loss.detach().float()
         rate = self.raw.firing_rate()
         if rate is not None:
+            self.rated = True
             self.rate_sum += rate.detach().float()
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -135,4 +136,4 @@ class TrainStep:
         self.loss_sum.zero_()
         self.rate_sum.zero_()
         self.steps_since_sums = 0
-        return loss, rate if self.spiking else None, steps
+        return loss, rate if self.rated else None, steps

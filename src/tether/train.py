@@ -20,7 +20,9 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -371,215 +373,304 @@ class RunFiles:
         plt.close(fig)
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Run (or resume) training as args say; returns the summary (rank 0) or {} (other ranks)."""
-    from tether.generate import sample
-    from tether.models import build_model
+@dataclass
+class RunState:
+    """Where a run is, as a checkpoint's state.pt holds it: written by ``save`` and read by ``restore`` only.
 
-    started = time.monotonic()
-    device = pick_device(args.device)
-    out = Path(args.out or COMMON_DEFAULTS["out"])
-    check_out(out, args)  # on every rank before any rank can write (they meet in Distributed first)
-    world = Distributed(device)
-    resumed = checkpoint.find(out, "--resume", need_state=True) if args.resume else None
-    saved_config = checkpoint.load_config(resumed) if args.resume else None
-    given_data = args.data  # before resolve_args fills in the resumed run's
-    args = resolve_args(args, device, saved_config["train"] if saved_config else None)
-    device = world.device
-    if args.batch_size % world.world:
-        raise ValueError(f"--batch-size: expected a multiple of the {world.world} data-parallel ranks, "
-                         f"got {args.batch_size}")
+    ``elapsed_s`` is the wall time of the earlier sessions; this session's runs from ``started`` (monotonic).
+    ``best_val``: (loss, step) of the lowest validation loss, whose weights are in out/best. The optimizer's
+    and the RNGs' states are taken at ``save`` and put back at ``restore``; the data position is the step
+    (the batch of a step depends only on (seed, step)); the lr schedule is a function of (step, elapsed_s)
+    and the train arguments, recorded for a reader.
+    """
 
-    torch.manual_seed(args.seed)
-    corpus = load_corpus(given_data, saved_config, device)
-    corpus.check_block_size(args.block_size)
-    args.data = str(corpus.path.resolve())  # the run remembers a corpus that came from TETHER_DATA or the cache
-    config = model_config(args, corpus.vocab.chars, saved_config["model"] if saved_config else None)
-    raw = build_model(config).to(device)
-    optimizer = make_optimizer(raw, args.lr, args.weight_decay, device)
-    step, elapsed_before, train_time, tokens_seen = 0, 0.0, 0.0, 0
-    best_val = (float("inf"), 0)  # (loss, step) of the lowest validation loss, whose weights are in out/best
-    if args.resume:
-        state = checkpoint.load_state(resumed)
-        checkpoint.load_weights(resumed, raw, device)
+    step: int = 0
+    elapsed_s: float = 0.0
+    train_time_s: float = 0.0
+    tokens_seen: int = 0
+    best_val: tuple = (float("inf"), 0)
+    started: float = field(default_factory=time.monotonic)
+
+    def elapsed(self) -> float:
+        """Wall seconds of the run, every session included."""
+        return self.elapsed_s + time.monotonic() - self.started
+
+    def save(self, optimizer, args, device: torch.device) -> dict:
+        return {"step": self.step, "elapsed_s": self.elapsed(), "train_time_s": self.train_time_s,
+                "tokens_seen": self.tokens_seen, "optimizer": optimizer.state_dict(),
+                "schedule": {k: getattr(args, k) for k in ("lr", "warmup_iters", "max_iters", "time_budget")},
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+                "data": {"seed": args.seed, "next_step": self.step}, "best_val": self.best_val}
+
+    @classmethod
+    def restore(cls, state: dict, optimizer, device: torch.device, started: float) -> "RunState":
+        """The run of ``state`` (a dict ``save`` wrote), its optimizer and RNG states put back."""
+        if state["data"]["next_step"] != state["step"]:
+            raise ValueError(f"--resume: expected a checkpoint whose data position is its step {state['step']}, "
+                             f"got {state['data']['next_step']}")
         optimizer.load_state_dict(state["optimizer"])
-        step, elapsed_before = state["step"], state["elapsed_s"]
-        train_time, tokens_seen = state["train_time_s"], state["tokens_seen"]
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         random.setstate(state["rng"]["python"])
-        best_val = tuple(state.get("best_val", best_val))
-    n_params = raw.num_params()
+        return cls(step=state["step"], elapsed_s=state["elapsed_s"], train_time_s=state["train_time_s"],
+                   tokens_seen=state["tokens_seen"], best_val=tuple(state.get("best_val", cls.best_val)),
+                   started=started)
 
-    model = torch.compile(raw) if args.compile else raw
-    if world.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+@dataclass
+class Meter:
+    """What the log lines and the summary report, as the loop goes."""
 
-    files = RunFiles(out)
-    run_config = {"model": config.to_dict(), "vocab": corpus.vocab.chars,
-                  "corpus": {"path": args.data, "sha256": sha256_of(corpus.path)}, "train": vars(args)}
-    if world.main:
+    train_loss: Optional[float] = None
+    firing: Optional[float] = None  # mean firing rate of the last log interval (None: not a spiking model)
+    energy: dict = field(default_factory=dict)
+    rates: list = field(default_factory=list)  # tokens/s of each log interval (a steady figure: the median)
+    interval_steps: int = 0
+    interval_start: float = field(default_factory=time.monotonic)
+    paused: float = 0.0  # validation and checkpoint seconds of this interval: not training time
+    stopped_early: bool = False
+
+    def next_interval(self) -> None:
+        self.interval_steps, self.interval_start, self.paused = 0, time.monotonic(), 0.0
+
+
+class Trainer:
+    """One run of ``tether train``: set up from args (new or resumed), then ``run()``."""
+
+    def __init__(self, args: argparse.Namespace):
+        started = time.monotonic()
+        device = pick_device(args.device)
+        self.out = Path(args.out or COMMON_DEFAULTS["out"])
+        check_out(self.out, args)  # on every rank before any rank can write (they meet in Distributed first)
+        self.world = Distributed(device)
+        resumed = checkpoint.find(self.out, "--resume", need_state=True) if args.resume else None
+        saved_config = checkpoint.load_config(resumed) if args.resume else None
+        given_data = args.data  # before resolve_args fills in the resumed run's
+        self.args = args = resolve_args(args, device, saved_config["train"] if saved_config else None)
+        self.device = self.world.device
+        if args.batch_size % self.world.world:
+            raise ValueError(f"--batch-size: expected a multiple of the {self.world.world} data-parallel ranks, "
+                             f"got {args.batch_size}")
+        torch.manual_seed(args.seed)
+        self.corpus = load_corpus(given_data, saved_config, self.device)
+        self.corpus.check_block_size(args.block_size)
+        args.data = str(self.corpus.path.resolve())  # the run remembers a corpus from TETHER_DATA or the cache
+        self._build(saved_config["model"] if saved_config else None, resumed, started)
+        self.run_config = {"model": self.config.to_dict(), "vocab": self.corpus.vocab.chars,
+                           "corpus": {"path": args.data, "sha256": sha256_of(self.corpus.path)},
+                           "train": vars(args)}
+        self.files = RunFiles(self.out)
+        self._open_out()
+        self.train_step = TrainStep(self.model, self.raw, self.optimizer, grad_clip=args.grad_clip,
+                                    device=self.device, cuda_graph=self._cuda_graph())
+        self.bar = ProgressBar(args.max_iters, 60 * args.time_budget)
+        self.tokens_per_step = args.batch_size * args.block_size
+        self.meter = Meter()
+
+    def _build(self, saved_model: Optional[dict], resumed: Optional[Path], started: float) -> None:
+        """The model, its optimizer and the run state: fresh, or the checkpoint's."""
+        from tether.models import build_model
+
+        self.config = model_config(self.args, self.corpus.vocab.chars, saved_model)
+        self.raw = build_model(self.config).to(self.device)
+        self.optimizer = make_optimizer(self.raw, self.args.lr, self.args.weight_decay, self.device)
+        self.state = RunState(started=started)
+        if resumed is not None:
+            state = checkpoint.load_state(resumed)
+            checkpoint.load_weights(resumed, self.raw, self.device)
+            self.state = RunState.restore(state, self.optimizer, self.device, started)
+        self.n_params = self.raw.num_params()
+        self.model = torch.compile(self.raw) if self.args.compile else self.raw
+        if self.world.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def _open_out(self) -> None:
+        """Rank 0: a new run clears --out, a resumed one drops the metrics past its checkpoint."""
+        if not self.world.main:
+            return
+        args, out = self.args, self.out
         out.mkdir(parents=True, exist_ok=True)
         if args.resume:
-            files.restart_metrics(step)
+            self.files.restart_metrics(self.state.step)
         else:
             clear_run(out)
-            files.metrics_path.write_text("")
-        print(f"tether train: {config.mixer} model, {n_params / 1e6:.2f}M parameters, device {device}"
-              f" x{world.world}, batch {args.batch_size} x {args.block_size} tokens, "
-              f"{'resuming at step ' + str(step) if args.resume else 'from scratch'} -> {out}", flush=True)
+            self.files.metrics_path.write_text("")
+        print(f"tether train: {self.config.mixer} model, {self.n_params / 1e6:.2f}M parameters, device "
+              f"{self.device} x{self.world.world}, batch {args.batch_size} x {args.block_size} tokens, "
+              f"{'resuming at step ' + str(self.state.step) if args.resume else 'from scratch'} -> {out}",
+              flush=True)
 
-    def elapsed() -> float:
-        return elapsed_before + time.monotonic() - started
+    def _cuda_graph(self) -> bool:
+        cuda_graph, device, world = self.args.cuda_graph, self.device, self.world.world
+        if cuda_graph is None:
+            return device.type == "cuda" and world == 1
+        if cuda_graph and (device.type != "cuda" or world > 1):
+            raise ValueError(f"--cuda-graph: expected one CUDA process, got device {device}, {world} processes")
+        return cuda_graph
 
-    def save() -> None:
-        if not world.main:
-            return
-        state = {"step": step, "elapsed_s": elapsed(), "train_time_s": train_time, "tokens_seen": tokens_seen,
-                 "optimizer": optimizer.state_dict(),
-                 # The lr schedule is a function of (step, elapsed_s) and the train arguments: no own state.
-                 "schedule": {k: getattr(args, k) for k in ("lr", "warmup_iters", "max_iters", "time_budget")},
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                         "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-                 "data": {"seed": args.seed, "next_step": step}, "best_val": best_val}
-        checkpoint.save(out, raw, run_config, state)
-        files.plot()
+    def save(self) -> None:
+        if self.world.main:
+            checkpoint.save(self.out, self.raw, self.run_config, self.state.save(self.optimizer, self.args,
+                                                                                 self.device))
+            self.files.plot()
 
-    cuda_graph = args.cuda_graph
-    if cuda_graph is None:
-        cuda_graph = device.type == "cuda" and world.world == 1
-    elif cuda_graph and (device.type != "cuda" or world.world > 1):
-        raise ValueError(f"--cuda-graph: expected one CUDA process, got device {device}, {world.world} processes")
-    train_step = TrainStep(model, raw, optimizer, grad_clip=args.grad_clip, device=device, cuda_graph=cuda_graph)
-    bar = ProgressBar(args.max_iters, 60 * args.time_budget)
-    tokens_per_step = args.batch_size * args.block_size
-    synced_elapsed = world.from_main(elapsed())
-    interval_steps, interval_start, paused = 0, time.monotonic(), 0.0
-    interval_rates = []  # tokens/s of each log interval, for a steady-state figure without the JIT warmup
-    val_loss, firing, energy, train_loss = None, None, {}, None
-    stopped_early = False
-
-    def track_best(loss: float) -> None:
+    def track_best(self, loss: float) -> None:
         """Keep the weights of the lowest validation loss in out/best (a long run ends past it)."""
-        nonlocal best_val
-        if loss < best_val[0]:
-            best_val = (loss, step)
-            if world.main:
-                checkpoint.save_weights(out / BEST, raw, run_config, step)
-    stop = step >= args.max_iters or synced_elapsed >= 60 * args.time_budget
-    signals = StopSignals()
-    stop_signal = None  # the signal all ranks act on: rank 0's, agreed at log steps when data-parallel
-    try:
-        while not stop:
-            stop_signal = signals.received if world.world == 1 else stop_signal
-            if stop_signal:
-                raise Stop(stop_signal)
-            lr = learning_rate(args, step, synced_elapsed)
-            x, y = corpus.batch("train", args.batch_size, args.block_size, step_generator(args.seed, step, device),
-                                world.rows(args.batch_size))
-            train_step(x, y, lr)
-            step += 1
-            checkpoint.fault("step")  # tests only (TETHER_FAULT): a kill between steps
-            interval_steps += 1
-            tokens_seen += tokens_per_step
-            last = step >= args.max_iters
-            if step % args.log_interval == 0 or last:
-                train_loss, firing, _ = train_step.take_sums()
-                train_loss, firing_mean = world.mean([train_loss, firing or 0.0])
-                firing = firing_mean if firing is not None else None
-                # Validation and checkpoint time (paused) is not training time.
-                seconds = time.monotonic() - interval_start - paused
-                train_time += seconds
-                tokens_per_s = interval_steps * tokens_per_step / seconds
-                interval_rates.append(tokens_per_s)
-                synced_elapsed = world.from_main(elapsed())
-                if world.world > 1:
-                    stop_signal = int(world.from_main(float(signals.received or 0)))
-                last = last or synced_elapsed >= 60 * args.time_budget
-                if world.main:
-                    files.log({"step": step, "split": "train", "loss": train_loss, "lr": lr,
-                               "tokens_per_s": tokens_per_s, "firing_rate": firing, "elapsed_s": synced_elapsed})
-                    fr = f" | fr {firing:.3f}" if firing is not None else ""
-                    bar.update(step, synced_elapsed,
-                               f"loss {train_loss:.3f} | {tokens_per_s / 1e3:.0f}k tok/s{fr} | lr {lr:.1e}")
-                interval_steps, interval_start, paused = 0, time.monotonic(), 0.0
-            if step % args.eval_interval == 0 and not last:
-                eval_start = time.monotonic()
-                val_loss = evaluate(raw, corpus, args, world, args.eval_iters)
-                track_best(val_loss)
-                stalled = step - best_val[1] >= args.patience * args.eval_interval
-                if args.patience and stalled:  # past its best: stop there (best/ holds the best weights)
-                    last = stopped_early = True
-                    if world.main:
-                        bar.message(f"step {step}: stopping early, no better validation loss for {args.patience} "
-                                    f"evaluations (best {best_val[0]:.4f} at step {best_val[1]}, in {out / BEST})")
-                if world.main:
-                    energy = raw.energy_per_token()
-                    files.log({"step": step, "split": "val", "loss": val_loss, "elapsed_s": elapsed(), **energy})
-                    bar.message(f"step {step}: val loss {val_loss:.4f} | energy/token "
-                                f"{energy.get('energy_spiking_j', 0) * 1e6:.3f} uJ spiking vs "
-                                f"{energy.get('energy_ann_j', 0) * 1e6:.3f} uJ ANN")
-                save()
-                paused += time.monotonic() - eval_start
-            stop = last
-    except KeyboardInterrupt:
-        save()
-        if world.main:
-            bar.message(f"interrupted: checkpoint at step {step} in {out / checkpoint.CHECKPOINT}; continue with "
-                        f"--resume")
-        world.close()
-        raise
-    except Exception:
-        # Keep the last completed step; a failure while saving must not hide the original error.
-        try:
-            save()
-        except Exception as err:  # noqa: BLE001
-            print(f"checkpoint after the error failed too: {err}", file=sys.stderr)
-        raise
-    finally:
-        signals.restore()
+        if loss < self.state.best_val[0]:
+            self.state.best_val = (loss, self.state.step)
+            if self.world.main:
+                checkpoint.save_weights(self.out / BEST, self.raw, self.run_config, self.state.step)
 
-    val_loss = evaluate(raw, corpus, args, world, FINAL_EVAL_FACTOR * args.eval_iters)
-    track_best(val_loss)
-    summary = {}
-    if world.main:
-        energy = raw.energy_per_token()
-        files.log({"step": step, "split": "val", "loss": val_loss, "elapsed_s": elapsed(), **energy})
-        save()
-        bar.message(f"step {step}: final val loss {val_loss:.4f}")
-        text = sample(raw, corpus.vocab, sample_prompt(corpus), args.sample_tokens, temperature=0.8, top_k=40,
-                      generator=torch.Generator(device=device).manual_seed(args.seed))
-        (out / "sample.txt").write_text(text)
+    def run(self) -> dict:
+        """Train, checkpointing on a signal or an error; then the final validation, sample and summary."""
+        signals = StopSignals()
+        try:
+            self.loop(signals)
+        except KeyboardInterrupt:
+            self.save()
+            if self.world.main:
+                self.bar.message(f"interrupted: checkpoint at step {self.state.step} in "
+                                 f"{self.out / checkpoint.CHECKPOINT}; continue with --resume")
+            self.world.close()
+            raise
+        except Exception:
+            # Keep the last completed step; a failure while saving must not hide the original error.
+            try:
+                self.save()
+            except Exception as err:  # noqa: BLE001
+                print(f"checkpoint after the error failed too: {err}", file=sys.stderr)
+            raise
+        finally:
+            signals.restore()
+        summary = self.finish()
+        self.world.close()
+        return summary
+
+    def loop(self, signals: StopSignals) -> None:
+        """Steps until max_iters, the time budget, early stopping or a signal (acted on at a step boundary)."""
+        args, state = self.args, self.state
+        self.synced_elapsed = self.world.from_main(state.elapsed())
+        stop = state.step >= args.max_iters or self.synced_elapsed >= 60 * args.time_budget
+        self.stop_signal = None  # the signal all ranks act on: rank 0's, agreed at log steps when data-parallel
+        while not stop:
+            self.stop_signal = signals.received if self.world.world == 1 else self.stop_signal
+            if self.stop_signal:
+                raise Stop(self.stop_signal)
+            lr = learning_rate(args, state.step, self.synced_elapsed)
+            x, y = self.corpus.batch("train", args.batch_size, args.block_size,
+                                     step_generator(args.seed, state.step, self.device),
+                                     self.world.rows(args.batch_size))
+            self.train_step(x, y, lr)
+            state.step += 1
+            checkpoint.fault("step")  # tests only (TETHER_FAULT): a kill between steps
+            self.meter.interval_steps += 1
+            state.tokens_seen += self.tokens_per_step
+            last = state.step >= args.max_iters
+            if state.step % args.log_interval == 0 or last:
+                last = self.log_train(lr, signals) or last
+            if state.step % args.eval_interval == 0 and not last:
+                last = self.validate()
+            stop = last
+
+    def log_train(self, lr: float, signals: StopSignals) -> bool:
+        """The log step: train loss, rate, lr to metrics.jsonl and the bar; True once the time budget is spent."""
+        meter, world = self.meter, self.world
+        train_loss, firing, _ = self.train_step.take_sums()
+        meter.train_loss, firing_mean = world.mean([train_loss, firing or 0.0])
+        meter.firing = firing_mean if firing is not None else None
+        seconds = time.monotonic() - meter.interval_start - meter.paused
+        self.state.train_time_s += seconds
+        tokens_per_s = meter.interval_steps * self.tokens_per_step / seconds
+        meter.rates.append(tokens_per_s)
+        self.synced_elapsed = world.from_main(self.state.elapsed())
+        if world.world > 1:
+            self.stop_signal = int(world.from_main(float(signals.received or 0)))
+        if world.main:
+            self.files.log({"step": self.state.step, "split": "train", "loss": meter.train_loss, "lr": lr,
+                            "tokens_per_s": tokens_per_s, "firing_rate": meter.firing,
+                            "elapsed_s": self.synced_elapsed})
+            fr = f" | fr {meter.firing:.3f}" if meter.firing is not None else ""
+            self.bar.update(self.state.step, self.synced_elapsed, f"loss {meter.train_loss:.3f} | "
+                            f"{tokens_per_s / 1e3:.0f}k tok/s{fr} | lr {lr:.1e}")
+        meter.next_interval()
+        return self.synced_elapsed >= 60 * self.args.time_budget
+
+    def validate(self) -> bool:
+        """The eval step: validation loss, best weights, energy, checkpoint; True to stop early (--patience)."""
+        args, state, meter = self.args, self.state, self.meter
+        eval_start = time.monotonic()
+        val_loss = evaluate(self.raw, self.corpus, args, self.world, args.eval_iters)
+        self.track_best(val_loss)
+        stalled = state.step - state.best_val[1] >= args.patience * args.eval_interval
+        if args.patience and stalled:  # past its best: stop there (best/ holds the best weights)
+            meter.stopped_early = True
+            if self.world.main:
+                self.bar.message(f"step {state.step}: stopping early, no better validation loss for "
+                                 f"{args.patience} evaluations (best {state.best_val[0]:.4f} at step "
+                                 f"{state.best_val[1]}, in {self.out / BEST})")
+        if self.world.main:
+            meter.energy = self.raw.energy_per_token()
+            self.files.log({"step": state.step, "split": "val", "loss": val_loss, "elapsed_s": state.elapsed(),
+                            **meter.energy})
+            self.bar.message(f"step {state.step}: val loss {val_loss:.4f} | energy/token "
+                             f"{meter.energy.get('energy_spiking_j', 0) * 1e6:.3f} uJ spiking vs "
+                             f"{meter.energy.get('energy_ann_j', 0) * 1e6:.3f} uJ ANN")
+        self.save()
+        meter.paused += time.monotonic() - eval_start
+        return meter.stopped_early
+
+    def finish(self) -> dict:
+        """The final validation (more batches), checkpoint, sample and summary; {} on ranks other than 0."""
+        from tether.generate import sample
+
+        args, state, meter = self.args, self.state, self.meter
+        val_loss = evaluate(self.raw, self.corpus, args, self.world, FINAL_EVAL_FACTOR * args.eval_iters)
+        self.track_best(val_loss)
+        if not self.world.main:
+            return {}
+        meter.energy = self.raw.energy_per_token()
+        self.files.log({"step": state.step, "split": "val", "loss": val_loss, "elapsed_s": state.elapsed(),
+                        **meter.energy})
+        self.save()
+        self.bar.message(f"step {state.step}: final val loss {val_loss:.4f}")
+        text = sample(self.raw, self.corpus.vocab, sample_prompt(self.corpus), args.sample_tokens, temperature=0.8,
+                      top_k=40, generator=torch.Generator(device=self.device).manual_seed(args.seed))
+        (self.out / "sample.txt").write_text(text)
         print(f"--- sample ---\n{text}\n--------------", flush=True)
-        summary = summarize(args, config, n_params, world, step, tokens_seen, train_time, elapsed(),
-                            val_loss, best_val, train_loss, firing, energy, interval_rates)
-        summary["stopped_early"] = stopped_early
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = summarize(self, val_loss)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps({k: summary[k] for k in ("val_loss", "tokens_per_s", "wall_time_s", "steps")}),
               flush=True)
-    world.close()
-    return summary
+        return summary
 
 
-def summarize(args, config, n_params, world, step, tokens_seen, train_time, wall, val_loss, best_val, train_loss,
-              firing, energy, interval_rates) -> dict:
+def train(args: argparse.Namespace) -> dict:
+    """Run (or resume) training as args say; returns the summary (rank 0) or {} (other ranks)."""
+    return Trainer(args).run()
+
+
+def summarize(trainer: Trainer, val_loss: float) -> dict:
     import triton
 
+    args, config, state, meter, world = trainer.args, trainer.config, trainer.state, trainer.meter, trainer.world
     device = world.device
     return {
-        "mixer": config.mixer, "val_loss": val_loss, "best_val_loss": best_val[0], "best_val_step": best_val[1],
-        "train_loss": train_loss, "steps": step,
-        "tokens_seen": tokens_seen, "tokens_per_s": tokens_seen / max(train_time, 1e-9),
+        "mixer": config.mixer, "val_loss": val_loss, "best_val_loss": state.best_val[0],
+        "best_val_step": state.best_val[1], "train_loss": meter.train_loss, "steps": state.step,
+        "tokens_seen": state.tokens_seen, "tokens_per_s": state.tokens_seen / max(state.train_time_s, 1e-9),
         # median over log intervals: the steady rate, without the first interval's kernel compilation
-        "tokens_per_s_steady": sorted(interval_rates)[len(interval_rates) // 2] if interval_rates else None,
-        "wall_time_s": wall, "train_time_s": train_time, "params": n_params,
-        "firing_rate": firing, "energy_per_token": energy,
+        "tokens_per_s_steady": sorted(meter.rates)[len(meter.rates) // 2] if meter.rates else None,
+        "wall_time_s": state.elapsed(), "train_time_s": state.train_time_s, "params": trainer.n_params,
+        "firing_rate": meter.firing, "energy_per_token": meter.energy,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "world_size": world.world, "torch": torch.__version__, "triton": triton.__version__,
         "date": time.strftime("%Y-%m-%d"), "model": config.to_dict(), "train_args": vars(args),
+        "stopped_early": meter.stopped_early,
     }
 
 
