@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (bench_ms, ceilings, environment, lif_launch, markdown_table, peak_extra_bytes,
+from benchmarks.common import (bench_ms, rel_err, ceilings, environment, lif_launch, markdown_table, peak_extra_bytes,
                                saved_bytes, write_results)
 from tether.functional.lif import lif
 from tether.kernels import lif as kernels
@@ -31,10 +31,6 @@ MAIN = (1024, 65536)  # T, N = 64 x 1024
 SHAPES = [(1024, 65536, torch.float32), (1024, 65536, torch.bfloat16), (64, 4 * 2**20, torch.float32),
           (8192, 8192, torch.float32)]
 DECAY, THRESHOLD = 0.5, 1.0
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def fwd_bwd(fn, x, grad):

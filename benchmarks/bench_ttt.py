@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from benchmarks.common import bench_ms, ceilings, environment, markdown_table, peak_extra_bytes, write_results
+from benchmarks.common import bench_ms, rel_err, ceilings, environment, markdown_table, peak_extra_bytes, write_results
 from tether.kernels import ttt_mlp as kernels
 from tether.reference import ttt_mlp as ref
 
@@ -87,10 +87,6 @@ def compiled_step_scan():
             outs.append(out)
         return torch.stack(outs, 2), state
     return scan
-
-
-def rel_err(got, want):
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
 def measure_kernel(B, cfg):

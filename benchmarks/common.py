@@ -40,6 +40,11 @@ def environment() -> dict:
     }
 
 
+def rel_err(got, want) -> float:
+    """Norm-wise relative error of got against want, in fp64."""
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
 def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     """Median time of fn in milliseconds (CUDA events, via triton.testing.do_bench)."""
     import triton.testing

@@ -34,8 +34,8 @@ from tether.step import TrainStep, autocast, make_optimizer
 
 # Train arguments that differ between a GPU and a CPU run; anything given on the command line wins,
 # and on --resume the saved run's values come before these.
-# GPU dropout 0.2: in a 90 s H100 check (dropout 0.1) train loss was already 0.21 below val loss, and a
-# 9.5 minute run sees the 1M-character corpus ~200 times.
+# GPU dropout 0.2: a GPU run sees the 1M-character corpus many times over and overfits without it
+# (docs/model.md; benchmarks/results/quality_3min.md).
 # On a GPU the step is compiled (torch.compile fuses the norms, casts and dropout around the kernels) and
 # replayed from a CUDA graph: benchmarks/results/lm_bench.md.
 GPU_DEFAULTS = dict(batch_size=64, block_size=256, d_model=None, n_layer=4, lr=1e-3, max_iters=100_000,

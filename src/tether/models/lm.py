@@ -311,7 +311,7 @@ class SpikingLM(LanguageModel):
                                     decay=cfg.decay, threshold=cfg.threshold, surrogate=cfg.surrogate,
                                     backend=cfg.backend)
             for _ in range(cfg.n_layer))
-        # found once: the trainer reads their rates every step, and a module walk costs ~0.1 ms
+        # found once: the trainer reads their rates every step, and a module walk is host time on every step
         self._neuron_groups = [m for m in self.blocks.modules() if isinstance(m, NormLIF)]
 
     def _init_weights(self) -> None:

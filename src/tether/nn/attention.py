@@ -52,7 +52,7 @@ class NormLIF(nn.Module):
         return f"decay={self.decay}, threshold={self.threshold}, surrogate={self.surrogate!r}, backend={self.backend!r}"
 
 
-# Expected share of firing inputs at init (a LayerNorm'd input crossing threshold 1 fires ~15% of the time).
+# Expected share of firing inputs at init (P(z >= 1) for a unit normal z: a LayerNorm'd input crossing threshold 1).
 INIT_RATE = 0.15
 
 
@@ -60,8 +60,8 @@ def init_spike_fed(layer: nn.Linear) -> None:
     """Spike-fed layer that feeds a NormLIF: weights sized so its output has about unit scale.
 
     The norm behind it would fix the forward scale anyway, but its backward multiplies gradients by
-    1 / (input scale): with GPT's std 0.02 that is ~10x per norm, ~100x per block (gradients explode towards
-    the input). Unit scale keeps that gain near 1.
+    1 / (input scale): with GPT's std 0.02 that gain is large per norm and compounds per block (gradients
+    explode towards the input). Unit scale keeps that gain near 1.
     """
     nn.init.normal_(layer.weight, std=(INIT_RATE * layer.in_features) ** -0.5)
     if layer.bias is not None:
