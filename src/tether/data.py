@@ -78,8 +78,8 @@ def resolve_corpus(path: Optional[str] = None) -> tuple:
         except OSError as err:  # URLError and socket timeouts are OSErrors
             raise DataError(
                 f"could not download the corpus from {CORPUS_URL} ({err}). Without network, point at a "
-                f"local copy: pass --data PATH or set TETHER_DATA=PATH "
-                f"(e.g. --data ../shared/data/tinyshakespeare.txt)") from err
+                f"local copy: pass --data PATH or set TETHER_DATA=PATH (any UTF-8 text; TinyShakespeare is "
+                f"{CORPUS_URL}, save it as {CORPUS_NAME})") from err
     what = f"cached corpus (delete it to download again; from {CORPUS_URL})"
     return verify(cached, what), what
 
