@@ -49,6 +49,20 @@ def test_spiking_reads_each_window_in_one_pass(monkeypatch, tmp_path):
     torch.testing.assert_close(got, direct_losses(model, w[:, :-1], w[:, 1:]))
 
 
+def test_spiking_with_its_state_reset_every_n_tokens(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = save_model(tmp_path, "spiking")
+    w = windows(vocab=model.cfg.vocab_size)
+    got = evaluate.position_losses(model, w, batch_size=3, reset_every=32)
+    x, y = w[:, :-1], w[:, 1:]
+    for start in (0, 32, 64):  # each 32-token chunk from a zero state: the model on the chunk alone
+        torch.testing.assert_close(got[:, start:start + 32], direct_losses(model, x[:, start:start + 32],
+                                                                           y[:, start:start + 32]))
+    carried = evaluate.position_losses(model, w, batch_size=3)
+    torch.testing.assert_close(got[:, :32], carried[:, :32])
+    assert not torch.allclose(got[:, 32:], carried[:, 32:])  # past the first reset the state differs
+
+
 def test_softmax_slides_its_window_and_scores_each_position_once(monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = save_model(tmp_path, "softmax", block_size=32)
@@ -77,12 +91,13 @@ def test_cli_compares_checkpoints(monkeypatch, tmp_path, corpus, capsys):
     out = tmp_path / "eval.json"
     code = cli.main(["eval", "--checkpoint", str(tmp_path / "spiking"), "--checkpoint", str(tmp_path / "softmax"),
                      "--context", "16,64", "--sequences", "4", "--data", str(corpus), "--device", "cpu",
-                     "--json", str(out), "--plot", str(tmp_path / "eval.png")])
+                     "--json", str(out), "--plot", str(tmp_path / "eval.png"), "--reset-every", "16"])
     assert code == 0
     table = capsys.readouterr().out
     assert "loss at 16 | loss at 64" in table and "| spiking |" in table and "| softmax |" in table
     results = json.loads(out.read_text())["results"]
-    assert [r["mixer"] for r in results] == ["spiking", "softmax"]
+    assert [(r["mixer"], r["state"]) for r in results] == [
+        ("spiking", "carried"), ("spiking", "reset every 16"), ("softmax", "sliding 32-token window")]
     assert all(r["sequences"] == 4 and set(r["loss_at_context"]) == {"16", "64"} for r in results)
     assert (tmp_path / "eval.png").stat().st_size > 0
 
@@ -91,6 +106,7 @@ def test_cli_compares_checkpoints(monkeypatch, tmp_path, corpus, capsys):
     (["--context", "1024,256"], "--context: expected increasing counts >= 2, got '1024,256'"),
     (["--context", "4k"], "--context: expected comma-separated token counts"),
     (["--sequences", "0"], "--sequences: expected a positive count, got 0"),
+    (["--reset-every", "-1"], "--reset-every: expected a token count >= 0 (0: never), got -1"),
     (["--context", "10000000"], "--context: expected at most"),
 ])
 def test_user_errors_are_one_line(monkeypatch, tmp_path, corpus, capsys, argv, message):

@@ -8,6 +8,8 @@ mean loss over positions ``[c / 2, c)`` (so a cold start at position 0 does not 
 
 - The spiking mixer reads every window in one pass from a zero state, carrying its membranes and attention
   memory over all of it: position ``p`` sees the ``p`` tokens before it.
+- ``--reset-every N`` adds, for each spiking checkpoint, a row with its state reset to zero every N tokens:
+  the same model and text without the memory beyond N tokens, so the two rows show what the carried state buys.
 - The softmax and TTT-MLP mixers have learned positions up to ``block_size``: they are shown for what they can
   do, a sliding window of ``block_size`` tokens moved by half of it, each token scored once with at least
   ``block_size / 2`` tokens of context (the first window's tokens: what they have).
@@ -40,11 +42,12 @@ def parse_contexts(text: str) -> list:
 
 
 @torch.no_grad()
-def position_losses(model, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+def position_losses(model, windows: torch.Tensor, batch_size: int, reset_every: int = 0) -> torch.Tensor:
     """windows ``[n, L + 1]`` token ids -> cross-entropy of every next-token prediction ``[n, L]`` (fp32).
 
-    Spiking: one pass over each window. Other mixers: a sliding window of ``block_size`` tokens, stride half
-    of it (see the module docstring)."""
+    Spiking: one pass over each window (reset_every > 0: one pass per reset_every tokens, each from a zero
+    state). Other mixers: a sliding window of ``block_size`` tokens, stride half of it (see the module
+    docstring)."""
     from tether.step import autocast
 
     n, L = windows.shape[0], windows.shape[1] - 1
@@ -54,7 +57,8 @@ def position_losses(model, windows: torch.Tensor, batch_size: int) -> torch.Tens
     for rows in torch.arange(n, device=device).split(batch_size):
         x, y = windows[rows, :-1], windows[rows, 1:]  # [b, L]
         if model.max_tokens is None:  # reads any length (the spiking model)
-            spans = [(0, L, 0)]  # (start, end, first scored position)
+            step = reset_every or L
+            spans = [(s, min(s + step, L), s) for s in range(0, L, step)]  # (start, end, first scored position)
         else:
             stride = max(W // 2, 1)
             starts = range(0, max(L - W, 0) + stride, stride)
@@ -92,8 +96,9 @@ def _corpus(ckpt: str, data: Optional[str], device) -> CharCorpus:
 
 
 def evaluate_checkpoint(ckpt: str, contexts: Sequence[int], sequences: int, batch_size: int, device,
-                        data: Optional[str] = None) -> dict:
-    """One checkpoint's losses at each context length and its curve (see the module docstring)."""
+                        data: Optional[str] = None, reset_every: int = 0) -> list:
+    """One checkpoint's losses at each context length and its curve (see the module docstring); a second
+    result with the state reset every ``reset_every`` tokens for a spiking checkpoint when that is > 0."""
     from tether.generate import load
 
     model, vocab = load(ckpt, device)
@@ -108,17 +113,28 @@ def evaluate_checkpoint(ckpt: str, contexts: Sequence[int], sequences: int, batc
         raise ValueError(f"--context: expected at most {len(val) - 1} tokens (the validation split), got {L}")
     starts = torch.arange(n, device=device) * ((len(val) - 1 - L) // max(n - 1, 1))  # [n], evenly spaced
     windows = val[starts[:, None] + torch.arange(L + 1, device=device)]  # [n, L + 1]
-    losses = position_losses(model, windows, batch_size)
-    return {"checkpoint": str(ckpt), "mixer": model.cfg.mixer, "block_size": model.cfg.block_size,
-            "sequences": n, "loss_at_context": at_contexts(losses, contexts), "curve": curve(losses)}
+    resets = [0] + ([reset_every] if reset_every and model.max_tokens is None else [])
+    results = []
+    for reset in resets:
+        losses = position_losses(model, windows, batch_size, reset)
+        results.append({"checkpoint": str(ckpt), "mixer": model.cfg.mixer, "block_size": model.cfg.block_size,
+                        "state": _state_label(model, reset), "sequences": n,
+                        "loss_at_context": at_contexts(losses, contexts), "curve": curve(losses)})
+    return results
+
+
+def _state_label(model, reset_every: int) -> str:
+    if model.max_tokens is not None:
+        return f"sliding {model.max_tokens}-token window"
+    return f"reset every {reset_every}" if reset_every else "carried"
 
 
 def markdown(results: list, contexts: Sequence[int]) -> str:
-    head = "| checkpoint | mixer | trained on | " + " | ".join(f"loss at {c}" for c in contexts) + " |"
-    lines = [head, "|" + "---|" * (3 + len(contexts))]
+    head = "| checkpoint | mixer | trained on | state | " + " | ".join(f"loss at {c}" for c in contexts) + " |"
+    lines = [head, "|" + "---|" * (4 + len(contexts))]
     for r in results:
         cells = " | ".join(f"{r['loss_at_context'][c]:.4f}" for c in contexts)
-        lines.append(f"| {r['checkpoint']} | {r['mixer']} | {r['block_size']} | {cells} |")
+        lines.append(f"| {r['checkpoint']} | {r['mixer']} | {r['block_size']} | {r.get('state', '')} | {cells} |")
     return "\n".join(lines)
 
 
@@ -131,7 +147,8 @@ def plot(results: list, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         xs, ys = zip(*r["curve"])
-        ax.plot([x + PLOT_BIN / 2 for x in xs], ys, label=f"{r['mixer']} ({r['checkpoint']})")
+        state = f", {r['state']}" if "state" in r else ""
+        ax.plot([x + PLOT_BIN / 2 for x in xs], ys, label=f"{r['mixer']}{state} ({r['checkpoint']})")
     ax.set_xscale("log")
     ax.set_xlabel("position in the sequence (tokens)")
     ax.set_ylabel(f"validation loss (nats/char, mean of {PLOT_BIN} positions)")
@@ -150,6 +167,8 @@ def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentPar
     p.add_argument("--context", default="256,1024,4096", help="context lengths to report, increasing")
     p.add_argument("--sequences", type=int, default=16, help="validation windows of max(--context) tokens")
     p.add_argument("--batch", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--reset-every", type=int, default=0,
+                   help="also score spiking checkpoints with their state reset every N tokens (0: not)")
     p.add_argument("--data", help="the corpus (default: the one tether train finds)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--json", help="write the results (losses and curves) to this file")
@@ -164,9 +183,12 @@ def run(args: argparse.Namespace) -> list:
     for flag in ("sequences", "batch"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag}: expected a positive count, got {getattr(args, flag)}")
+    if args.reset_every < 0:
+        raise ValueError(f"--reset-every: expected a token count >= 0 (0: never), got {args.reset_every}")
     device = pick_device(args.device)
-    results = [evaluate_checkpoint(c, contexts, args.sequences, args.batch, device, args.data)
-               for c in args.checkpoint]
+    results = [r for c in args.checkpoint
+               for r in evaluate_checkpoint(c, contexts, args.sequences, args.batch, device, args.data,
+                                            args.reset_every)]
     print(markdown(results, contexts))
     if args.json:
         Path(args.json).write_text(json.dumps({"contexts": contexts, "results": results}, indent=1))
