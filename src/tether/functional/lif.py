@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from tether._backend import use_triton, warn_fallback
+from tether.functional import _cpu
 from tether.kernels import lif as kernels
 from tether.reference import lif as reference
 
@@ -175,7 +176,10 @@ def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surroga
     args = reference.check_lif_args(x, decay, threshold, v_init, surrogate, alpha, reset)
     if x.dtype == torch.float64 and x.is_cuda:
         warn_fallback("lif", "float64 input (the kernels take float32, float16 and bfloat16)")
-    if x.dtype == torch.float64 or not use_triton(x):
+    if not use_triton(x):
+        return _cpu.lif(x, decay, threshold, v_init, _cpu.LIFConfig(args.surrogate, args.alpha, args.hard,
+                                                                    float(v_reset), detach_reset))
+    if x.dtype == torch.float64:
         return reference.lif(x, decay, threshold, v_init, surrogate=args.surrogate, alpha=args.alpha, reset=reset,
                              v_reset=v_reset, detach_reset=detach_reset)
     # the kernels take [T, *rest] as [T, N] (N = prod(rest)) and return x's shapes: no reshapes, no views

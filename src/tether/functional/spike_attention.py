@@ -3,14 +3,15 @@
 Elementwise form: the fused Triton kernels (tether.kernels.spike_attention) behind the torch.library
 custom op `tether::spike_attention_elementwise` (fake impl for torch.compile, autograd registered; eager
 mode calls the same launchers through a plain autograd.Function, half the Python time per call), or,
-where Triton does not run, the vectorised cumsum formulation of the reference. Matrix form: chunked
+where Triton does not run, the one-node time loop of tether.functional._cpu. Matrix form: chunked
 PyTorch (intra-chunk decay-masked matmul + state carried across chunks), autograd through it.
 """
 import torch
 
 from tether._backend import use_triton
+from tether.functional import _cpu
 from tether.reference.spike_attention import (check_spike_attention_args, compute_dtype, decay_matrix,
-                                              gamma_per_head, spike_attention_cumsum)
+                                              gamma_per_head)
 
 MATRIX_CHUNK = 64
 
@@ -127,7 +128,10 @@ def spike_attention(q, k, v, gamma=1.0, state=None, *, form="elementwise"):
     if form == "matrix":
         return _matrix_chunked(q, k, v, gamma, state, 1.0 / q.shape[-1])
     if not use_triton(q):
-        return spike_attention_cumsum(q, k, v, gamma, state)
+        T, B, H, D = q.shape
+        dtype = compute_dtype(q, k, v, state, gamma)
+        state = torch.zeros(B, H, D, dtype=dtype, device=q.device) if state is None else state
+        return _cpu.spike_attention(q, k, v, gamma_per_head(gamma, H, dtype, q.device), state)
     return _elementwise_op(torch.stack((q, k, v), dim=2), gamma, state)
 
 
