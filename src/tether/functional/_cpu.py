@@ -3,7 +3,7 @@
 
 The references (tether.reference) build an autograd graph of ~10 nodes per time step; on a CPU that graph,
 not the arithmetic, is most of a training step. Here the forward runs the time loop outside autograd, with
-out= ops on one [*rest] slice per step, and saves one [T, *rest] tensor; the backward runs the reverse loop,
+out= ops on one [*rest] slice per step, and saves the membrane and the spikes; the backward runs the reverse loop,
 which for both ops is a first-order linear recurrence (one fused multiply-add per step):
 
     LIF:        G_t = a_t + beta k_t G_{t+1}          G = dL/dh_t, a = dL/ds_t sg'_t, k = dv_t/dh_t
@@ -35,11 +35,12 @@ def _as(p, dtype):
     return p.to(dtype) if isinstance(p, Tensor) else float(p)
 
 
-def _reset(h: Tensor, fired: Tensor, theta, cfg: LIFConfig) -> Tensor:
-    """v from the charged membrane h and its spikes (bool), any shape: the spec's hard or soft reset."""
-    if cfg.hard:
-        return torch.where(fired, cfg.v_reset, h)
-    return h - fired * theta
+def _reset(h: Tensor, keep: Tensor, theta, cfg: LIFConfig) -> Tensor:
+    """v from the charged membrane h and keep = 1 - s (0/1 floats), any shape: the spec's hard or soft reset,
+    rounded as the reference rounds it."""
+    if not cfg.hard:
+        return h - (1 - keep) * theta
+    return h * keep if cfg.v_reset == 0.0 else torch.where(keep.bool(), h, cfg.v_reset)
 
 
 def _sum_to(grad: Tensor, p: Tensor) -> Tensor:
@@ -48,27 +49,25 @@ def _sum_to(grad: Tensor, p: Tensor) -> Tensor:
     return grad.to(p.dtype)
 
 
-def _lif_loop(x: Tensor, v: Tensor, beta, theta, cfg: LIFConfig) -> tuple[Tensor, Tensor]:
+def _lif_loop(x: Tensor, v: Tensor, beta, theta, cfg: LIFConfig) -> tuple[Tensor, Tensor, Tensor]:
     """x [T, *rest], v_init [*rest], both in the membrane dtype -> h [T, *rest] (the membrane before each
-    reset, all the backward needs), v_final [*rest]."""
-    h = torch.empty_like(x)  # [T, *rest]
-    hs, xs = h.unbind(0), x.unbind(0)  # views of every step, made in one call
-    # The default neuron (hard reset to 0, float decay) folds v_{t-1} = h_{t-1} (1 - s_{t-1}) into the next
-    # charge: two ops a step. keep [*rest] holds 1 - s as 0/1 floats.
+    reset), keep [T, *rest] (1 - s_t as 0/1 floats), v_final [*rest]: h and keep are all the backward needs."""
+    h, keep = torch.empty_like(x), torch.empty_like(x)  # [T, *rest]
+    hs, keeps, xs = h.unbind(0), keep.unbind(0), x.unbind(0)  # views of every step, made in one call
+    # The default neuron (hard reset to 0, float decay) folds v_{t-1} = h_{t-1} keep_{t-1} into the next
+    # charge: two ops a step.
     fold = cfg.hard and cfg.v_reset == 0.0 and not isinstance(beta, Tensor)
-    keep = torch.empty_like(v)
     for t in range(len(hs)):
         if fold and t > 0:
-            torch.addcmul(xs[t], hs[t - 1], keep, value=beta, out=hs[t])  # h_t = beta v_{t-1} + x_t
+            torch.addcmul(xs[t], hs[t - 1], keeps[t - 1], value=beta, out=hs[t])  # h_t = beta v_{t-1} + x_t
         elif isinstance(beta, Tensor):
             torch.addcmul(xs[t], beta, v, out=hs[t])
         else:
             torch.add(xs[t], v, alpha=beta, out=hs[t])
-        if fold:
-            torch.lt(hs[t], theta, out=keep)
-        else:
-            v = _reset(hs[t], hs[t] >= theta, theta, cfg)
-    return h, hs[-1] * keep if fold else v
+        torch.lt(hs[t], theta, out=keeps[t])
+        if not fold:
+            v = _reset(hs[t], keeps[t], theta, cfg)
+    return h, keep, hs[-1] * keeps[-1] if fold else v
 
 
 class _LIF(torch.autograd.Function):
@@ -77,22 +76,21 @@ class _LIF(torch.autograd.Function):
         dtype = membrane_dtype(x)
         beta, theta = _as(decay, dtype), _as(threshold, dtype)
         v0 = torch.zeros(x.shape[1:], dtype=dtype, device=x.device) if v_init is None else v_init.to(dtype)
-        h, v_final = _lif_loop(x.to(dtype), v0, beta, theta, cfg)  # h [T, *rest]
-        ctx.save_for_backward(h, v0, *(p if isinstance(p, Tensor) else None for p in (decay, threshold)))
+        h, keep, v_final = _lif_loop(x.to(dtype), v0, beta, theta, cfg)  # h, keep [T, *rest]
+        ctx.save_for_backward(h, keep, v0, *(p if isinstance(p, Tensor) else None for p in (decay, threshold)))
         ctx.floats = tuple(None if isinstance(p, Tensor) else float(p) for p in (decay, threshold))
         ctx.cfg, ctx.x_dtype, ctx.v_dtype = cfg, x.dtype, None if v_init is None else v_init.dtype
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: nothing to add
-        return (h >= theta).to(x.dtype), v_final
+        return torch.rsub(keep, 1).to(x.dtype), v_final
 
     @staticmethod
     def backward(ctx, grad_spikes, grad_v_final):
-        h, v0, decay, threshold = ctx.saved_tensors
+        h, keep, v0, decay, threshold = ctx.saved_tensors
         cfg, (needs_x, needs_v, needs_decay, needs_threshold, _) = ctx.cfg, ctx.needs_input_grad
         beta = ctx.floats[0] if decay is None else decay.to(h.dtype)
         theta = ctx.floats[1] if threshold is None else threshold.to(h.dtype)
-        fired = h >= theta  # [T, *rest] s_t
         sg = surrogate_grad(h - theta, cfg.surrogate, cfg.alpha)  # [T, *rest] sg'(h_t - theta)
-        dv_dh = (~fired).to(h.dtype) if cfg.hard else torch.ones_like(h)  # dv_t/dh_t with s_t held
+        dv_dh = keep if cfg.hard else torch.ones_like(h)  # dv_t/dh_t with s_t held
         if not cfg.detach_reset:  # the reset is differentiated through s_t too
             dv_ds = (cfg.v_reset - h) if cfg.hard else -theta  # dv_t/ds_t
             dv_dh = dv_dh + dv_ds * sg
@@ -111,7 +109,7 @@ class _LIF(torch.autograd.Function):
         if needs_v:
             grad_v = (beta * grad_h[0]).to(ctx.v_dtype)
         if needs_decay:  # dL/dbeta = sum_t G_t v_{t-1}
-            v_before = torch.cat((v0[None], _reset(h[:-1], fired[:-1], theta, cfg)))  # [T, *rest]
+            v_before = torch.cat((v0[None], _reset(h[:-1], keep[:-1], theta, cfg)))  # [T, *rest]
             grad_decay = _sum_to(grad_h * v_before, decay)
         if needs_threshold:
             grad_v_after = torch.zeros_like(h)  # [T, *rest] dL/dv_t = beta G_{t+1}, and dL/dv_T
@@ -122,7 +120,7 @@ class _LIF(torch.autograd.Function):
             if not cfg.detach_reset:
                 grad = grad - sg * dv_ds * grad_v_after
             if not cfg.hard:  # v_t = h_t - theta s_t
-                grad = grad - fired * grad_v_after
+                grad = grad - (1 - keep) * grad_v_after
             grad_threshold = _sum_to(grad, threshold)
         return grad_x, grad_v, grad_decay, grad_threshold, None
 
