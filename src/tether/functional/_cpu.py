@@ -98,10 +98,11 @@ class _LIF(torch.autograd.Function):
         grad_h = spike_part.clone() if needs_threshold else spike_part  # [T, *rest] G, built in place
         if grad_v_final is not None:
             grad_h[-1] += dv_dh[-1] * grad_v_final.to(h.dtype)
-        coef = (beta * dv_dh).unbind(0)  # [T] x [*rest]: dL/dh_t gets beta k_t dL/dh_{t+1}
-        steps = grad_h.unbind(0)
+        # dL/dh_t gets beta k_t dL/dh_{t+1}; a float beta rides on the fused multiply-add
+        scale, coef = (1.0, beta * dv_dh) if isinstance(beta, Tensor) else (beta, dv_dh)  # coef [T, *rest]
+        steps, coefs = grad_h.unbind(0), coef.unbind(0)
         for t in range(len(steps) - 2, -1, -1):
-            torch.addcmul(steps[t], coef[t], steps[t + 1], out=steps[t])
+            torch.addcmul(steps[t], coefs[t], steps[t + 1], value=scale, out=steps[t])
 
         grad_x = grad_v = grad_decay = grad_threshold = None
         if needs_x:
