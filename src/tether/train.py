@@ -40,8 +40,10 @@ from tether.step import TrainStep, autocast, make_optimizer
 # replayed from a CUDA graph: benchmarks/results/lm_bench.md.
 GPU_DEFAULTS = dict(batch_size=64, block_size=256, d_model=None, n_layer=4, lr=1e-3, max_iters=100_000,
                     time_budget=9.5, eval_interval=500, eval_iters=20, log_interval=10, dropout=0.2, compile=True)
-CPU_DEFAULTS = dict(batch_size=16, block_size=64, d_model=128, n_layer=4, lr=2e-3, max_iters=2_000,
-                    time_budget=3.0, eval_interval=100, eval_iters=10, log_interval=10, dropout=None,
+# CPU: the model width, batch, lr and dropout that reach the lowest validation loss in 3 minutes of 2 cores
+# (benchmarks/results/cpu_train.md); 1,000 steps of batch 32 see the corpus twice, too few for dropout to pay.
+CPU_DEFAULTS = dict(batch_size=32, block_size=64, d_model=128, n_layer=4, lr=3e-3, max_iters=1_000,
+                    time_budget=3.0, eval_interval=250, eval_iters=10, log_interval=10, dropout=0.0,
                     compile=False)
 COMMON_DEFAULTS = dict(data=None, mixer="spiking", out="runs/tether", seed=1337,
                        weight_decay=0.1, grad_clip=1.0, warmup_iters=100, sample_tokens=500, patience=4)
@@ -71,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--d-model", type=int, help="model width (default: the model's own on GPU)")
     p.add_argument("--n-layer", type=int, help="number of blocks")
-    p.add_argument("--dropout", type=float, help="dropout rate (default: 0.2 on GPU, the model's own on CPU)")
+    p.add_argument("--dropout", type=float, help="dropout rate (default: 0.2 on GPU, 0 on CPU)")
     p.add_argument("--eval-interval", type=int, help="steps between validation + checkpoint")
     p.add_argument("--eval-iters", type=int, help="batches per validation estimate")
     p.add_argument("--log-interval", type=int, help="steps between progress/metrics lines")

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from tether._backend import use_triton, warn_fallback
 from tether._checks import SURROGATES, check_lif_args
+from tether.functional import _cpu
 from tether.kernels import lif as kernels
 from tether.reference import lif as reference
 
@@ -178,7 +179,15 @@ def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surroga
     args = check_lif_args(x, decay, threshold, v_init, surrogate, alpha, reset, v_reset)
     if x.dtype == torch.float64 and x.is_cuda:
         warn_fallback("lif", "float64 input (the kernels take float32, float16 and bfloat16)")
-    if x.dtype == torch.float64 or not use_triton(x) or x.numel() == 0:  # empty: nothing to launch
+    if x.numel() == 0 or (not use_triton(x) and not torch.isfinite(x).all()):
+        # empty: nothing to launch or loop over; non-finite on the CPU: the reference's rules (the CPU loop
+        # folds the hard reset into a multiply, which turns a firing +inf into NaN)
+        return reference.lif(x, decay, threshold, v_init, surrogate=args.surrogate, alpha=args.alpha, reset=reset,
+                             v_reset=v_reset, detach_reset=detach_reset)
+    if not use_triton(x):
+        return _cpu.lif(x, decay, threshold, v_init, _cpu.LIFConfig(args.surrogate, args.alpha, args.hard,
+                                                                    float(v_reset), detach_reset))
+    if x.dtype == torch.float64:
         return reference.lif(x, decay, threshold, v_init, surrogate=args.surrogate, alpha=args.alpha, reset=reset,
                              v_reset=v_reset, detach_reset=detach_reset)
     # the kernels take [T, *rest] as [T, N] (N = prod(rest)) and return x's shapes: no reshapes, no views

@@ -3,7 +3,7 @@
 Elementwise form: the fused Triton kernels (tether.kernels.spike_attention) behind the torch.library
 custom op `tether::spike_attention_elementwise` (fake impl for torch.compile, autograd registered; eager
 mode calls the same launchers through a plain autograd.Function, half the Python time per call), or,
-where Triton does not run, the vectorised cumsum formulation of the reference. Matrix form: chunked
+where Triton does not run, the one-node time loop of tether.functional._cpu. Matrix form: chunked
 PyTorch (intra-chunk decay-masked matmul + state carried across chunks), autograd through it.
 """
 import torch
@@ -11,6 +11,7 @@ import torch
 from tether._backend import use_triton
 from tether._checks import check_spike_attention_args
 from tether.reference.spike_attention import compute_dtype, decay_matrix, gamma_per_head, spike_attention_cumsum
+from tether.functional import _cpu
 
 MATRIX_CHUNK = 64
 
@@ -125,17 +126,22 @@ def spike_attention(q, k, v, gamma=1.0, state=None, *, form="elementwise"):
     except under torch.compile or CUDA-graph capture, where it is skipped.
     state: [B, H, D] (elementwise) or [B, H, D, D] (matrix, scale 1/D) to continue a sequence.
     T, B or H = 0: empty out, the state as it came (zeros when None), zero gradients; D = 0 is refused.
-    q, k, v are spikes: NaN and inf are outside the contract. The kernels and the reference loop carry them
-    forward in time only; the vectorised PyTorch path (CPU, gamma < 1) can also spread a NaN to earlier
-    steps of its sequence (its across-chunk matmul multiplies it by 0).
+    q, k, v are spikes: NaN and inf are outside the contract. The kernels, the CPU time loop and the reference
+    loop carry them forward in time only; the cumsum formulation (``spike_attention_qkv_eager``, gamma < 1)
+    can also spread a NaN to earlier steps of its sequence (its across-chunk matmul multiplies it by 0).
     Returns (out [T, B, H, D] fp32, final state fp32). The kernels read q, k, v packed: a projection that
     makes them as one tensor calls ``spike_attention_qkv`` and saves the copy into that layout.
     """
     check_spike_attention_args(q, k, v, gamma, state, form)
     if form == "matrix":
         return _matrix_chunked(q, k, v, gamma, state, 1.0 / q.shape[-1])
-    if not use_triton(q):
+    if not use_triton(q) and q.numel() == 0:  # no step, batch or head: nothing to loop over
         return spike_attention_cumsum(q, k, v, gamma, state)
+    if not use_triton(q):
+        T, B, H, D = q.shape
+        dtype = compute_dtype(q, k, v, state, gamma)
+        state = torch.zeros(B, H, D, dtype=dtype, device=q.device) if state is None else state
+        return _cpu.spike_attention(q, k, v, gamma_per_head(gamma, H, dtype, q.device), state)
     return _elementwise_op(torch.stack((q, k, v), dim=2), gamma, state)
 
 

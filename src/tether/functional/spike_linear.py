@@ -2,13 +2,15 @@
 
 ``y = spikes @ weight^T + bias``. Backward needs the input only for ``grad_weight = grad_y^T @ spikes``;
 since spikes are 0/1 they are saved as 1 bit each (``pack_spikes``) and unpacked in backward: 1/16 of a
-bf16 copy, 1/32 of an fp32 one.
+bf16 copy, 1/32 of an fp32 one. Where no Triton kernel runs (the CPU) the spikes are saved as they are:
+there packing costs more time than the memory it saves.
 """
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from tether._backend import use_triton
 from tether._checks import FLOAT_DTYPES, check_tensor
 from tether.functional.pack import pack_spikes, unpack_spikes
 
@@ -20,19 +22,22 @@ class _SpikeLinear(torch.autograd.Function):
         out = F.linear(spikes, weight, bias)
         ctx.in_features = spikes.shape[-1]
         ctx.spikes_dtype = spikes.dtype
-        packed = pack_spikes(spikes) if ctx.needs_input_grad[1] else None  # [..., ceil(in / 8)] uint8
-        ctx.save_for_backward(packed, weight)
+        saved = None
+        if ctx.needs_input_grad[1]:
+            saved = pack_spikes(spikes) if use_triton(spikes) else spikes  # [..., ceil(in / 8)] uint8 or [..., in]
+        ctx.save_for_backward(saved, weight)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        packed, weight = ctx.saved_tensors
+        saved, weight = ctx.saved_tensors
         grad_spikes = grad_weight = grad_bias = None
         grad_rows = grad_out.flatten(0, -2)  # [N, out]
         if ctx.needs_input_grad[0]:
             grad_spikes = (grad_out @ weight.to(grad_out.dtype)).to(ctx.spikes_dtype)
         if ctx.needs_input_grad[1]:
-            spikes = unpack_spikes(packed, ctx.in_features, grad_out.dtype).flatten(0, -2)  # [N, in]
+            spikes = saved if saved.dtype != torch.uint8 else unpack_spikes(saved, ctx.in_features, grad_out.dtype)
+            spikes = spikes.to(grad_out.dtype).flatten(0, -2)  # [N, in]
             grad_weight = (grad_rows.t() @ spikes).to(weight.dtype)  # [out, in]
         if ctx.needs_input_grad[2]:  # False when bias is None
             grad_bias = grad_rows.sum(0).to(weight.dtype)
