@@ -224,8 +224,13 @@ class Distributed:
         per_rank = batch_size // self.world
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
-    def close(self) -> None:
+    def close(self, barrier: bool = False) -> None:
+        """Leave the process group. barrier (the end of a run): wait for every rank first, so no rank tears
+        its gloo connections down while another still uses them (rank 0 writes files and a sample last;
+        a rank that left early aborted with "terminate called without an active exception")."""
         if self.world > 1:
+            if barrier:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -550,7 +555,7 @@ class Trainer:
         finally:
             signals.restore()
         summary = self.finish()
-        self.world.close()
+        self.world.close(barrier=True)
         return summary
 
     def loop(self, signals: StopSignals) -> None:

@@ -179,9 +179,11 @@ def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surroga
     args = check_lif_args(x, decay, threshold, v_init, surrogate, alpha, reset, v_reset)
     if x.dtype == torch.float64 and x.is_cuda:
         warn_fallback("lif", "float64 input (the kernels take float32, float16 and bfloat16)")
-    if x.numel() == 0 or (not use_triton(x) and not torch.isfinite(x).all()):
+    cpu_non_finite = not use_triton(x) and not torch.compiler.is_compiling() and not torch.isfinite(x).all()
+    if x.numel() == 0 or cpu_non_finite:
         # empty: nothing to launch or loop over; non-finite on the CPU: the reference's rules (the CPU loop
-        # folds the hard reset into a multiply, which turns a firing +inf into NaN)
+        # folds the hard reset into a multiply, which turns a firing +inf into NaN; not checked while
+        # torch.compile traces, which cannot branch on values)
         return reference.lif(x, decay, threshold, v_init, surrogate=args.surrogate, alpha=args.alpha, reset=reset,
                              v_reset=v_reset, detach_reset=detach_reset)
     if not use_triton(x):
