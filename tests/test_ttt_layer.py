@@ -238,11 +238,8 @@ def test_op_refuses_head_dim_0():
         ttt_mlp(*args)
 
 
-def test_layer_compiles_with_fullgraph(monkeypatch):
-    """torch.compile traces through the custom op (fake impl with the real op's strides) in one graph."""
-    force_reference_path(monkeypatch)
-    layer = TTTMLP(16, 2, mini_batch=4, causal=True, checkpoint_group_size=2)
-    x = torch.randn(2, 10, 16, requires_grad=True)
+def assert_compiles_like_eager(layer, x):
+    """torch.compile(fullgraph=True) of layer: the same output and gradients (x and parameters) as eager."""
     y = layer(x)
     grads = torch.autograd.grad(y.sum(), [x, *layer.parameters()])
     y_c = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
@@ -250,6 +247,13 @@ def test_layer_compiles_with_fullgraph(monkeypatch):
     torch.testing.assert_close(y_c, y)
     for g, g_c in zip(grads, grads_c):
         torch.testing.assert_close(g_c, g)
+
+
+def test_layer_compiles_with_fullgraph(monkeypatch):
+    """torch.compile traces through the custom op (fake impl with the real op's strides) in one graph."""
+    force_reference_path(monkeypatch)
+    layer = TTTMLP(16, 2, mini_batch=4, causal=True, checkpoint_group_size=2)
+    assert_compiles_like_eager(layer, torch.randn(2, 10, 16, requires_grad=True))
 
 
 def test_layer_compiles_with_fullgraph_on_the_kernels():
@@ -259,11 +263,4 @@ def test_layer_compiles_with_fullgraph_on_the_kernels():
         pytest.skip("needs the kernels: a GPU or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     layer = TTTMLP(32, 2, mini_batch=16, causal=True).to(device)
-    x = torch.randn(1, 32, 32, device=device, requires_grad=True)
-    y = layer(x)
-    grads = torch.autograd.grad(y.sum(), [x, *layer.parameters()])
-    y_c = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
-    grads_c = torch.autograd.grad(y_c.sum(), [x, *layer.parameters()])
-    torch.testing.assert_close(y_c, y)
-    for g, g_c in zip(grads, grads_c):
-        torch.testing.assert_close(g_c, g)
+    assert_compiles_like_eager(layer, torch.randn(1, 32, 32, device=device, requires_grad=True))

@@ -179,19 +179,23 @@ def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surroga
     args = check_lif_args(x, decay, threshold, v_init, surrogate, alpha, reset, v_reset)
     if x.dtype == torch.float64 and x.is_cuda:
         warn_fallback("lif", "float64 input (the kernels take float32, float16 and bfloat16)")
-    cpu_non_finite = not use_triton(x) and not torch.compiler.is_compiling() and not torch.isfinite(x).all()
-    if x.numel() == 0 or cpu_non_finite:
-        # empty: nothing to launch or loop over; non-finite on the CPU: the reference's rules (the CPU loop
-        # folds the hard reset into a multiply, which turns a firing +inf into NaN; not checked while
-        # torch.compile traces, which cannot branch on values)
+    def run_reference():
         return reference.lif(x, decay, threshold, v_init, surrogate=args.surrogate, alpha=args.alpha, reset=reset,
                              v_reset=v_reset, detach_reset=detach_reset)
+
+    if x.numel() == 0:  # nothing to launch or loop over
+        return run_reference()
     if not use_triton(x):
-        return _cpu.lif(x, decay, threshold, v_init, _cpu.LIFConfig(args.surrogate, args.alpha, args.hard,
-                                                                    float(v_reset), detach_reset))
+        spikes, v_final = _cpu.lif(x, decay, threshold, v_init, _cpu.LIFConfig(args.surrogate, args.alpha, args.hard,
+                                                                               float(v_reset), detach_reset))
+        # A non-finite input leaves a non-finite final membrane on the CPU loop, which folds the hard reset
+        # into a multiply (a firing +inf becomes NaN): then the reference's rules. One [N] check, not [T, N];
+        # skipped while torch.compile traces (it cannot branch on values).
+        if torch.compiler.is_compiling() or torch.isfinite(v_final).all():
+            return spikes, v_final
+        return run_reference()
     if x.dtype == torch.float64:
-        return reference.lif(x, decay, threshold, v_init, surrogate=args.surrogate, alpha=args.alpha, reset=reset,
-                             v_reset=v_reset, detach_reset=detach_reset)
+        return run_reference()
     # the kernels take [T, *rest] as [T, N] (N = prod(rest)) and return x's shapes: no reshapes, no views
     x2 = x.contiguous()  # [T, *rest]
     v0 = None if v_init is None else v_init.float().contiguous()  # [*rest]; None: zeros in the kernel
