@@ -75,11 +75,12 @@ def kernel_calls(monkeypatch):
     return count_launches(monkeypatch, {name: f"{module}.{name}" for module, name in LAUNCHERS})
 
 
-def test_fused_matches_eager(kernel_calls):
-    fused = build_model(LMConfig(**TINY, backend="fused"))
-    eager = build_model(LMConfig(**TINY, backend="eager"))
+def test_fused_matches_eager(kernel_calls, device):
+    # on the device the kernels run on (the interpreter on a CPU machine, CUDA on a GPU one)
+    fused = build_model(LMConfig(**TINY, backend="fused")).to(device)
+    eager = build_model(LMConfig(**TINY, backend="eager")).to(device)
     eager.load_state_dict(fused.state_dict())
-    idx, targets = _idx(2, 10), _idx(2, 10)
+    idx, targets = _idx(2, 10).to(device), _idx(2, 10).to(device)
 
     logits_e, loss_e = eager(idx, targets)
     loss_e.backward()

@@ -4,8 +4,8 @@ tether.functional, the reference itself, the modules of tether.nn and the ttt-tk
 Errors name the argument, what was expected and what came ("name: expected ..., got ...").
 
 Values are checked where they are Python numbers (no cost); a tensor's values only where a bad one would make
-the output all NaN (spike attention's gamma), since on CUDA reading them waits for the GPU (see
-check_positive_values).
+the output all NaN (spike attention's gamma), and only on the CPU: on CUDA reading them waits for the GPU
+(see check_positive_values).
 """
 import math
 import numbers
@@ -59,10 +59,11 @@ def check_real(name: str, value, *, low: float = -math.inf, high: float = math.i
 
 
 def check_positive_values(name: str, t: torch.Tensor) -> None:
-    """Every value of t finite and > 0 (NaN is not). On a CUDA tensor this reads one flag back: it waits for
-    the GPU. Skipped while torch.compile traces (no values to read) and while a CUDA graph is captured
-    (reading back is not allowed then)."""
-    if torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+    """Every value of t finite and > 0 (NaN is not), for a tensor on the CPU. A CUDA tensor's values are not
+    read: that waits for the GPU on every call, which stalls an eager training step or a generation loop
+    that would otherwise run ahead of the GPU (the same reason spike_linear does not check its 0/1 input);
+    a bad value there shows as NaN outputs. Skipped while torch.compile traces (no values to read)."""
+    if t.is_cuda or torch.compiler.is_compiling():
         return
     bad = ~((t > 0) & (t < math.inf))
     if bool(bad.any()):
@@ -151,8 +152,8 @@ def check_gamma(gamma, H: int, device) -> None:
     """A decay: a float in (0, 1] (the spec's range), or a 0-d / [H] tensor whose values are checked to be
     finite and > 0, what the op is defined for (gamma <= 0 made the whole output NaN). A tensor may step over
     1 (the memory then grows): finite differences probe gamma = 1 from both sides, and a learnable gamma that
-    an optimizer moves past 1 should not stop a run. On CUDA the value check waits for the GPU; it is skipped
-    under torch.compile and CUDA-graph capture (check_positive_values)."""
+    an optimizer moves past 1 should not stop a run. The values of a CUDA tensor are not read
+    (check_positive_values says why)."""
     if isinstance(gamma, torch.Tensor):
         check_tensor("gamma", gamma, dtypes=FLOAT_DTYPES, device=device)
         if gamma.dim() > 1 or (gamma.dim() == 1 and gamma.shape[0] != H):

@@ -122,8 +122,8 @@ def spike_attention(q, k, v, gamma=1.0, state=None, *, form="elementwise"):
     """Causal linear attention over time on spikes. q, k, v: [T, B, H, D] spikes (bf16/fp16/fp32).
 
     gamma: decay in (0, 1], a float, 0-d tensor or [H] tensor (may require grad). A tensor's values are
-    checked to be finite and > 0 (tether._checks.check_gamma): on CUDA that waits for the GPU once per call,
-    except under torch.compile or CUDA-graph capture, where it is skipped.
+    checked to be finite and > 0 on the CPU (tether._checks.check_gamma); on CUDA they are not read (that
+    would wait for the GPU on every call).
     state: [B, H, D] (elementwise) or [B, H, D, D] (matrix, scale 1/D) to continue a sequence.
     T, B or H = 0: empty out, the state as it came (zeros when None), zero gradients; D = 0 is refused.
     q, k, v are spikes: NaN and inf are outside the contract. The kernels, the CPU time loop and the reference
