@@ -15,9 +15,10 @@ def _idx(B, T, V=65):
     return torch.randint(0, V, (B, T))
 
 
-def test_step_matches_full_sequence():
-    model = build_model(LMConfig(**TINY)).eval()
-    idx = _idx(2, 7)
+@pytest.mark.parametrize("attention,T", [("elementwise", 7), ("matrix", 70)])  # 70: past the 64-token chunk
+def test_step_matches_full_sequence(attention, T):
+    model = build_model(LMConfig(**TINY, attention=attention)).eval()
+    idx = _idx(2, T)
     with torch.no_grad():
         full, _ = model(idx)  # [B, T, V]
         state = model.init_state(2, "cpu")
@@ -32,9 +33,11 @@ def _grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("module_cls", [SpikingSelfAttention, SpikingTransformerBlock])
-def test_chunked_equals_full(module_cls):
-    module = module_cls(16, 2)
+@pytest.mark.parametrize("module_cls,kwargs", [(SpikingSelfAttention, {}), (SpikingTransformerBlock, {}),
+                                               (SpikingSelfAttention, dict(form="matrix")),
+                                               (SpikingTransformerBlock, dict(attention="matrix"))])
+def test_chunked_equals_full(module_cls, kwargs):
+    module = module_cls(16, 2, **kwargs)
     x = torch.randn(13, 2, 16)  # [T, B, C]
     w = torch.randn(13, 2, 16)
     full, _ = module(x)

@@ -74,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int, help="model width (default: the model's own on GPU)")
     p.add_argument("--n-layer", type=int, help="number of blocks")
     p.add_argument("--dropout", type=float, help="dropout rate (default: 0.2 on GPU, 0 on CPU)")
+    p.add_argument("--attention", choices=["elementwise", "matrix"],
+                   help="spiking attention form (default elementwise)")
     p.add_argument("--eval-interval", type=int, help="steps between validation + checkpoint")
     p.add_argument("--eval-iters", type=int, help="batches per validation estimate")
     p.add_argument("--log-interval", type=int, help="steps between progress/metrics lines")
@@ -332,7 +334,8 @@ def model_config(args, vocab: str, saved: dict = None):
 
     if saved is not None:
         return LMConfig.from_dict({"vocab": vocab, **saved})  # a checkpoint from before the config held it
-    overrides = {"d_model": args.d_model, "n_layer": args.n_layer, "dropout": args.dropout}
+    overrides = {"d_model": args.d_model, "n_layer": args.n_layer, "dropout": args.dropout,
+                 "attention": args.attention}
     return LMConfig(vocab_size=len(vocab), vocab=vocab, block_size=args.block_size, mixer=args.mixer,
                     **{k: v for k, v in overrides.items() if v is not None})
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tether._checks import SURROGATES
+from tether._checks import FORMS, SURROGATES
 from tether.nn.attention import BACKENDS, NormLIF
 from tether.nn.transformer import SpikingTransformerBlock
 
@@ -37,10 +37,12 @@ class LMConfig:
     dropout: float = 0.2
     decay: float = 0.5  # LIF membrane decay
     threshold: float = 1.0  # LIF firing threshold
+    attention: str = "elementwise"  # spiking attention form: "elementwise" ([D] memory a head) or "matrix" ([D, D])
     vocab: str = ""  # the characters of the token ids, in order ("" if unknown): a saved model can generate
 
     def __post_init__(self):
-        for name, allowed in (("mixer", MIXERS), ("backend", BACKENDS), ("surrogate", tuple(SURROGATES))):
+        for name, allowed in (("mixer", MIXERS), ("backend", BACKENDS), ("surrogate", tuple(SURROGATES)),
+                              ("attention", FORMS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if self.d_model % self.n_head:
@@ -309,7 +311,7 @@ class SpikingLM(LanguageModel):
         self.blocks = nn.ModuleList(
             SpikingTransformerBlock(cfg.d_model, cfg.n_head, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,
                                     decay=cfg.decay, threshold=cfg.threshold, surrogate=cfg.surrogate,
-                                    backend=cfg.backend)
+                                    backend=cfg.backend, attention=cfg.attention)
             for _ in range(cfg.n_layer))
         # found once: the trainer reads their rates every step, and a module walk is host time on every step
         self._neuron_groups = [m for m in self.blocks.modules() if isinstance(m, NormLIF)]

@@ -4,8 +4,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from tether._checks import FORMS
 from tether.functional.lif import lif, lif_eager
-from tether.functional.spike_attention import spike_attention_qkv, spike_attention_qkv_eager
+from tether.functional.spike_attention import spike_attention, spike_attention_qkv, spike_attention_qkv_eager
 from tether.nn.spike_linear import SpikeLinear
 
 # backend -> (LIF op, attention op on packed qkv [T, B, 3, H, D]): "fused" runs the Triton kernels
@@ -89,19 +90,26 @@ class SpikingSelfAttention(nn.Module):
     counts in ``C`` grow up to ``1 / (1 - gamma)``: this keeps ``o`` in [0, 1] for any T) -> output
     projection (real input).
 
+    ``form="matrix"``: ``S_t = gamma S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t / D`` (a ``[D, D]`` memory per head
+    that mixes channels; chunked PyTorch, no Triton kernel) -> times ``1 - gamma``, also in [0, 1].
+
     ``gamma``: None (per-head spread, ``default_gammas``), a float for every head, or ``[H]``; learnable
     (kept in (0, 1) as ``sigmoid(logit)``) unless ``learnable_gamma=False``.
     forward(x, state=None) -> (y ``[T, B, d_model]``, state); state = (input membrane ``[B, C]``,
-    q/k/v membrane ``[B, 3C]``, attention memory ``[B, H, D]``), all fp32; None starts from zeros.
+    q/k/v membrane ``[B, 3C]``, attention memory ``[B, H, D]`` or ``[B, H, D, D]`` (matrix)), all fp32; None
+    starts from zeros.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, gamma=None, learnable_gamma: bool = True,
-                 decay: float = 0.5, threshold: float = 1.0, surrogate: str = "arctan", backend: str = "fused"):
+                 decay: float = 0.5, threshold: float = 1.0, surrogate: str = "arctan", backend: str = "fused",
+                 form: str = "elementwise"):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model: expected a multiple of n_heads={n_heads}, got {d_model}")
         _check_backend(backend)
-        self.d_model, self.n_heads, self.backend = d_model, n_heads, backend
+        if form not in FORMS:
+            raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
+        self.d_model, self.n_heads, self.backend, self.form = d_model, n_heads, backend, form
         neurons = dict(decay=decay, threshold=threshold, surrogate=surrogate, backend=backend)
         self.input_neurons = NormLIF(d_model, **neurons)
         self.qkv = SpikeLinear(d_model, 3 * d_model, bias=False, pack=backend == "fused")
@@ -132,13 +140,17 @@ class SpikingSelfAttention(nn.Module):
         spikes, v_input = self.input_neurons(x, v_input)  # [T, B, C]
         qkv, v_qkv = self.qkv_neurons(self.qkv(spikes), v_qkv)  # [T, B, 3C] spikes
         gamma = self.gamma  # [H]
-        out, memory = OPS[self.backend][1](qkv.view(T, B, 3, H, D), gamma, memory)  # out [T, B, H, D] fp32
+        if self.form == "matrix":  # plain PyTorch on both backends
+            out, memory = spike_attention(*qkv.view(T, B, 3, H, D).unbind(2), gamma, memory, form="matrix")
+        else:
+            out, memory = OPS[self.backend][1](qkv.view(T, B, 3, H, D), gamma, memory)  # out [T, B, H, D] fp32
         out = out * (1 - gamma)[:, None]  # [T, B, H, D], in [0, 1]
         return self.proj(out.reshape(T, B, C)), (v_input, v_qkv, memory)
 
     def init_state(self, batch_size: int, device) -> Tuple[torch.Tensor, ...]:
         C, H = self.d_model, self.n_heads
-        shapes = [(batch_size, C), (batch_size, 3 * C), (batch_size, H, C // H)]  # membranes, attention memory
+        memory = (batch_size, H, C // H) + ((C // H,) if self.form == "matrix" else ())
+        shapes = [(batch_size, C), (batch_size, 3 * C), memory]  # membranes, attention memory
         return tuple(torch.zeros(shape, device=device) for shape in shapes)
 
     def synapses(self):
@@ -146,4 +158,4 @@ class SpikingSelfAttention(nn.Module):
         return [(self.qkv, True), (self.proj, False)]
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_heads={self.n_heads}, backend={self.backend!r}"
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, backend={self.backend!r}, form={self.form!r}"
