@@ -165,6 +165,7 @@ def main():
     parser.add_argument("--batches", default="64,256")
     parser.add_argument("--iters", type=int, default=10, help="timed steps per round")
     parser.add_argument("--mixers", default=",".join(MIXERS))
+    parser.add_argument("--ttt-mini-batches", default="16", help="ttt-mlp training rows at each mini-batch")
     parser.add_argument("--paths", default="eager,cuda graph", help=f"training paths, of {list(PATHS)}")
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
@@ -186,9 +187,12 @@ def main():
         for batch in map(int, args.batches.split(",")):
             for path in args.paths.split(","):
                 iters = args.iters if path != "eager" or mixer != "ttt-mlp" else max(2, args.iters // 5)
-                row = measure_training(replace(cfg, mixer=mixer), batch, path, iters)
-                training.append(row)
-                print(row, flush=True)
+                sizes = map(int, args.ttt_mini_batches.split(",")) if mixer == "ttt-mlp" else [cfg.ttt_mini_batch]
+                for size in sizes:
+                    row = measure_training(replace(cfg, mixer=mixer, ttt_mini_batch=size), batch, path, iters)
+                    row["ttt_mini_batch"] = size if mixer == "ttt-mlp" else None
+                    training.append(row)
+                    print(row, flush=True)
     for mixer in (args.gen_mixers or args.mixers).split(",") if not args.skip_generation else ():
         for batch in (1, 64):
             # ttt-mlp reruns its 256-token window on every token (a growing state: never graphed)
@@ -231,7 +235,7 @@ def report(cfg: LMConfig, training: list, trainer: list, generation: list, profi
     table = (f"Default model (d_model {cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head} heads, "
              f"{cfg.block_size} tokens), bf16 autocast, AdamW (fused, capturable), grad clip 1. Median of 3 rounds "
              f"of {args['iters']} steps. `cuda graph`: the step replayed from a CUDA graph (tether.step.TrainStep).\n\n"
-             + markdown_table(training, ["mixer", "batch", "path", "warmup_s", "ms_per_step", "tokens_per_s", "peak_mib",
+             + markdown_table(training, ["mixer", "ttt_mini_batch", "batch", "path", "warmup_s", "ms_per_step", "tokens_per_s", "peak_mib",
                                          "vs_softmax_eager_b64", "vs_softmax_same", "memory_vs_softmax_same"])
              + "\n\n`tether train` (default model and arguments, --max-iters "
              f"{args['trainer_iters']}): steady tokens/s (median of its log intervals) vs the bench's compile + cuda graph step at batch 64.\n\n"

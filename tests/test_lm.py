@@ -176,3 +176,12 @@ def test_generate_on_the_model(mixer):
     again = model.generate(prompt, 8, top_k=5, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 11) and torch.equal(out[:, :3], prompt) and torch.equal(out, again)
     assert model.training  # generate runs in eval mode and restores the mode
+
+
+def test_ttt_mini_batch_option():
+    model = build_model(LMConfig(**TINY, mixer="ttt-mlp", block_size=16, ttt_mini_batch=8)).eval()
+    assert [b.mixer.mini_batch for b in model.blocks] == [8] * TINY["n_layer"]
+    logits, loss = model(_idx(2, 11), _idx(2, 11))  # 11 tokens: two mini-batches of 8, the second padded
+    assert logits.shape == (2, 11, 65) and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="ttt_mini_batch: expected a positive int, got 0"):
+        LMConfig(ttt_mini_batch=0)

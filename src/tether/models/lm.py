@@ -38,6 +38,7 @@ class LMConfig:
     decay: float = 0.5  # LIF membrane decay
     threshold: float = 1.0  # LIF firing threshold
     attention: str = "elementwise"  # spiking attention form: "elementwise" ([D] memory a head) or "matrix" ([D, D])
+    ttt_mini_batch: int = 16  # tokens per TTT-MLP inner gradient step (ttt-mlp mixer)
     vocab: str = ""  # the characters of the token ids, in order ("" if unknown): a saved model can generate
 
     def __post_init__(self):
@@ -45,6 +46,8 @@ class LMConfig:
                               ("attention", FORMS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.ttt_mini_batch, int) or self.ttt_mini_batch < 1:
+            raise ValueError(f"ttt_mini_batch: expected a positive int, got {self.ttt_mini_batch!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model: expected a multiple of n_head={self.n_head}, got {self.d_model}")
 
@@ -429,7 +432,7 @@ class TTTMLPLM(_GPTLM):
     def _make_mixer(self, cfg: LMConfig) -> nn.Module:
         from tether.nn import TTTMLP
 
-        return TTTMLP(cfg.d_model, cfg.n_head)
+        return TTTMLP(cfg.d_model, cfg.n_head, mini_batch=cfg.ttt_mini_batch)
 
     def init_state(self, batch_size: int, device) -> torch.Tensor:
         """The token context ``[B, 0]``."""
