@@ -1,4 +1,4 @@
-"""Triton kernels for the TTT-MLP scan (math: docs/spec/ttt_mlp.md; derivation: docs/ttt_mlp_kernels.md).
+"""Triton kernels for the TTT-MLP scan (math: docs/spec/ttt_mlp.md; derivation: docs/ttt_mlp.md).
 
 Layout: activations `[B, NH, NC, CS, F]` and learning rates `[B, NH, NC, CS, 1]` contiguous; per (batch, head)
 the inner state `W1 [F, K]`, `b1 [K]`, `W2 [K, F]`, `b2 [F]` in fp32. Grid: P programs per (batch, head)
@@ -47,7 +47,7 @@ _HW_TANH = tl.constexpr(not interpreting())
 def _tanh(x, DT: tl.constexpr):
     """tanh of fp32 x. With 16-bit matmul operands (rounding error ~4e-3) the GPU's tanh.approx.f32 (one MUFU
     instruction, relative error ~5e-4): the exp / reciprocal form and the GELU around it were most of the
-    backward's instructions (profile: docs/ttt_mlp_kernels.md). fp32 and the interpreter: through
+    backward's instructions (profile: docs/ttt_mlp.md). fp32 and the interpreter: through
     exp(-2|x|) <= 1 (never overflows)."""
     if _HW_TANH and DT != tl.float32:
         return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
@@ -394,7 +394,7 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
 def _first(x, p):
     """A mask of x's shape, true in program p == 0: the full-width values (token and rate gradients, sums) are
     program 0's to store. A predicate, not a branch around the stores: the branch made the compiler spill the
-    tiles live across it (docs/ttt_mlp_kernels.md#register-pressure-what-the-source-edits-bought)."""
+    tiles live across it (docs/ttt_mlp.md#register-pressure-what-the-source-edits-bought)."""
     return (tl.zeros(x.shape, tl.int32) + p) == 0
 
 
@@ -796,7 +796,7 @@ def _sequential(device: torch.device) -> bool:
 def _config(K: int, block_k, num_warps, num_stages, split, heads: int, device: torch.device, backward: bool):
     """K block, warps, software-pipelining stages and programs per head (split): the caller's (a
     benchmark's sweep) or the defaults chosen by bench_ttt's sweep (benchmarks/results/ttt.md; why:
-    docs/ttt_mlp_kernels.md): the forward is fastest with one warp group, the backward, with far more live
+    docs/ttt_mlp.md): the forward is fastest with one warp group, the backward, with far more live
     tiles, with two. One stage: pipelined K loops multiply the shared memory (the backward then needs more
     than the 227 KB an H100 block can have). split P: the P programs of a head exchange their partial sums
     through global memory and wait for each other. The interpreter runs programs one after another: P = 1.
@@ -832,14 +832,14 @@ _L1_SET = set()  # CUfunction handles whose shared-memory carveout is already se
 def _prefer_l1(kernel):
     """Give the SM's unified L1 / shared memory to L1 beyond what the resident programs' shared memory needs.
     Triton asks for the largest carveout (228 KB shared on an H100) for kernels over 48 KB, which leaves
-    ~20 KB of L1 for the backward's register spills (its effect: docs/ttt_mlp_kernels.md). A CUfunction
+    ~20 KB of L1 for the backward's register spills (its effect: docs/ttt_mlp.md). A CUfunction
     attribute: it holds for the later launches of this compiled kernel."""
     if kernel.function in _L1_SET:
         return
     _L1_SET.add(kernel.function)
     per_sm = max(1, 65536 // (kernel.n_regs * 32 * kernel.metadata.num_warps))  # programs an SM holds
     percent = min(100, -(-100 * per_sm * (kernel.metadata.shared + 1024) // (228 * 1024)))  # of H100's 228 KB
-    try:  # a hint (a small gain, docs/ttt_mlp_kernels.md): where the driver or the attribute is missing, skip it
+    try:  # a hint (a small gain, docs/ttt_mlp.md): where the driver or the attribute is missing, skip it
         # 9: CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT (the driver rounds up to a valid split)
         ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(ctypes.c_void_p(kernel.function), 9, ctypes.c_int(percent))
     except (OSError, AttributeError):
