@@ -1,4 +1,4 @@
-"""Triton kernels for the TTT-MLP scan (math: docs/spec/ttt_mlp.md; derivation: docs/ttt_mlp_kernels.md).
+"""Triton kernels for the TTT-MLP scan (math: docs/spec/ttt_mlp.md; derivation: docs/ttt_mlp.md).
 
 Layout: activations `[B, NH, NC, CS, F]` and learning rates `[B, NH, NC, CS, 1]` contiguous; per (batch, head)
 the inner state `W1 [F, K]`, `b1 [K]`, `W2 [K, F]`, `b2 [F]` in fp32. Grid: P programs per (batch, head)
@@ -47,7 +47,7 @@ _HW_TANH = tl.constexpr(not interpreting())
 def _tanh(x, DT: tl.constexpr):
     """tanh of fp32 x. With 16-bit matmul operands (rounding error ~4e-3) the GPU's tanh.approx.f32 (one MUFU
     instruction, relative error ~5e-4): the exp / reciprocal form and the GELU around it were most of the
-    backward's instructions (profile: docs/ttt_mlp_kernels.md). fp32 and the interpreter: through
+    backward's instructions (profile: docs/ttt_mlp.md). fp32 and the interpreter: through
     exp(-2|x|) <= 1 (never overflows)."""
     if _HW_TANH and DT != tl.float32:
         return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
@@ -188,13 +188,30 @@ def _copy_state(w1_s, b1_s, w2_s, w1_d, b1_d, w2_d, p,
         _store_block(w1_d, b1_d, w2_d, k0, w1, b1, w2, F, K, BK)
 
 
+# the regions of a program's exchange slot, in order: three [CS, F] tiles, a [CS, CS] tile, a [CS] vector
+_XT0, _XT1, _XT2, _XSQ, _XVEC, _XEND = (tl.constexpr(i) for i in range(6))
+
+
+@triton.jit
+def _xoff(R: tl.constexpr, CS: tl.constexpr, F: tl.constexpr):
+    """Element offset of region R (_XT0.._XVEC) of an exchange slot; R = _XEND: the slot's size (_xslot_size)."""
+    off = R * CS * F
+    if R > 3:
+        off = 3 * CS * F + CS * CS + (R - 4) * CS
+    return off
+
+
+def _xslot_size(CS: int, F: int) -> int:
+    """The launcher's side of _xoff(_XEND, CS, F)."""
+    return 3 * CS * F + CS * CS + CS
+
+
 @triton.jit
 def _xslot(xb, ex, q, P: tl.constexpr, CS: tl.constexpr, F: tl.constexpr):
     """Program q's partials of exchange ex in the head's buffer xb [2, P, XSZ]: two slots alternating by
     exchange parity (a slot is rewritten two exchanges later, when every program has read it: each has
-    arrived at the exchange in between, after its reads). Per slot and program: three [CS, F] tiles at
-    0, CS*F, 2*CS*F, a [CS, CS] tile at 3*CS*F and a [CS] vector after it."""
-    return xb + ((ex % 2) * P + q) * (3 * CS * F + CS * CS + CS)
+    arrived at the exchange in between, after its reads). Regions of a slot: _xoff."""
+    return xb + ((ex % 2) * P + q) * _xoff(_XEND, CS, F)
 
 
 @triton.jit
@@ -318,15 +335,15 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2, b2,
     tile = _tile_offs(CS, F)
     _xput(xb, ex, p, tile, z2_next, P, CS, F)
     if WITH_OUTPUT:
-        _xput(xb, ex, p, CS * F + tile, zq2, P, CS, F)
+        _xput(xb, ex, p, _xoff(_XT1, CS, F) + tile, zq2, P, CS, F)
         if CAUSAL:
-            _xput(xb, ex, p, 3 * CS * F + _tile_offs(CS, CS), a2raw, P, CS, F)
+            _xput(xb, ex, p, _xoff(_XSQ, CS, F) + _tile_offs(CS, CS), a2raw, P, CS, F)
     _xsync(cnt, ex, P)
     z2_next = _xsum(xb, ex, tile, P, CS, F)
     if WITH_OUTPUT:
-        zq2 = _xsum(xb, ex, CS * F + tile, P, CS, F)
+        zq2 = _xsum(xb, ex, _xoff(_XT1, CS, F) + tile, P, CS, F)
         if CAUSAL:
-            a2raw = _xsum(xb, ex, 3 * CS * F + _tile_offs(CS, CS), P, CS, F)
+            a2raw = _xsum(xb, ex, _xoff(_XSQ, CS, F) + _tile_offs(CS, CS), P, CS, F)
             eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
             zq2 = _dot(eta * (a2raw + 1.0), -gz2, DT, PREC, zq2 + b2[None, :])
         else:
@@ -365,7 +382,7 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
     w2 += bh * K * F
     b2 += bh * F
     work += bh * 2 * CS * K
-    xb = xbuf + bh * 2 * P * (3 * CS * F + CS * CS + CS)
+    xb = xbuf + bh * 2 * P * _xoff(_XEND, CS, F)
     cnt += bh
     c = bh * NK
     _copy_state(w1, b1, w2, w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, p, F, K, BK, P)
@@ -394,7 +411,7 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
 def _first(x, p):
     """A mask of x's shape, true in program p == 0: the full-width values (token and rate gradients, sums) are
     program 0's to store. A predicate, not a branch around the stores: the branch made the compiler spill the
-    tiles live across it (docs/ttt_mlp_kernels.md#register-pressure-what-the-source-edits-bought)."""
+    tiles live across it (docs/ttt_mlp.md#register-pressure-what-the-source-edits-bought)."""
     return (tl.zeros(x.shape, tl.int32) + p) == 0
 
 
@@ -478,11 +495,11 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
         tl.store(_kblock(gqp_p, k0, CS, K, BK), gqp)
         zq2 = _dot(xq2, w2, DT, PREC, zq2)
         a2raw = _dot(xq2, tl.trans(x2), DT, PREC, a2raw)
-    _xput(xb, ex, p, CS * F + tile, zq2, P, CS, F)
-    _xput(xb, ex, p, 3 * CS * F + _tile_offs(CS, CS), a2raw, P, CS, F)
+    _xput(xb, ex, p, _xoff(_XT1, CS, F) + tile, zq2, P, CS, F)
+    _xput(xb, ex, p, _xoff(_XSQ, CS, F) + _tile_offs(CS, CS), a2raw, P, CS, F)
     _xsync(cnt, ex, P)
-    zq2 = _xsum(xb, ex, CS * F + tile, P, CS, F)
-    a2raw = _xsum(xb, ex, 3 * CS * F + _tile_offs(CS, CS), P, CS, F)
+    zq2 = _xsum(xb, ex, _xoff(_XT1, CS, F) + tile, P, CS, F)
+    a2raw = _xsum(xb, ex, _xoff(_XSQ, CS, F) + _tile_offs(CS, CS), P, CS, F)
     ex += 1
     eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)  # reloaded (L1): not held through pass 2 (fewer spills)
     a2 = (eta * (a2raw + 1.0)).to(DT)
@@ -518,8 +535,8 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
         da1 = _dot(-dzq1, tl.trans(tl.load(_kblock(gz1_p, k0, CS, K, BK))), DT, PREC, da1)
         tl.store(_kblock(dzq1_p, k0, CS, K, BK), dzq1)
     # the dXQ and dA1 partials go to the next exchange's slot now, so that their tiles are not live in (b)
-    _xput(xb, ex, p, 2 * CS * F + tile, dxq, P, CS, F)
-    _xput(xb, ex, p, 3 * CS * F + _tile_offs(CS, CS), da1, P, CS, F)
+    _xput(xb, ex, p, _xoff(_XT2, CS, F) + tile, dxq, P, CS, F)
+    _xput(xb, ex, p, _xoff(_XSQ, CS, F) + _tile_offs(CS, CS), da1, P, CS, F)
     db2n = tl.load(db2s_p + fc)
     dgz2 = tl.where(first, -_dot(tl.trans(a2), dzq2, DT, PREC) - e[:, None] * db2n[None, :], 0.0)
     tl.store(db2s_p + fc, db2n + tl.sum(dzq2, 0))
@@ -548,8 +565,8 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
         dw1, db1, _ = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
         _store_w1(dw1_p, db1_p, k0, _dot(tl.trans(xq), dzq1, DT, PREC, dw1), db1 + tl.sum(dzq1, 0), F, K, BK)
     # dgZ2 and de are complete here: to their exchange slot; dXK's partial to the program's scratch until pass 4
-    _xput(xb, ex, p, CS * F + tile, dgz2, P, CS, F)
-    _xput(xb, ex, p, 3 * CS * F + CS * CS + rows, de, P, CS, F)
+    _xput(xb, ex, p, _xoff(_XT1, CS, F) + tile, dgz2, P, CS, F)
+    _xput(xb, ex, p, _xoff(_XVEC, CS, F) + rows, de, P, CS, F)
     tl.store(_tile_ptrs(dxk_park, CS, F), dxk)
     tl.debug_barrier()
     # (b2) through X2 (in Zq2's dual form and in W2' = W2 - X2^T (e gZ2)) and W2'
@@ -569,10 +586,10 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     _xput(xb, ex, p, tile, h2, P, CS, F)
     _xsync(cnt, ex, P)
     h2 = _xsum(xb, ex, tile, P, CS, F)
-    dgz2 = _xsum(xb, ex, CS * F + tile, P, CS, F)
-    de = _xsum(xb, ex, 3 * CS * F + CS * CS + rows, P, CS, F)
-    da1 = _xsum(xb, ex, 3 * CS * F + _tile_offs(CS, CS), P, CS, F)
-    dxq = _xsum(xb, ex, 2 * CS * F + tile, P, CS, F)
+    dgz2 = _xsum(xb, ex, _xoff(_XT1, CS, F) + tile, P, CS, F)
+    de = _xsum(xb, ex, _xoff(_XVEC, CS, F) + rows, P, CS, F)
+    da1 = _xsum(xb, ex, _xoff(_XSQ, CS, F) + _tile_offs(CS, CS), P, CS, F)
+    dxq = _xsum(xb, ex, _xoff(_XT2, CS, F) + tile, P, CS, F)
     ex += 1
 
     gz2 = tl.load(_tile_ptrs(gz2_p, CS, F))
@@ -642,7 +659,7 @@ def _ttt_remat_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, w1
     w2_s += bh * G * K * F
     b2_s += bh * G * F
     work += bh * 2 * CS * K
-    xb = xbuf + bh * 2 * P * (3 * CS * F + CS * CS + CS)
+    xb = xbuf + bh * 2 * P * _xoff(_XEND, CS, F)
     cnt += bh
     w1 = w1_c + c * F * K
     b1 = b1_c + c * K
@@ -694,7 +711,7 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, dout, w1_s, b1_s, w2_s, b2_s
     work += bh * 7 * CS * K
     acts += bh * 2 * CS * K
     small += (bh * P + p) * (4 * CS * F + CS * CS + F)
-    xb = xbuf + bh * 2 * P * (3 * CS * F + CS * CS + CS)
+    xb = xbuf + bh * 2 * P * _xoff(_XEND, CS, F)
     cnt += bh
     dw1 += bh * F * K
     db1 += bh * K
@@ -796,7 +813,7 @@ def _sequential(device: torch.device) -> bool:
 def _config(K: int, block_k, num_warps, num_stages, split, heads: int, device: torch.device, backward: bool):
     """K block, warps, software-pipelining stages and programs per head (split): the caller's (a
     benchmark's sweep) or the defaults chosen by bench_ttt's sweep (benchmarks/results/ttt.md; why:
-    docs/ttt_mlp_kernels.md): the forward is fastest with one warp group, the backward, with far more live
+    docs/ttt_mlp.md): the forward is fastest with one warp group, the backward, with far more live
     tiles, with two. One stage: pipelined K loops multiply the shared memory (the backward then needs more
     than the 227 KB an H100 block can have). split P: the P programs of a head exchange their partial sums
     through global memory and wait for each other. The interpreter runs programs one after another: P = 1.
@@ -832,14 +849,14 @@ _L1_SET = set()  # CUfunction handles whose shared-memory carveout is already se
 def _prefer_l1(kernel):
     """Give the SM's unified L1 / shared memory to L1 beyond what the resident programs' shared memory needs.
     Triton asks for the largest carveout (228 KB shared on an H100) for kernels over 48 KB, which leaves
-    ~20 KB of L1 for the backward's register spills (its effect: docs/ttt_mlp_kernels.md). A CUfunction
+    ~20 KB of L1 for the backward's register spills (its effect: docs/ttt_mlp.md). A CUfunction
     attribute: it holds for the later launches of this compiled kernel."""
     if kernel.function in _L1_SET:
         return
     _L1_SET.add(kernel.function)
     per_sm = max(1, 65536 // (kernel.n_regs * 32 * kernel.metadata.num_warps))  # programs an SM holds
     percent = min(100, -(-100 * per_sm * (kernel.metadata.shared + 1024) // (228 * 1024)))  # of H100's 228 KB
-    try:  # a hint (a small gain, docs/ttt_mlp_kernels.md): where the driver or the attribute is missing, skip it
+    try:  # a hint (a small gain, docs/ttt_mlp.md): where the driver or the attribute is missing, skip it
         # 9: CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT (the driver rounds up to a valid split)
         ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(ctypes.c_void_p(kernel.function), 9, ctypes.c_int(percent))
     except (OSError, AttributeError):
@@ -850,7 +867,7 @@ def _exchange(B, NH, CS, F, P, device, launches=1):
     """A head's exchange buffers: [B*NH, 2, P, XSZ] fp32 partials (two slots, P programs, three [CS, F]
     tiles, a [CS, CS] tile and a [CS] vector) and [launches, B*NH] int32 arrival counters, zero at launch
     (row i for the i-th launch of a kernel that shares the partials buffer)."""
-    xbuf = torch.empty(B * NH, 2, P, 3 * CS * F + CS * CS + CS, dtype=torch.float32, device=device)
+    xbuf = torch.empty(B * NH, 2, P, _xslot_size(CS, F), dtype=torch.float32, device=device)
     return xbuf, torch.zeros(launches, B * NH, dtype=torch.int32, device=device)
 
 
