@@ -80,6 +80,7 @@ def test_keyboard_interrupt_exits_130(monkeypatch):
     ("--d-model", "60", "--d-model: expected a positive multiple of the 8 heads, got 60"),
     ("--d-model", "-8", "--d-model: expected a positive multiple of the 8 heads, got -8"),
     ("--max-iters", "0", "--max-iters: expected a positive integer, got 0"),
+    ("--ttt-mini-batch", "0", "--ttt-mini-batch: expected a positive integer, got 0"),
     ("--time-budget", "0", "--time-budget: expected positive minutes, got 0.0"),
     ("--block-size", "1000000000", "--block-size: expected a batch that fits in memory, got 1000000000 tokens"),
 ])

@@ -76,6 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, help="dropout rate (default: 0.2 on GPU, 0 on CPU)")
     p.add_argument("--attention", choices=["elementwise", "matrix"],
                    help="spiking attention form (default elementwise)")
+    p.add_argument("--ttt-mini-batch", type=int, help="tokens per TTT-MLP inner step (ttt-mlp mixer; default 16)")
     p.add_argument("--eval-interval", type=int, help="steps between validation + checkpoint")
     p.add_argument("--eval-iters", type=int, help="batches per validation estimate")
     p.add_argument("--log-interval", type=int, help="steps between progress/metrics lines")
@@ -135,6 +136,8 @@ def check_args(args, device: torch.device) -> None:
     for key in ("max_iters", "batch_size", "block_size", "eval_interval", "eval_iters", "log_interval", "n_layer"):
         if getattr(args, key) <= 0:
             raise ValueError(f"{flag(key)}: expected a positive integer, got {getattr(args, key)}")
+    if args.ttt_mini_batch is not None and args.ttt_mini_batch <= 0:
+        raise ValueError(f"--ttt-mini-batch: expected a positive integer, got {args.ttt_mini_batch}")
     for key, what in (("time_budget", "positive minutes"), ("lr", "> 0"), ("grad_clip", "> 0")):
         if not getattr(args, key) > 0:
             raise ValueError(f"{flag(key)}: expected {what}, got {getattr(args, key)}")
@@ -335,7 +338,7 @@ def model_config(args, vocab: str, saved: dict = None):
     if saved is not None:
         return LMConfig.from_dict({"vocab": vocab, **saved})  # a checkpoint from before the config held it
     overrides = {"d_model": args.d_model, "n_layer": args.n_layer, "dropout": args.dropout,
-                 "attention": args.attention}
+                 "attention": args.attention, "ttt_mini_batch": args.ttt_mini_batch}
     return LMConfig(vocab_size=len(vocab), vocab=vocab, block_size=args.block_size, mixer=args.mixer,
                     **{k: v for k, v in overrides.items() if v is not None})
 
