@@ -6,8 +6,8 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # a module's group (tether.<group>...) -> its layer: a group imports groups of lower layers only. _backend and
-# _checks sit below everything; ttt (the ttt-tk drop-in) is a peer of nn; nir exports modules, a peer of models.
-LAYERS = {"_backend": 0, "_checks": 0, "reference": 1, "kernels": 2, "functional": 3, "nn": 4, "ttt": 4,
+# _checks and _math sit below everything; ttt (the ttt-tk drop-in) is a peer of nn; nir exports modules, a peer of models.
+LAYERS = {"_backend": 0, "_checks": 0, "_math": 0, "reference": 1, "kernels": 2, "functional": 3, "nn": 4, "ttt": 4,
           "models": 5, "nir": 5}
 APPLICATION = 6  # train, cli, generate, evaluate, step, checkpoint, data, progress: they may import each other
 ORACLE_USERS = {"functional"}

@@ -17,8 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from tether.reference.lif import membrane_dtype, surrogate_grad
-from tether.reference.spike_attention import compute_dtype
+from tether._math import compute_dtype, membrane_dtype, surrogate_grad
 
 
 class LIFConfig(NamedTuple):

@@ -10,7 +10,8 @@ import torch
 
 from tether._backend import use_triton
 from tether._checks import check_spike_attention_args
-from tether.reference.spike_attention import compute_dtype, decay_matrix, gamma_per_head, spike_attention_cumsum
+from tether._math import compute_dtype, decay_matrix, gamma_per_head
+from tether.reference.spike_attention import spike_attention_cumsum
 from tether.functional import _cpu
 
 MATRIX_CHUNK = 64

@@ -1,25 +1,16 @@
 """Readable LIF oracle (spec: docs/spec/lif.md): a Python loop over time, autograd does the backward.
 
-Its argument checks and the surrogate table are tether._checks' (shared with the kernel path).
+Its argument checks and the surrogate table are tether._checks', the surrogate derivative tether._math's (shared
+with the other paths).
 """
-import math
 from typing import Optional, Union
 
 import torch
 
 from tether._checks import check_lif_args, resolve_surrogate
+from tether._math import membrane_dtype, surrogate_grad
 
 Param = Union[float, torch.Tensor]
-
-
-def surrogate_grad(u: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
-    """sg'(u), the stand-in for dH(u)/du (spec table)."""
-    if surrogate == "arctan":
-        return (alpha / 2) / (1 + (math.pi * alpha / 2 * u) ** 2)
-    if surrogate == "sigmoid":
-        sig = torch.sigmoid(alpha * u)
-        return alpha * sig * (1 - sig)
-    return 1 / (1 + alpha * u.abs()) ** 2
 
 
 class SurrogateSpike(torch.autograd.Function):
@@ -41,11 +32,6 @@ def spike(u: torch.Tensor, surrogate: str = "arctan", alpha: Optional[float] = N
     """H(u) with the named surrogate gradient."""
     surrogate, alpha = resolve_surrogate(surrogate, alpha)
     return SurrogateSpike.apply(u, surrogate, alpha)
-
-
-def membrane_dtype(x: torch.Tensor) -> torch.dtype:
-    """Membrane arithmetic is fp32, fp64 for fp64 input (so the oracle can be gradchecked)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def lif(x: torch.Tensor, decay: Param, threshold: Param, v_init: Optional[torch.Tensor] = None, *,

@@ -13,20 +13,7 @@ import math
 import torch
 
 from tether._checks import check_spike_attention_args
-
-def compute_dtype(*args) -> torch.dtype:
-    """float64 when any tensor among args is float64 (gradcheck), else float32: spike counts accumulate in
-    fp32. Non-tensors (a float gamma, a None state) are skipped."""
-    fp64 = any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in args)
-    return torch.float64 if fp64 else torch.float32
-
-
-def gamma_per_head(gamma, H: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """gamma as a [H] tensor (a float or 0-d tensor is expanded; autograd sums the expansion back)."""
-    if not isinstance(gamma, torch.Tensor):
-        return torch.full((H,), float(gamma), dtype=dtype, device=device)
-    return gamma.to(dtype).expand(H)
-
+from tether._math import compute_dtype, decay_matrix, gamma_per_head
 
 def spike_attention(q, k, v, gamma=1.0, state=None, *, form="elementwise", scale=None):
     """Loop over time. q, k, v: [T, B, H, D]. Returns (out [T, B, H, D], final state), both fp32 (fp64 in)."""
@@ -56,18 +43,6 @@ def _finish(outs, q, state):
     """(out [T, B, H, D], final state); T = 0: an empty out that autograd connects to q, and a copy of the
     state (no step)."""
     return (torch.stack(outs), state) if outs else (q * 0, state.clone())
-
-
-def decay_matrix(log_gamma: torch.Tensor, n: int, strict: bool = False) -> torch.Tensor:
-    """[H, n, n] causal decays: gamma^(i - j) for j <= i, or gamma^(i - 1 - j) for j < i when strict; else 0.
-
-    Built from exp of non-positive numbers, so no gamma^-k ever appears (safe for any gamma in (0, 1]).
-    The exponent is clamped before exp so masked entries never hold inf (inf * 0 = nan in backward).
-    """
-    i = torch.arange(n, device=log_gamma.device)
-    steps = (i[:, None] - i[None, :] - int(strict)).clamp(min=0)  # [n, n]
-    mask = i[:, None] > i[None, :] if strict else i[:, None] >= i[None, :]
-    return torch.where(mask, torch.exp(steps * log_gamma[:, None, None]), 0.0)
 
 
 def spike_attention_cumsum(q, k, v, gamma=1.0, state=None, chunk: int = 16):

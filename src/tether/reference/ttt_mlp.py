@@ -11,6 +11,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from tether._checks import default_token_scale
+from tether._math import compute_dtype
 
 LN_EPS = 1e-8
 _GELU_C = math.sqrt(2.0 / math.pi)  # 0.79788456...
@@ -90,11 +91,6 @@ def ttt_mlp_scan(xq, xk, xv, lr, ln_weight, ln_bias, state: State, *, causal: bo
                                   state, causal=causal, token_scale=token_scale)
         outs.append(out)
     return torch.stack(outs, dim=2), state
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp64 if any input is fp64, else fp32 (bf16/fp16 inputs are computed in fp32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def ttt_mlp(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, *, causal: bool = False,
