@@ -70,3 +70,32 @@ def test_the_check_sees_an_upward_import(tmp_path):
     assert bad_arrows(tmp_path) == ["tether/kernels/x.py:1: tether.kernels.x -> tether.nn (upward)",
                             "tether/kernels/x.py:2: tether.kernels.x -> tether.reference.lif "
                             "(the oracle, outside functional)"]
+
+
+def borrowed_from_oracle(src: Path = SRC):
+    """'file:line: name' for each name functional imports from a reference module that the module does not define
+    itself as a function (a helper or constant it took from the shared modules, tether._checks / tether._math):
+    functional may run the oracle's functions as its CPU path, but takes nothing else from it."""
+    found = []
+    for path in sorted((src / "tether" / "functional").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tether.reference.")):
+                continue
+            oracle = src / Path(*node.module.split(".")).with_suffix(".py")
+            defined = {n.name for n in ast.parse(oracle.read_text(encoding="utf-8")).body
+                       if isinstance(n, ast.FunctionDef)}
+            found += [f"{path.relative_to(src)}:{node.lineno}: {alias.name}" for alias in node.names
+                      if alias.name not in defined]
+    return found
+
+
+def test_functional_takes_only_the_oracles_functions():
+    assert borrowed_from_oracle() == []
+
+
+def test_the_check_sees_a_borrowed_helper(tmp_path):
+    (tmp_path / "tether" / "functional").mkdir(parents=True)
+    (tmp_path / "tether" / "reference").mkdir(parents=True)
+    (tmp_path / "tether" / "reference" / "x.py").write_text("from tether._math import helper\n\ndef op():\n    pass\n")
+    (tmp_path / "tether" / "functional" / "y.py").write_text("from tether.reference.x import helper, op\n")
+    assert borrowed_from_oracle(tmp_path) == ["tether/functional/y.py:1: helper"]
