@@ -630,9 +630,10 @@ class Trainer:
             meter.energy = self.raw.energy_per_token()
             self.files.log({"step": state.step, "split": "val", "loss": val_loss, "elapsed_s": state.elapsed(),
                             **meter.energy})
-            self.bar.message(f"step {state.step}: val loss {val_loss:.4f} | energy/token "
-                             f"{meter.energy.get('energy_spiking_j', 0) * 1e6:.3f} uJ spiking vs "
-                             f"{meter.energy.get('energy_ann_j', 0) * 1e6:.3f} uJ ANN")
+            ann_uj = meter.energy.get("energy_ann_j", 0) * 1e6
+            energy = (f"{meter.energy.get('energy_spiking_j', 0) * 1e6:.3f} uJ spiking vs {ann_uj:.3f} uJ ANN"
+                      if self.raw.mixer == "spiking" else f"{ann_uj:.3f} uJ (no spikes)")
+            self.bar.message(f"step {state.step}: val loss {val_loss:.4f} | energy/token {energy}")
         self.save()
         meter.paused += time.monotonic() - eval_start
         return meter.stopped_early
