@@ -206,6 +206,31 @@ def _xslot_size(CS: int, F: int) -> int:
     return 3 * CS * F + CS * CS + CS
 
 
+# The backward's scratch. `work` per head: [CS, K] fp32 tiles, columns by owner, in this order: Z1, gelu'(Z1),
+# gZ1, gelu'(Zq1), dL/dZq1, dL/dG1, the early part of dL/dZ1; the tile of region R starts at R * CS * K.
+_W_Z1, _W_GP, _W_GZ1, _W_GQP, _W_DZQ1, _W_DG1, _W_DZ1, _W_END = (tl.constexpr(i) for i in range(8))
+# `small` per program, in order: xh, gZ2, target [CS, F], dL/deta [CS, CS], the program's b2 gradient [F] (kept
+# from launch to launch), dXK's parked partial [CS, F]
+_S_XH, _S_GZ2, _S_TARGET, _S_DETA, _S_DB2, _S_DXK, _S_END = (tl.constexpr(i) for i in range(7))
+
+
+@triton.jit
+def _soff(R: tl.constexpr, CS: tl.constexpr, F: tl.constexpr):
+    """Element offset of region R (_S_XH.._S_DXK) of a program's `small` scratch; R = _S_END: its size
+    (_small_size)."""
+    off = R * CS * F
+    if R > 3:
+        off = 3 * CS * F + CS * CS + (R - 4) * F
+    if R > 4:
+        off = 3 * CS * F + CS * CS + F + (R - 5) * CS * F
+    return off
+
+
+def _small_size(CS: int, F: int) -> int:
+    """The launcher's side of _soff(_S_END, CS, F)."""
+    return 4 * CS * F + CS * CS + F
+
+
 @triton.jit
 def _xslot(xb, ex, q, P: tl.constexpr, CS: tl.constexpr, F: tl.constexpr):
     """Program q's partials of exchange ex in the head's buffer xb [2, P, XSZ]: two slots alternating by
@@ -449,18 +474,18 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     rows = tl.arange(0, CS)
     fc = tl.arange(0, F)
     tile = _tile_offs(CS, F)
-    z1_p = work_p
-    gp_p = z1_p + CS * K  # gelu'(Z1)
-    gz1_p = gp_p + CS * K  # gZ1 = G1 gelu'(Z1)
-    gqp_p = gz1_p + CS * K  # gelu'(Zq1)
-    dzq1_p = gqp_p + CS * K
-    dg1_p = dzq1_p + CS * K
-    dz1_p = dg1_p + CS * K
-    xh_p = small_p
-    gz2_p = xh_p + CS * F
-    target_p = gz2_p + CS * F
-    deta_p = target_p + CS * F
-    dxk_park = deta_p + CS * CS + F  # after the b2 gradient
+    z1_p = work_p + _W_Z1 * CS * K
+    gp_p = work_p + _W_GP * CS * K  # gelu'(Z1)
+    gz1_p = work_p + _W_GZ1 * CS * K  # gZ1 = G1 gelu'(Z1)
+    gqp_p = work_p + _W_GQP * CS * K  # gelu'(Zq1)
+    dzq1_p = work_p + _W_DZQ1 * CS * K
+    dg1_p = work_p + _W_DG1 * CS * K
+    dz1_p = work_p + _W_DZ1 * CS * K
+    xh_p = small_p + _soff(_S_XH, CS, F)
+    gz2_p = small_p + _soff(_S_GZ2, CS, F)
+    target_p = small_p + _soff(_S_TARGET, CS, F)
+    deta_p = small_p + _soff(_S_DETA, CS, F)
+    dxk_park = small_p + _soff(_S_DXK, CS, F)
     x2_p = acts_p  # gelu(Z1)
     xq2_p = acts_p + CS * K  # gelu(Zq1)
     xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
@@ -697,8 +722,8 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, dout, w1_s, b1_s, w2_s, b2_s
     (p+P)*BK, ... of head bh. dw1..db2 hold the gradient of the state after the group on entry and that
     of the state before it on exit (the last group: of the final state; group 0: of the initial state).
     dts [B*NH, CS], dln_w, dln_b [B*NH, F]: per (batch, head) sums over the mini-batches (program 0 zeroes
-    them in the first launch and adds to them). work [B*NH, 7, CS, K] fp32, acts [B*NH, 2, CS, K] input
-    dtype, small [B*NH*P, 4*CS*F + CS*CS + F]: see _backward_step; small also holds the program's copy of
+    them in the first launch and adds to them). work [B*NH, _W_END, CS, K] fp32, acts [B*NH, 2, CS, K] input
+    dtype, small [B*NH*P, _soff(_S_END)] (regions: _W_*, _S_*); small also holds the program's copy of
     the b2 gradient from launch to launch. xbuf [B*NH, 2, P, XSZ], cnt [B*NH] int32 zeros: the exchanges."""
     p, bh, h, NK = _program(NH, NC, G, P)
     fc = tl.arange(0, F)
@@ -708,16 +733,16 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, dout, w1_s, b1_s, w2_s, b2_s
     b1_s += bh * G * K
     w2_s += bh * G * K * F
     b2_s += bh * G * F
-    work += bh * 7 * CS * K
+    work += bh * _W_END * CS * K
     acts += bh * 2 * CS * K
-    small += (bh * P + p) * (4 * CS * F + CS * CS + F)
+    small += (bh * P + p) * _soff(_S_END, CS, F)
     xb = xbuf + bh * 2 * P * _xoff(_XEND, CS, F)
     cnt += bh
     dw1 += bh * F * K
     db1 += bh * K
     dw2 += bh * K * F
     db2 += bh * F
-    db2s = small + 3 * CS * F + CS * CS  # [F]: every program carries the b2 gradient (a full [F] value)
+    db2s = small + _soff(_S_DB2, CS, F)  # [F]: every program carries the b2 gradient (a full [F] value)
     dln_w += bh * F
     dln_b += bh * F
     dts += bh * CS
@@ -1042,9 +1067,9 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
     states = [[torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, FP, K, (G,))]
               for _ in range(2)]
     rwork = torch.empty(B * NH, 2, CS, K, dtype=torch.float32, device=dev)  # remat: Z1 of 2 mini-batches
-    work = torch.empty(B * NH, 7, CS, K, dtype=torch.float32, device=dev)  # per head, columns by owner
+    work = torch.empty(B * NH, _W_END.value, CS, K, dtype=torch.float32, device=dev)  # per head, columns by owner
     acts = torch.empty(B * NH, 2, CS, K, dtype=xq.dtype, device=dev)  # gelu(Z1), gelu(Zq1): matmul operands
-    small = torch.empty(B * NH * P, 4 * CS * FP + CS * CS + FP, dtype=torch.float32, device=dev)  # per program
+    small = torch.empty(B * NH * P, _small_size(CS, FP), dtype=torch.float32, device=dev)  # per program
     dts = torch.empty(B * NH, CS, dtype=torch.float32, device=dev)
     rxbuf, rcnt = _exchange(B, NH, CS, FP, 1, dev, NK)
     xbuf, cnt = _exchange(B, NH, CS, FP, P, dev, NK)
