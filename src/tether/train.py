@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from tether import checkpoint, cli
+from tether._checks import FORMS
 from tether.data import CharCorpus, DataError, read_text, sha256_of
 from tether.progress import ProgressBar
 from tether.step import TrainStep, autocast, make_optimizer
@@ -74,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int, help="model width (default: the model's own on GPU)")
     p.add_argument("--n-layer", type=int, help="number of blocks")
     p.add_argument("--dropout", type=float, help="dropout rate (default: 0.2 on GPU, 0 on CPU)")
-    p.add_argument("--attention", choices=["elementwise", "matrix"],
+    p.add_argument("--attention", choices=FORMS,
                    help="spiking attention form (default elementwise)")
     p.add_argument("--ttt-mini-batch", type=int, help="tokens per TTT-MLP inner step (ttt-mlp mixer; default 16)")
     p.add_argument("--eval-interval", type=int, help="steps between validation + checkpoint")
@@ -133,11 +134,10 @@ def check_args(args, device: torch.device) -> None:
     def flag(key):
         return f"--{key.replace('_', '-')}"
 
-    for key in ("max_iters", "batch_size", "block_size", "eval_interval", "eval_iters", "log_interval", "n_layer"):
-        if getattr(args, key) <= 0:
+    for key in ("max_iters", "batch_size", "block_size", "eval_interval", "eval_iters", "log_interval", "n_layer",
+                "ttt_mini_batch"):  # None: the model's default
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
             raise ValueError(f"{flag(key)}: expected a positive integer, got {getattr(args, key)}")
-    if args.ttt_mini_batch is not None and args.ttt_mini_batch <= 0:
-        raise ValueError(f"--ttt-mini-batch: expected a positive integer, got {args.ttt_mini_batch}")
     for key, what in (("time_budget", "positive minutes"), ("lr", "> 0"), ("grad_clip", "> 0")):
         if not getattr(args, key) > 0:
             raise ValueError(f"{flag(key)}: expected {what}, got {getattr(args, key)}")

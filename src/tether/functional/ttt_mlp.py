@@ -11,8 +11,7 @@ import torch
 from tether._backend import use_triton, warn_fallback
 from tether._checks import check_group_size, check_ttt_inputs, default_token_scale
 from tether._math import compute_dtype
-from tether.reference.ttt_mlp import ttt_mlp_scan
-from tether.reference.ttt_mlp import ttt_mlp as reference_ttt_mlp
+from tether.reference.ttt_mlp import ttt_mlp as reference_ttt_mlp, ttt_mlp_scan
 
 GRAD_KEYS = ("xq", "xk", "xv", "lr", "token_scale", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2")
 

@@ -140,10 +140,11 @@ class SpikingSelfAttention(nn.Module):
         spikes, v_input = self.input_neurons(x, v_input)  # [T, B, C]
         qkv, v_qkv = self.qkv_neurons(self.qkv(spikes), v_qkv)  # [T, B, 3C] spikes
         gamma = self.gamma  # [H]
+        qkv = qkv.view(T, B, 3, H, D)
         if self.form == "matrix":  # plain PyTorch on both backends
-            out, memory = spike_attention(*qkv.view(T, B, 3, H, D).unbind(2), gamma, memory, form="matrix")
+            out, memory = spike_attention(*qkv.unbind(2), gamma, memory, form="matrix")
         else:
-            out, memory = OPS[self.backend][1](qkv.view(T, B, 3, H, D), gamma, memory)  # out [T, B, H, D] fp32
+            out, memory = OPS[self.backend][1](qkv, gamma, memory)  # out [T, B, H, D] fp32
         out = out * (1 - gamma)[:, None]  # [T, B, H, D], in [0, 1]
         return self.proj(out.reshape(T, B, C)), (v_input, v_qkv, memory)
 

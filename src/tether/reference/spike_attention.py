@@ -15,6 +15,7 @@ import torch
 from tether._checks import check_spike_attention_args
 from tether._math import compute_dtype, decay_matrix, gamma_per_head
 
+
 def spike_attention(q, k, v, gamma=1.0, state=None, *, form="elementwise", scale=None):
     """Loop over time. q, k, v: [T, B, H, D]. Returns (out [T, B, H, D], final state), both fp32 (fp64 in)."""
     check_spike_attention_args(q, k, v, gamma, state, form, scale)
