@@ -149,6 +149,7 @@ def test_attention_gradcheck():
 def test_training_path_runs_no_triton(monkeypatch):
     """Without TRITON_INTERPRET a CPU forward + backward of the spiking LM calls no Triton launcher."""
     import tether.kernels.lif as lif_kernels
+    import tether.kernels.norm_lif as norm_lif_kernels
     import tether.kernels.pack as pack_kernels
     import tether.kernels.spike_attention as attention_kernels
     from tether.models import LMConfig, build_model
@@ -158,7 +159,9 @@ def test_training_path_runs_no_triton(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a Triton launcher ran on the CPU training path")
 
-    for module, names in ((lif_kernels, ("lif_forward", "lif_backward")), (pack_kernels, ("pack_spikes", "unpack_spikes")),
+    for module, names in ((lif_kernels, ("lif_forward", "lif_backward")),
+                          (norm_lif_kernels, ("norm_lif_forward", "norm_lif_backward")),
+                          (pack_kernels, ("pack_spikes", "unpack_spikes")),
                           (attention_kernels, ("spike_attention_forward", "spike_attention_backward"))):
         for name in names:
             monkeypatch.setattr(module, name, refuse)

@@ -5,15 +5,16 @@ import torch
 import torch.nn as nn
 
 from tether._checks import FORMS
-from tether.functional.lif import lif, lif_eager
+from tether.functional.lif import lif_eager
+from tether.functional.norm_lif import norm_lif
 from tether.functional.spike_attention import spike_attention, spike_attention_qkv, spike_attention_qkv_eager
 from tether.nn.spike_linear import SpikeLinear
 
-# backend -> (LIF op, attention op on packed qkv [T, B, 3, H, D]): "fused" runs the Triton kernels
-# (tether.functional picks kernel or reference per device), "eager" is the same math from plain PyTorch ops
-# on every device (the benchmark's baseline)
-OPS = {"fused": (lif, spike_attention_qkv), "eager": (lif_eager, spike_attention_qkv_eager)}
-BACKENDS = tuple(OPS)
+# backend -> attention op on packed qkv [T, B, 3, H, D]: "fused" runs the Triton kernels (tether.functional
+# picks kernel or reference per device), "eager" is the same math from plain PyTorch ops on every device (the
+# benchmark's baseline); NormLIF picks its neurons the same way
+ATTENTION_OPS = {"fused": spike_attention_qkv, "eager": spike_attention_qkv_eager}
+BACKENDS = tuple(ATTENTION_OPS)
 
 
 def _check_backend(backend: str) -> None:
@@ -26,7 +27,8 @@ class NormLIF(nn.Module):
 
     Every group of neurons sits behind a norm so that its input has unit scale whatever the firing rates and
     weights upstream (a fixed threshold of 1 then fires at a useful rate from the first step on).
-    ``backend="fused"``: ``tether.functional.lif`` (Triton kernels); ``"eager"``: the reference Python loop.
+    ``backend="fused"``: ``tether.functional.norm_lif`` (norm and neurons in one pair of Triton kernels);
+    ``"eager"``: nn.LayerNorm, then the reference Python loop.
     forward(x ``[T, B, channels]``, membrane ``[B, channels]`` or None) -> (spikes like x, membrane fp32).
     ``rate``: mean of the last spikes (0-d device tensor, no sync).
     """
@@ -40,12 +42,14 @@ class NormLIF(nn.Module):
         self.rate = None
 
     def forward(self, x: torch.Tensor, membrane: Optional[torch.Tensor] = None):
-        lif_op = OPS[self.backend][0]
-        x = self.norm(x)  # fp32 even under autocast
-        if torch.is_autocast_enabled(x.device.type):
-            # spikes in the autocast dtype: half the traffic, and what the next layer reads or saves is half too
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        spikes, membrane = lif_op(x, self.decay, self.threshold, membrane, surrogate=self.surrogate)
+        # spikes in the autocast dtype: half the traffic, and what the next layer reads or saves is half too
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if self.backend == "fused":  # one op: the normalized input is never stored
+            spikes, membrane = norm_lif(x, self.norm.weight, self.norm.bias, self.decay, self.threshold, membrane,
+                                        eps=self.norm.eps, surrogate=self.surrogate, dtype=dtype)
+        else:
+            x = self.norm(x).to(dtype)  # the norm runs in fp32 even under autocast
+            spikes, membrane = lif_eager(x, self.decay, self.threshold, membrane, surrogate=self.surrogate)
         self.rate = spikes.detach().mean(dtype=torch.float32)
         return spikes, membrane
 
@@ -144,7 +148,7 @@ class SpikingSelfAttention(nn.Module):
         if self.form == "matrix":  # plain PyTorch on both backends
             out, memory = spike_attention(*qkv.unbind(2), gamma, memory, form="matrix")
         else:
-            out, memory = OPS[self.backend][1](qkv, gamma, memory)  # out [T, B, H, D] fp32
+            out, memory = ATTENTION_OPS[self.backend](qkv, gamma, memory)  # out [T, B, H, D] fp32
         out = out * (1 - gamma)[:, None]  # [T, B, H, D], in [0, 1]
         return self.proj(out.reshape(T, B, C)), (v_input, v_qkv, memory)
 
