@@ -272,3 +272,35 @@ def test_empty_input(device, shape, impl, form):
         torch.testing.assert_close(final, state.detach())
         assert torch.equal(state.grad, torch.full_like(state, 2.0))
     assert gamma.grad is None or not gamma.grad.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
+def test_output_scale_matches_the_plain_product(dtype):
+    """output_scale saves only the product (in dtype), yet gives the plain expression's value and gradients."""
+    from tether.functional.spike_attention import output_scale
+
+    torch.manual_seed(0)
+    in_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.rand(5, 2, 3, 4, dtype=in_dtype, requires_grad=True)
+    gamma = torch.rand(3, dtype=in_dtype).mul(0.9).add(0.05).requires_grad_()
+    grad = torch.randn(5, 2, 3, 4, dtype=dtype)
+    got = output_scale(out, gamma, dtype)
+    got_grads = torch.autograd.grad(got, (out, gamma), grad)
+    assert got.dtype == dtype and torch.equal(got, (out * (1 - gamma)[:, None]).to(dtype))
+    out64, gamma64 = out.detach().double().requires_grad_(), gamma.detach().double().requires_grad_()
+    want_grads = torch.autograd.grad(out64 * (1 - gamma64)[:, None], (out64, gamma64), grad.double())
+    assert [g.dtype for g in got_grads] == [in_dtype, in_dtype]
+    if dtype == torch.float64:
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    else:  # dgamma is summed from the product rounded to bf16: at most 2^-8 of each term
+        torch.testing.assert_close(got_grads[0].double(), want_grads[0], rtol=1e-6, atol=1e-6)
+        bound = 2.0 ** -8 * (grad.double() * out64).abs().sum(dim=(0, 1, 3)) + 1e-6
+        assert ((got_grads[1].double() - want_grads[1]).abs() <= bound).all()
+
+
+def test_output_scale_bad_shapes_are_named():
+    from tether.functional.spike_attention import output_scale
+
+    with pytest.raises(ValueError, match="out, gamma: expected"):
+        output_scale(torch.zeros(2, 1, 3, 4), torch.zeros(2))

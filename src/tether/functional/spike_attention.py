@@ -163,6 +163,39 @@ def spike_attention_qkv_eager(qkv, gamma=1.0, state=None):
     return spike_attention_cumsum(*qkv.unbind(2), gamma, state)
 
 
+class _OutputScale(torch.autograd.Function):
+    """p = (out * (1 - gamma)[:, None]).to(dtype), saving p and gamma only: out = p / (1 - gamma)."""
+
+    @staticmethod
+    def forward(ctx, out, gamma, dtype):
+        p = (out * (1 - gamma)[:, None]).to(dtype)  # [T, B, H, D]
+        ctx.save_for_backward(p, gamma)
+        ctx.out_dtype = out.dtype
+        return p
+
+    @staticmethod
+    def backward(ctx, grad_p):
+        p, gamma = ctx.saved_tensors
+        compute = torch.promote_types(torch.promote_types(grad_p.dtype, gamma.dtype), torch.float32)
+        grad_p = grad_p.to(compute)
+        keep = 1 - gamma.to(compute)  # [H]
+        grad_out = (grad_p * keep[:, None]).to(ctx.out_dtype) if ctx.needs_input_grad[0] else None
+        grad_gamma = None
+        if ctx.needs_input_grad[1]:  # d p / d gamma = -out = -p / (1 - gamma)
+            grad_gamma = (-(grad_p * p.to(compute)).sum(dim=(0, 1, 3)) / keep).to(gamma.dtype)
+        return grad_out, grad_gamma, None
+
+
+def output_scale(out, gamma, dtype=None):
+    """``(out * (1 - gamma)[:, None]).to(dtype)`` for the attention's ``out [T, B, H, D]`` and ``gamma [H]``
+    (dtype: default out's): what keeps the output in [0, 1] for any length. Saves for backward only the
+    product in dtype (the next layer's input, which it saves anyway), not out."""
+    if gamma.dim() != 1 or out.dim() != 4 or out.shape[2] != gamma.shape[0]:
+        raise ValueError(f"out, gamma: expected [T, B, H, D] and [H], got shapes {tuple(out.shape)} and "
+                         f"{tuple(gamma.shape)}")
+    return _OutputScale.apply(out, gamma, out.dtype if dtype is None else dtype)
+
+
 def _elementwise_op(qkv, gamma, state):
     T, B, _, H, D = qkv.shape
     gamma = gamma_per_head(gamma, H, torch.float32, qkv.device)  # [H]

@@ -7,7 +7,8 @@ import torch.nn as nn
 from tether._checks import FORMS
 from tether.functional.lif import lif_eager
 from tether.functional.norm_lif import norm_lif
-from tether.functional.spike_attention import spike_attention, spike_attention_qkv, spike_attention_qkv_eager
+from tether.functional.spike_attention import (output_scale, spike_attention, spike_attention_qkv,
+                                               spike_attention_qkv_eager)
 from tether.nn.spike_linear import SpikeLinear
 
 # backend -> attention op on packed qkv [T, B, 3, H, D]: "fused" runs the Triton kernels (tether.functional
@@ -149,7 +150,9 @@ class SpikingSelfAttention(nn.Module):
             out, memory = spike_attention(*qkv.unbind(2), gamma, memory, form="matrix")
         else:
             out, memory = ATTENTION_OPS[self.backend](qkv, gamma, memory)  # out [T, B, H, D] fp32
-        out = out * (1 - gamma)[:, None]  # [T, B, H, D], in [0, 1]
+        # [T, B, H, D], in [0, 1]; in the autocast dtype (what proj reads), the only copy kept for backward
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else out.dtype
+        out = output_scale(out, gamma, dtype)
         return self.proj(out.reshape(T, B, C)), (v_input, v_qkv, memory)
 
     def init_state(self, batch_size: int, device) -> Tuple[torch.Tensor, ...]:
