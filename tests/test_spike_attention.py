@@ -157,8 +157,9 @@ def test_custom_op_registration(device):
     gamma = torch.tensor([0.5, 0.9, 1.0], device=device, requires_grad=True)
     state = torch.randn(B, H, D, device=device, requires_grad=True)
     packed = torch.stack((q, k, v), 2).detach().requires_grad_()  # [T, B, 3, H, D], the op's layout
-    torch.library.opcheck(_elementwise, (packed, gamma, state),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for binary in (False, True):
+        torch.library.opcheck(_elementwise, (packed, gamma, state, binary),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
     compiled = torch.compile(spike_attention, fullgraph=True, backend="aot_eager")
     out, final = compiled(q, k, v, gamma, state)
@@ -167,9 +168,11 @@ def test_custom_op_registration(device):
     assert_same_grads((out, final), (ref_out, ref_final), [q, k, v, gamma, state], 1e-4)
 
 
-def test_packed_qkv_is_the_same_op(device):
+@pytest.mark.parametrize("binary", [False, True])
+def test_packed_qkv_is_the_same_op(device, binary):
     """spike_attention_qkv on the packed [T, B, 3, H, D] tensor == spike_attention on its three views, outputs
-    and gradients (the gradient of the packed input comes back packed)."""
+    and gradients (the gradient of the packed input comes back packed); binary: the same numbers from qkv kept
+    as bits, eager and compiled."""
     from tether.functional import spike_attention_qkv
 
     T, B, D = 2 * 32 + 3, 2, 8
@@ -177,13 +180,34 @@ def test_packed_qkv_is_the_same_op(device):
     packed = torch.stack((q, k, v), 2).requires_grad_()
     gamma = torch.tensor([0.5, 0.9, 1.0], device=device, requires_grad=True)
     state = torch.randn(B, H, D, device=device, requires_grad=True)
-    out, final = spike_attention_qkv(packed, gamma, state)
-    ref_out, ref_final = reference(*packed.unbind(2), gamma, state)
-    assert_close(out, ref_out, 1e-5)
-    assert_close(final, ref_final, 1e-5)
-    assert_same_grads((out, final), (ref_out, ref_final), [packed, gamma, state], 1e-4)
+    compiled = torch.compile(spike_attention_qkv, fullgraph=True, backend="aot_eager")
+    for op in (spike_attention_qkv, compiled):
+        ref_out, ref_final = reference(*packed.unbind(2), gamma, state)
+        out, final = op(packed, gamma, state, binary=binary)
+        assert_close(out, ref_out, 1e-5)
+        assert_close(final, ref_final, 1e-5)
+        assert_same_grads((out, final), (ref_out, ref_final), [packed, gamma, state], 1e-4)
     with pytest.raises(ValueError, match=r"qkv: expected a \[T, B, 3, H, D\] tensor"):
         spike_attention_qkv(q, gamma, state)
+    with pytest.raises(TypeError, match="binary: expected a bool, got int"):
+        spike_attention_qkv(packed, gamma, state, binary=1)
+
+
+def test_binary_qkv_is_saved_as_bits(device):
+    """binary=True on the kernels' path: the backward keeps qkv as uint8 bits, no float copy of it."""
+    from tether.functional import spike_attention_qkv
+
+    if not use_triton(torch.empty(0, device=device)):
+        pytest.skip("the CPU path keeps qkv as it is")
+    T, B, D = 40, 2, 8
+    packed = torch.stack(qkv(T, B, D, device=device), 2).to(torch.bfloat16).requires_grad_()
+    gamma = torch.tensor([0.5, 0.9, 1.0], device=device, requires_grad=True)
+    for binary, kept in ((False, torch.bfloat16), (True, torch.uint8)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            spike_attention_qkv(packed, gamma, binary=binary)
+        big = [t for t in saved if t.numel() >= T * B * 3 * H * D // 8]  # qkv-sized, not the [H] or chunk states
+        assert [(t.dtype, t.numel()) for t in big] == [(kept, packed.numel() // (8 if binary else 1))]
 
 
 def test_reference_path_without_interpreter(monkeypatch, launches):

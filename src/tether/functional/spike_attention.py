@@ -13,17 +13,22 @@ from tether._checks import check_spike_attention_args
 from tether._math import compute_dtype, decay_matrix, gamma_per_head
 from tether.reference.spike_attention import spike_attention_cumsum
 from tether.functional import _cpu
+from tether.functional.pack import _pack_kernel, _unpack, _unpack_kernel
 
 MATRIX_CHUNK = 64
 
 
-def _elementwise_kernel(qkv: torch.Tensor, gamma: torch.Tensor,
-                        state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv [T, B, 3, H, D] -> out, final state, state entering each chunk (kept for the backward)."""
+def _elementwise_kernel(qkv: torch.Tensor, gamma: torch.Tensor, state: torch.Tensor,
+                        binary: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [T, B, 3, H, D] -> out, final state, state entering each chunk, and (binary) qkv as packed bits
+    [T * B, 3 * H * D / 8] uint8, else an empty uint8 tensor: what the backward keeps."""
     # kernels are imported on first use: triton is only a dependency on Linux, the CPU path needs none
     from tether.kernels.spike_attention import spike_attention_forward
 
-    return spike_attention_forward(qkv, gamma, state)
+    out, final, entering = spike_attention_forward(qkv, gamma, state)
+    T, B = qkv.shape[:2]
+    bits = _pack_kernel(qkv.reshape(T * B, -1)) if binary else qkv.new_empty(0, dtype=torch.uint8)
+    return out, final, entering, bits
 
 
 # the op torch.compile traces; eager calls go through _Elementwise to the launchers without the custom-op dispatch
@@ -31,13 +36,14 @@ _elementwise = torch.library.custom_op("tether::spike_attention_elementwise", _e
 
 
 @_elementwise.register_fake
-def _(qkv, gamma, state):
+def _(qkv, gamma, state, binary):
     from tether.kernels import cdiv
     from tether.kernels.spike_attention import CHUNK
 
     T, B, _, H, D = qkv.shape
+    bits = qkv.new_empty((T * B, cdiv(3 * H * D, 8)) if binary else 0, dtype=torch.uint8)
     return (qkv.new_empty(T, B, H, D, dtype=torch.float32), qkv.new_empty(B, H, D, dtype=torch.float32),
-            qkv.new_empty(cdiv(T, CHUNK), B, H, D, dtype=torch.float32))
+            qkv.new_empty(cdiv(T, CHUNK), B, H, D, dtype=torch.float32), bits)
 
 
 def _elementwise_backward_kernel(qkv: torch.Tensor, gamma: torch.Tensor, entering: torch.Tensor,
@@ -58,16 +64,21 @@ def _(qkv, gamma, entering, dout, dfinal, need_dgamma):
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, gamma, state = inputs
-    # saved: qkv as it came (2 B/elem of q, k and v each in bf16) + fp32 chunk-entry states (4 / CHUNK B/elem)
-    ctx.save_for_backward(qkv, gamma, output[2])
+    qkv, gamma, state, binary = inputs
+    # saved: qkv as it came (2 B/elem of q, k and v each in bf16) or, binary, as bits (1/8 B/elem), and the
+    # fp32 chunk-entry states (4 / CHUNK B/elem)
+    ctx.save_for_backward(None if binary else qkv, output[3] if binary else None, gamma, output[2])
+    ctx.qkv_shape, ctx.qkv_dtype = qkv.shape, qkv.dtype
 
 
-def _backward_with(elementwise_backward, ctx, dout, dfinal):
-    """dqkv, dgamma, dstate; elementwise_backward: the custom op (traced) or its kernel body (eager)."""
-    qkv, gamma, entering = ctx.saved_tensors
+def _backward_with(elementwise_backward, unpack, ctx, dout, dfinal):
+    """dqkv, dgamma, dstate; elementwise_backward / unpack: the custom ops (traced) or their kernel bodies
+    (eager)."""
+    qkv, bits, gamma, entering = ctx.saved_tensors
+    T, B, _, H, D = ctx.qkv_shape
+    if qkv is None:  # binary: 0/1 from the bits
+        qkv = unpack(bits, 3 * H * D, ctx.qkv_dtype).view(ctx.qkv_shape)
     if dout is None:  # only the final state was used
-        T, B, _, H, D = qkv.shape
         dout = entering.new_zeros(T, B, H, D)
     if dfinal is None:  # only out was used
         dfinal = entering.new_zeros(entering.shape[1:])  # [B, H, D]
@@ -75,8 +86,8 @@ def _backward_with(elementwise_backward, ctx, dout, dfinal):
     return dqkv, dgamma if ctx.needs_input_grad[1] else None, dstate
 
 
-def _backward(ctx, dout, dfinal, _dentering):
-    return _backward_with(_elementwise_backward, ctx, dout, dfinal)
+def _backward(ctx, dout, dfinal, _dentering, _dbits):
+    return *_backward_with(_elementwise_backward, _unpack, ctx, dout, dfinal), None
 
 
 _elementwise.register_autograd(_backward, setup_context=_setup_context)
@@ -87,15 +98,15 @@ class _Elementwise(torch.autograd.Function):
     register_autograd dispatch costs more host time per call: docs/attention_kernels.md)."""
 
     @staticmethod
-    def forward(ctx, qkv, gamma, state):
-        output = _elementwise_kernel(qkv, gamma, state)
-        _setup_context(ctx, (qkv, gamma, state), output)
+    def forward(ctx, qkv, gamma, state, binary):
+        output = _elementwise_kernel(qkv, gamma, state, binary)
+        _setup_context(ctx, (qkv, gamma, state, binary), output)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to allocate
         return output[0], output[1]
 
     @staticmethod
     def backward(ctx, dout, dfinal):
-        return _backward_with(_elementwise_backward_kernel, ctx, dout, dfinal)
+        return *_backward_with(_elementwise_backward_kernel, _unpack_kernel, ctx, dout, dfinal), None
 
 
 def _matrix_chunked(q, k, v, gamma, state, scale, chunk=MATRIX_CHUNK):
@@ -146,15 +157,20 @@ def spike_attention(q, k, v, gamma=1.0, state=None, *, form="elementwise"):
     return _elementwise_op(torch.stack((q, k, v), dim=2), gamma, state)
 
 
-def spike_attention_qkv(qkv, gamma=1.0, state=None):
+def spike_attention_qkv(qkv, gamma=1.0, state=None, *, binary=False):
     """``spike_attention(q, k, v, gamma, state)`` (elementwise form) with ``q, k, v = qkv.unbind(2)`` for
-    ``qkv [T, B, 3, H, D]``: the kernels read the packed tensor as it is, and its gradient comes back packed."""
+    ``qkv [T, B, 3, H, D]``: the kernels read the packed tensor as it is, and its gradient comes back packed.
+    ``binary=True`` promises that qkv holds only 0 and 1 (spikes from an LIF): the kernels' path then keeps
+    it for the backward as bits (1/16 of a bf16 copy). Not checked (that would wait for the GPU): other
+    values get wrong gradients. The CPU path keeps qkv as it is."""
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv: expected a [T, B, 3, H, D] tensor, got shape {tuple(qkv.shape)}")
+    if not isinstance(binary, bool):
+        raise TypeError(f"binary: expected a bool, got {type(binary).__name__}")
     if not use_triton(qkv):
         return spike_attention(*qkv.unbind(2), gamma, state)
     check_spike_attention_args(*qkv.unbind(2), gamma, state, "elementwise")
-    return _elementwise_op(qkv, gamma, state)
+    return _elementwise_op(qkv, gamma, state, binary)
 
 
 def spike_attention_qkv_eager(qkv, gamma=1.0, state=None):
@@ -196,11 +212,13 @@ def output_scale(out, gamma, dtype=None):
     return _OutputScale.apply(out, gamma, out.dtype if dtype is None else dtype)
 
 
-def _elementwise_op(qkv, gamma, state):
+def _elementwise_op(qkv, gamma, state, binary=False):
     T, B, _, H, D = qkv.shape
     gamma = gamma_per_head(gamma, H, torch.float32, qkv.device)  # [H]
     state = torch.zeros(B, H, D, device=qkv.device, dtype=torch.float32) if state is None else state.float()
+    # bits only where a backward will read them
+    binary = binary and torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, gamma, state))
     if torch.compiler.is_compiling():
-        out, final, _ = _elementwise(qkv, gamma, state)
+        out, final, _, _ = _elementwise(qkv, gamma, state, binary)
         return out, final
-    return _Elementwise.apply(qkv, gamma, state)
+    return _Elementwise.apply(qkv, gamma, state, binary)

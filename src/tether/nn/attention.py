@@ -14,7 +14,12 @@ from tether.nn.spike_linear import SpikeLinear
 # backend -> attention op on packed qkv [T, B, 3, H, D]: "fused" runs the Triton kernels (tether.functional
 # picks kernel or reference per device), "eager" is the same math from plain PyTorch ops on every device (the
 # benchmark's baseline); NormLIF picks its neurons the same way
-ATTENTION_OPS = {"fused": spike_attention_qkv, "eager": spike_attention_qkv_eager}
+def _fused_attention(qkv, gamma, memory):
+    """qkv are an LIF's spikes (0/1): the kernels keep them for the backward as bits."""
+    return spike_attention_qkv(qkv, gamma, memory, binary=True)
+
+
+ATTENTION_OPS = {"fused": _fused_attention, "eager": spike_attention_qkv_eager}
 BACKENDS = tuple(ATTENTION_OPS)
 
 
