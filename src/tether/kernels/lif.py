@@ -104,6 +104,8 @@ def _reset(h, fire, theta, v_reset, HARD: tl.constexpr):
 @triton.jit
 def _fwd_step(x, t, v, bits, neuron, inv_sg_peak, N, offs, mask, spikes_ptr, saved_ptr,
               SURROGATE: tl.constexpr, HARD: tl.constexpr, SAVE: tl.constexpr):
+    """Step t: x, v (= v_{t-1}) [BLOCK] fp32, neuron = (beta, theta, alpha, v_reset) -> (v_t, bits, code):
+    stores spikes[t] (and h_t for MEMBRANE); bits gains s_t, code is the COMPACT save (0 otherwise)."""
     beta, theta, alpha, v_reset = neuron
     h = beta * v + x
     fire = h >= theta
