@@ -30,6 +30,17 @@ def test_keys_tell_apart_what_triton_does():
             assert _spec(a) != _spec(b), (a, b)
 
 
+def test_tuple_keys_tell_apart_what_triton_does():
+    """Tuple arguments (the LIF kernels' (ptr or None, value, C), (saved, bits), ...): Triton specializes each
+    member, so the key recurses; a member's change shows in the key as it would alone."""
+    members = _samples()[::3]  # ints, tensors, None, floats, bools: a sample of each
+    samples = [(a, b) for a, b in itertools.product(members, repeat=2)] + [(), (None,), ((None, 1), 1.0)]
+    for a, b in itertools.combinations(samples, 2):
+        if _triton_spec(a) != _triton_spec(b):
+            assert _spec(a) != _spec(b), (a, b)
+    assert _spec((None, 0.5, 1)) == _spec((None, 0.25, 1)) != _spec((None, 0.5, 2))
+
+
 def test_launch_hooks_send_calls_through_triton():
     assert not _hooked(knobs.runtime.launch_enter_hook)  # triton's default: an empty chain
     assert not _hooked(None)

@@ -3,6 +3,10 @@
 Layout: x, spikes and their gradients are [T, N] contiguous (N = the flattened trailing dims, the channel
 innermost); membrane, v_init and per-neuron parameter gradients are [N] fp32. decay / threshold are either a
 float or an fp32 tensor of C values read at channel n % C (C = 1 for a shared 0-d tensor).
+The kernels take related arguments as tuples (a None member is a compile-time constant, so `is None` on it
+picks the code path): a parameter p = (ptr or None, float value, C); the saves (saved, bits), each None
+where SAVE has no such part; the per-neuron state and gradients as named at each kernel. Inside, a neuron is
+neuron = (beta, theta, alpha, v_reset): decay and threshold as [BLOCK] fp32 or floats, alpha and v_reset floats.
 Grid: (cdiv(N, BLOCK),). One program (WARPS warps) owns BLOCK neurons and walks time with the membrane in
 registers.
 Loads go CHUNK time steps at a time as one [CHUNK, BLOCK] tile, fetched one chunk ahead, so that CHUNK rows
@@ -48,18 +52,19 @@ def surrogate_grad(u, alpha, SURROGATE: tl.constexpr):
 
 
 @triton.jit
-def _param(ptr, value, offs, mask, C, IS_TENSOR: tl.constexpr):
-    """A decay / threshold: the float itself, or [BLOCK] values read at channel offs % C."""
-    if IS_TENSOR:
-        return tl.load(ptr + offs % C, mask=mask, other=1.0)
+def _param(p, offs, mask):
+    """A decay / threshold p = (ptr or None, value, C): the float value (ptr None), or [BLOCK] values read at
+    channel offs % C."""
+    if p[0] is not None:
+        return tl.load(p[0] + offs % p[2], mask=mask, other=1.0)
     else:
-        return value
+        return p[1]
 
 
 @triton.jit
-def _vector(ptr, offs, mask, BLOCK: tl.constexpr, PRESENT: tl.constexpr):
-    """A [BLOCK] fp32 per-neuron vector (v_init, dL/dv_final), or zeros when the caller passed none."""
-    if PRESENT:
+def _vector(ptr, offs, mask, BLOCK: tl.constexpr):
+    """A [BLOCK] fp32 per-neuron vector (v_init, dL/dv_final), or zeros when the caller passed none (ptr None)."""
+    if ptr is not None:
         return tl.load(ptr + offs, mask=mask, other=0.0)
     else:
         return tl.zeros([BLOCK], dtype=tl.float32)
@@ -97,9 +102,11 @@ def _reset(h, fire, theta, v_reset, HARD: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(x, t, v, bits, beta, theta, alpha, v_reset, inv_sg_peak, N, offs, mask,
-              spikes_ptr, saved_ptr,
+def _fwd_step(x, t, v, bits, neuron, inv_sg_peak, N, offs, mask, spikes_ptr, saved_ptr,
               SURROGATE: tl.constexpr, HARD: tl.constexpr, SAVE: tl.constexpr):
+    """Step t: x, v (= v_{t-1}) [BLOCK] fp32, neuron = (beta, theta, alpha, v_reset) -> (v_t, bits, code):
+    stores spikes[t] (and h_t for MEMBRANE); bits gains s_t, code is the COMPACT save (0 otherwise)."""
+    beta, theta, alpha, v_reset = neuron
     h = beta * v + x
     fire = h >= theta
     row = tl.cast(t, tl.int64) * N + offs
@@ -121,18 +128,18 @@ def _store_codes(saved_ptr, t, N, offs, mask, low, high):
 
 
 @triton.jit
-def _fwd_chunk(tile, t0, T, N, offs, mask, v, bits, beta, theta, alpha, v_reset, inv_sg_peak,
-               spikes_ptr, saved_ptr, bits_ptr,
+def _fwd_chunk(tile, t0, T, N, offs, mask, v, bits, neuron, inv_sg_peak, spikes_ptr, save,
                SURROGATE: tl.constexpr, HARD: tl.constexpr, SAVE: tl.constexpr,
                CHUNK: tl.constexpr, FULL: tl.constexpr):
     """Steps t0 .. t0+CHUNK-1 (FULL) or those below T (the last, partial chunk). t0 and CHUNK are even, so
-    the COMPACT codes pair up inside the chunk (an odd T stores its last code alone)."""
+    the COMPACT codes pair up inside the chunk (an odd T stores its last code alone). save = (saved, bits)."""
+    saved_ptr, bits_ptr = save
     low = tl.zeros_like(bits)
     for k in tl.static_range(CHUNK):
         x = _row(tile, k, CHUNK).to(tl.float32)
         if FULL:
-            v, bits, code = _fwd_step(x, t0 + k, v, bits, beta, theta, alpha, v_reset, inv_sg_peak, N, offs,
-                                      mask, spikes_ptr, saved_ptr, SURROGATE, HARD, SAVE)
+            v, bits, code = _fwd_step(x, t0 + k, v, bits, neuron, inv_sg_peak, N, offs, mask, spikes_ptr,
+                                      saved_ptr, SURROGATE, HARD, SAVE)
             if SAVE == 1:
                 if k % 2 == 0:
                     low = code
@@ -140,8 +147,8 @@ def _fwd_chunk(tile, t0, T, N, offs, mask, v, bits, beta, theta, alpha, v_reset,
                     _store_codes(saved_ptr, t0 + k, N, offs, mask, low, code)
         else:
             if t0 + k < T:
-                v, bits, code = _fwd_step(x, t0 + k, v, bits, beta, theta, alpha, v_reset, inv_sg_peak, N, offs,
-                                          mask, spikes_ptr, saved_ptr, SURROGATE, HARD, SAVE)
+                v, bits, code = _fwd_step(x, t0 + k, v, bits, neuron, inv_sg_peak, N, offs, mask, spikes_ptr,
+                                          saved_ptr, SURROGATE, HARD, SAVE)
                 if SAVE == 1:
                     if k % 2 == 0:
                         low = code
@@ -158,41 +165,41 @@ def _fwd_chunk(tile, t0, T, N, offs, mask, v, bits, beta, theta, alpha, v_reset,
 
 
 @triton.jit
-def lif_fwd_kernel(x_ptr, v_init_ptr, decay_ptr, threshold_ptr,
-                   spikes_ptr, v_final_ptr, saved_ptr, bits_ptr,
-                   T, N, C_decay, C_threshold, decay, threshold, alpha, v_reset, inv_sg_peak,
-                   SURROGATE: tl.constexpr, HARD: tl.constexpr, DECAY_TENSOR: tl.constexpr,
-                   THRESHOLD_TENSOR: tl.constexpr, HAS_V_INIT: tl.constexpr, SAVE: tl.constexpr,
+def lif_fwd_kernel(x_ptr, state, decay, threshold, spikes_ptr, save, T, N, alpha, v_reset, inv_sg_peak,
+                   SURROGATE: tl.constexpr, HARD: tl.constexpr, SAVE: tl.constexpr,
                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, WARPS: tl.constexpr):
     """spikes[t] = H(h_t - theta), h_t = beta v_{t-1} + x[t], v reset; v_final = v_{T-1}; saved per SAVE.
-    v_init: [N] fp32, or zeros when not HAS_V_INIT (no tensor to allocate and fill)."""
+    state = (v_init [N] fp32 or None (zeros: no tensor to allocate and fill), v_final [N] fp32); decay /
+    threshold = (ptr or None, value, C); save = (saved, bits)."""
+    v_init_ptr, v_final_ptr = state
     offs = _neurons(BLOCK, WARPS)
     mask = offs < N
-    beta = _param(decay_ptr, decay, offs, mask, C_decay, DECAY_TENSOR)
-    theta = _param(threshold_ptr, threshold, offs, mask, C_threshold, THRESHOLD_TENSOR)
-    v = _vector(v_init_ptr, offs, mask, BLOCK, HAS_V_INIT)
+    neuron = (_param(decay, offs, mask), _param(threshold, offs, mask), alpha, v_reset)
+    v = _vector(v_init_ptr, offs, mask, BLOCK)
     bits = tl.zeros([BLOCK], dtype=tl.int32)
     n_full = T // CHUNK * CHUNK
     tile = _tile(x_ptr, 0, T, N, offs, mask, CHUNK)
     for t0 in range(0, n_full, CHUNK):
         ahead = _tile(x_ptr, t0 + CHUNK, T, N, offs, mask, CHUNK)
-        v, bits = _fwd_chunk(tile, t0, T, N, offs, mask, v, bits, beta, theta, alpha, v_reset, inv_sg_peak,
-                             spikes_ptr, saved_ptr, bits_ptr, SURROGATE, HARD, SAVE, CHUNK, True)
+        v, bits = _fwd_chunk(tile, t0, T, N, offs, mask, v, bits, neuron, inv_sg_peak, spikes_ptr, save,
+                             SURROGATE, HARD, SAVE, CHUNK, True)
         tile = ahead
     if n_full < T:
-        v, bits = _fwd_chunk(tile, n_full, T, N, offs, mask, v, bits, beta, theta, alpha, v_reset, inv_sg_peak,
-                             spikes_ptr, saved_ptr, bits_ptr, SURROGATE, HARD, SAVE, CHUNK, False)
+        v, bits = _fwd_chunk(tile, n_full, T, N, offs, mask, v, bits, neuron, inv_sg_peak, spikes_ptr, save,
+                             SURROGATE, HARD, SAVE, CHUNK, False)
     if SAVE == 1:
         if T % 32 != 0:
-            tl.store(bits_ptr + tl.cast((T - 1) // 32, tl.int64) * N + offs, bits, mask=mask)
+            tl.store(save[1] + tl.cast((T - 1) // 32, tl.int64) * N + offs, bits, mask=mask)
     tl.store(v_final_ptr + offs, v, mask=mask)
 
 
 @triton.jit
-def _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t0, T, N, offs, mask,
+def _bwd_tiles(grad_spikes_ptr, save, t0, T, N, offs, mask,
                SAVE: tl.constexpr, DETACH_RESET: tl.constexpr, CHUNK: tl.constexpr):
     """One chunk's tiles (a, aux) and its spike word: a = dL/ds [CHUNK, BLOCK] fp32; aux = the code pairs
-    [CHUNK / 2, BLOCK] int32 (COMPACT, decoded per step by _bwd_chunk) or h [CHUNK, BLOCK] fp32 (MEMBRANE)."""
+    [CHUNK / 2, BLOCK] int32 (COMPACT, decoded per step by _bwd_chunk) or h [CHUNK, BLOCK] fp32 (MEMBRANE).
+    save = (saved, bits)."""
+    saved_ptr, bits_ptr = save
     grad_spikes = _tile(grad_spikes_ptr, t0, T, N, offs, mask, CHUNK).to(tl.float32)
     if SAVE == 1:
         pairs = _tile(saved_ptr, t0 // 2, (T + 1) // 2, N, offs, mask, CHUNK // 2)
@@ -205,11 +212,13 @@ def _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t0, T, N, offs, mask,
 
 
 @triton.jit
-def _bwd_step(a, aux, word, t, gv, g_h_next, g_decay, g_threshold, beta, theta, alpha, v_reset,
-              N, offs, mask, grad_x_ptr,
+def _bwd_step(a, aux, word, t, carry, neuron, N, offs, mask, grad_x_ptr,
               SURROGATE: tl.constexpr, HARD: tl.constexpr, DETACH_RESET: tl.constexpr, SAVE: tl.constexpr,
               GRAD_DECAY: tl.constexpr, GRAD_THRESHOLD: tl.constexpr):
-    """One reverse step (a, aux: rows of _bwd_tiles): gv = dL/dv_t in, dL/dv_{t-1} out; writes dL/dx_t."""
+    """One reverse step (a, aux: rows of _bwd_tiles); writes dL/dx_t. carry = (gv, g_h_next, g_decay,
+    g_threshold), [BLOCK] fp32 each: gv = dL/dv_t in, dL/dv_{t-1} out; returns the four updated."""
+    gv, g_h_next, g_decay, g_threshold = carry
+    beta, theta, alpha, v_reset = neuron
     if SAVE == 1:
         fire = ((word >> (t % 32)) & 1) != 0
         g_u = a  # dL/du_t, u_t = h_t - theta
@@ -243,13 +252,16 @@ def _bwd_step(a, aux, word, t, gv, g_h_next, g_decay, g_threshold, beta, theta, 
 
 
 @triton.jit
-def _bwd_chunk(a_tile, aux_tile, word, t0, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
-               beta, theta, alpha, v_reset, sg_peak, grad_x_ptr,
+def _bwd_chunk(tiles, t0, T, N, offs, mask, carry, neuron, sg_peak, grad_x_ptr,
                SURROGATE: tl.constexpr, HARD: tl.constexpr, DETACH_RESET: tl.constexpr, SAVE: tl.constexpr,
                GRAD_DECAY: tl.constexpr, GRAD_THRESHOLD: tl.constexpr, CHUNK: tl.constexpr,
                FULL: tl.constexpr):
-    """Steps t0+CHUNK-1 down to t0 (FULL), or only those below T (the last, partial chunk).
+    """Steps t0+CHUNK-1 down to t0 (FULL), or only those below T (the last, partial chunk); tiles = (a_tile,
+    aux_tile, word) from _bwd_tiles, carry as _bwd_step's; returns (gv, g_h_next, g_decay, g_threshold) updated.
     COMPACT: a = dL/ds * sg' (all a detached reset needs), aux = sg' (soft reset through the spike)."""
+    a_tile, aux_tile, word = tiles
+    # separate names across the runtime `if` below (a tuple is only built for each call)
+    gv, g_h_next, g_decay, g_threshold = carry
     for j in tl.static_range(CHUNK):
         k = CHUNK - 1 - j
         a = _row(a_tile, k, CHUNK)
@@ -262,34 +274,30 @@ def _bwd_chunk(a_tile, aux_tile, word, t0, T, N, offs, mask, gv, g_h_next, g_dec
             aux = _row(aux_tile, k, CHUNK)
         if FULL:
             gv, g_h_next, g_decay, g_threshold = _bwd_step(
-                a, aux, word, t0 + k, gv, g_h_next, g_decay, g_threshold, beta, theta, alpha, v_reset,
-                N, offs, mask, grad_x_ptr, SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD)
+                a, aux, word, t0 + k, (gv, g_h_next, g_decay, g_threshold), neuron, N, offs, mask, grad_x_ptr,
+                SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD)
         else:
             if t0 + k < T:
                 gv, g_h_next, g_decay, g_threshold = _bwd_step(
-                    a, aux, word, t0 + k, gv, g_h_next, g_decay, g_threshold, beta, theta, alpha,
-                    v_reset, N, offs, mask, grad_x_ptr, SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY,
-                    GRAD_THRESHOLD)
+                    a, aux, word, t0 + k, (gv, g_h_next, g_decay, g_threshold), neuron, N, offs, mask,
+                    grad_x_ptr, SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD)
     return gv, g_h_next, g_decay, g_threshold
 
 
 @triton.jit
-def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_init_ptr, decay_ptr, threshold_ptr,
-                   grad_x_ptr, grad_v_init_ptr, grad_decay_ptr, grad_threshold_ptr,
-                   T, N, C_decay, C_threshold, decay, threshold, alpha, v_reset, sg_peak,
-                   SURROGATE: tl.constexpr, HARD: tl.constexpr, DETACH_RESET: tl.constexpr,
-                   DECAY_TENSOR: tl.constexpr, THRESHOLD_TENSOR: tl.constexpr, SAVE: tl.constexpr,
-                   GRAD_DECAY: tl.constexpr, GRAD_THRESHOLD: tl.constexpr, GRAD_V_INIT: tl.constexpr,
-                   HAS_GRAD_V_FINAL: tl.constexpr, HAS_V_INIT: tl.constexpr,
+def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, save, v_init_ptr, decay, threshold, grads,
+                   T, N, alpha, v_reset, sg_peak,
+                   SURROGATE: tl.constexpr, HARD: tl.constexpr, DETACH_RESET: tl.constexpr, SAVE: tl.constexpr,
                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, WARPS: tl.constexpr):
-    """Reverse time: dL/dx [T, N]; dL/dv_init [N], per-neuron dL/ddecay and dL/dthreshold [N] (summed over t)
-    when asked for (GRAD_*). grad_v_final: [N] fp32, or zeros when not HAS_GRAD_V_FINAL; v_init (read for
-    dL/ddecay): likewise."""
+    """Reverse time: grads = (dL/dx [T, N], dL/dv_init [N], per-neuron dL/ddecay and dL/dthreshold [N] (summed
+    over t)), each but dL/dx None unless asked for. grad_v_final: [N] fp32, or None (zeros); v_init (read for
+    dL/ddecay): likewise. save = (saved, bits) and decay / threshold = (ptr or None, value, C) as the
+    forward's."""
+    grad_x_ptr, grad_v_init_ptr, grad_decay_ptr, grad_threshold_ptr = grads
     offs = _neurons(BLOCK, WARPS)
     mask = offs < N
-    beta = _param(decay_ptr, decay, offs, mask, C_decay, DECAY_TENSOR)
-    theta = _param(threshold_ptr, threshold, offs, mask, C_threshold, THRESHOLD_TENSOR)
-    gv = _vector(grad_v_final_ptr, offs, mask, BLOCK, HAS_GRAD_V_FINAL)
+    neuron = (_param(decay, offs, mask), _param(threshold, offs, mask), alpha, v_reset)
+    gv = _vector(grad_v_final_ptr, offs, mask, BLOCK)
     g_h_next = tl.zeros([BLOCK], dtype=tl.float32)
     g_decay = tl.zeros([BLOCK], dtype=tl.float32)
     g_threshold = tl.zeros([BLOCK], dtype=tl.float32)
@@ -297,31 +305,31 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, saved_ptr, bits_ptr, v_ini
     t_top = n_full - CHUNK
     if n_full < T:
         t_top = n_full
-    a_tile, aux_tile, word = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t_top, T, N, offs, mask,
-                                        SAVE, DETACH_RESET, CHUNK)
+    # the loops carry the tiles and gradients as separate names (tuples are only built for each call)
+    a_tile, aux_tile, word = _bwd_tiles(grad_spikes_ptr, save, t_top, T, N, offs, mask, SAVE, DETACH_RESET, CHUNK)
     if n_full < T:
-        ahead_a, ahead_aux, ahead_word = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, n_full - CHUNK, T, N,
-                                                    offs, mask, SAVE, DETACH_RESET, CHUNK)
+        ahead_a, ahead_aux, ahead_word = _bwd_tiles(grad_spikes_ptr, save, n_full - CHUNK, T, N, offs, mask,
+                                                    SAVE, DETACH_RESET, CHUNK)
         gv, g_h_next, g_decay, g_threshold = _bwd_chunk(
-            a_tile, aux_tile, word, n_full, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
-            beta, theta, alpha, v_reset, sg_peak, grad_x_ptr,
-            SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD, CHUNK, False)
+            (a_tile, aux_tile, word), n_full, T, N, offs, mask, (gv, g_h_next, g_decay, g_threshold), neuron,
+            sg_peak, grad_x_ptr, SURROGATE, HARD, DETACH_RESET, SAVE, grad_decay_ptr is not None,
+            grad_threshold_ptr is not None, CHUNK, False)
         a_tile, aux_tile, word = ahead_a, ahead_aux, ahead_word
     for i in range(0, n_full // CHUNK):
         t0 = n_full - CHUNK - i * CHUNK
-        ahead_a, ahead_aux, ahead_word = _bwd_tiles(grad_spikes_ptr, saved_ptr, bits_ptr, t0 - CHUNK, T, N,
-                                                    offs, mask, SAVE, DETACH_RESET, CHUNK)
+        ahead_a, ahead_aux, ahead_word = _bwd_tiles(grad_spikes_ptr, save, t0 - CHUNK, T, N, offs, mask,
+                                                    SAVE, DETACH_RESET, CHUNK)
         gv, g_h_next, g_decay, g_threshold = _bwd_chunk(
-            a_tile, aux_tile, word, t0, T, N, offs, mask, gv, g_h_next, g_decay, g_threshold,
-            beta, theta, alpha, v_reset, sg_peak, grad_x_ptr,
-            SURROGATE, HARD, DETACH_RESET, SAVE, GRAD_DECAY, GRAD_THRESHOLD, CHUNK, True)
+            (a_tile, aux_tile, word), t0, T, N, offs, mask, (gv, g_h_next, g_decay, g_threshold), neuron,
+            sg_peak, grad_x_ptr, SURROGATE, HARD, DETACH_RESET, SAVE, grad_decay_ptr is not None,
+            grad_threshold_ptr is not None, CHUNK, True)
         a_tile, aux_tile, word = ahead_a, ahead_aux, ahead_word
-    if GRAD_V_INIT:
+    if grad_v_init_ptr is not None:
         tl.store(grad_v_init_ptr + offs, gv, mask=mask)
-    if GRAD_DECAY:
-        g_decay += g_h_next * _vector(v_init_ptr, offs, mask, BLOCK, HAS_V_INIT)  # dL/dh_0 * v_init
+    if grad_decay_ptr is not None:
+        g_decay += g_h_next * _vector(v_init_ptr, offs, mask, BLOCK)  # dL/dh_0 * v_init
         tl.store(grad_decay_ptr + offs, g_decay, mask=mask)
-    if GRAD_THRESHOLD:
+    if grad_threshold_ptr is not None:
         tl.store(grad_threshold_ptr + offs, g_threshold, mask=mask)
 
 
@@ -352,10 +360,11 @@ def launch_config(kernel: str, N: int, element_size: int):
 
 
 def _param_args(p):
-    """(pointer, float value, channel count, is-tensor) for a decay / threshold given as float or [C] fp32."""
+    """The kernels' (pointer or None, float value, channel count) for a decay / threshold given as float or
+    [C] fp32."""
     if isinstance(p, float):
-        return None, p, 1, False
-    return p, 0.0, p.numel(), True
+        return None, p, 1
+    return p, 0.0, p.numel()
 
 
 def saved_buffers(T: int, N: int, save: int, like):
@@ -382,16 +391,13 @@ def lif_forward(x, v_init, decay, threshold, *, surrogate: int, alpha: float, ha
     spikes = torch.empty_like(x)  # [T, *rest]
     v_final = x.new_empty(x.shape[1:], dtype=torch.float32)  # [*rest]
     saved, bits = saved_buffers(T, N, save, x)
-    decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
-    threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
     if T == 0 or N == 0:  # nothing to launch (an empty grid or no step): v_final = v_init
         return spikes, v_final.zero_() if v_init is None else v_final.copy_(v_init), saved, bits
     block, chunk, warps = launch_config("forward", N, x.element_size())
     _forward_kernel[(cdiv(N, block),)](
-        x, v_init, decay_ptr, threshold_ptr, spikes, v_final, saved, bits,
-        T, N, c_decay, c_threshold, decay_val, threshold_val, alpha, v_reset, inv_sg_peak,
-        SURROGATE=surrogate, HARD=hard, DECAY_TENSOR=decay_tensor, THRESHOLD_TENSOR=threshold_tensor,
-        HAS_V_INIT=v_init is not None, SAVE=save, BLOCK=block, CHUNK=chunk, WARPS=warps, num_warps=warps,
+        x, (v_init, v_final), _param_args(decay), _param_args(threshold), spikes, (saved, bits),
+        T, N, alpha, v_reset, inv_sg_peak,
+        SURROGATE=surrogate, HARD=hard, SAVE=save, BLOCK=block, CHUNK=chunk, WARPS=warps, num_warps=warps,
         enable_fp_fusion=False)  # h = beta * v + x rounded as PyTorch does: spikes equal the reference's
     return spikes, v_final, saved, bits
 
@@ -408,8 +414,6 @@ def lif_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshol
     g_v_init = grad_spikes.new_empty(grad_spikes.shape[1:], dtype=f32) if grad_v_init else None  # [*rest]
     g_decay = grad_spikes.new_empty(N, dtype=f32) if grad_decay else None  # [N]
     g_threshold = grad_spikes.new_empty(N, dtype=f32) if grad_threshold else None  # [N]
-    decay_ptr, decay_val, c_decay, decay_tensor = _param_args(decay)
-    threshold_ptr, threshold_val, c_threshold, threshold_tensor = _param_args(threshold)
     if T == 0 or N == 0:  # nothing to launch (the kernel would read bits that were never written)
         if g_v_init is not None:  # no step: v_final = v_init
             g_v_init.zero_() if grad_v_final is None else g_v_init.copy_(grad_v_final)
@@ -419,11 +423,8 @@ def lif_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshol
         return grad_x, g_v_init, g_decay, g_threshold
     block, chunk, warps = launch_config("backward", N, grad_spikes.element_size())
     _backward_kernel[(cdiv(N, block),)](
-        grad_spikes, grad_v_final, saved, bits, v_init, decay_ptr, threshold_ptr,
-        grad_x, g_v_init, g_decay, g_threshold,
-        T, N, c_decay, c_threshold, decay_val, threshold_val, alpha, v_reset, sg_peak,
-        SURROGATE=surrogate, HARD=hard, DETACH_RESET=detach_reset, DECAY_TENSOR=decay_tensor,
-        THRESHOLD_TENSOR=threshold_tensor, SAVE=save, GRAD_DECAY=grad_decay, GRAD_THRESHOLD=grad_threshold,
-        GRAD_V_INIT=grad_v_init, HAS_GRAD_V_FINAL=grad_v_final is not None, HAS_V_INIT=v_init is not None,
-        BLOCK=block, CHUNK=chunk, WARPS=warps, num_warps=warps)
+        grad_spikes, grad_v_final, (saved, bits), v_init, _param_args(decay), _param_args(threshold),
+        (grad_x, g_v_init, g_decay, g_threshold), T, N, alpha, v_reset, sg_peak,
+        SURROGATE=surrogate, HARD=hard, DETACH_RESET=detach_reset, SAVE=save, BLOCK=block, CHUNK=chunk,
+        WARPS=warps, num_warps=warps)
     return grad_x, g_v_init, g_decay, g_threshold

@@ -8,7 +8,9 @@ The forward keeps, instead of a per-step save, the membrane entering every SEG-t
 fp32); the backward walks the segments last to first, recomputes each one's SEG steps forward from its
 checkpoint into registers, then runs them in reverse. Only the model's neuron is fused: float decay and
 threshold, reset detached from the graph.
-Grid: (cdiv(N, BLOCK),); one program owns BLOCK neurons for all T steps.
+Grid: (cdiv(N, BLOCK),); one program owns BLOCK neurons for all T steps. The kernels take the norm's pointers as
+one tuple, norm = (mean, rstd, weight, bias); a pointer passed as None (v_init, grad_v_final, ckpt) is a
+compile-time constant: zeros in, or nothing saved.
 """
 import math
 
@@ -44,21 +46,20 @@ def _affine(w_ptr, b_ptr, offs, mask, C):
 
 
 @triton.jit
-def norm_lif_fwd_kernel(x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, v_init_ptr, spikes_ptr, v_final_ptr, ckpt_ptr,
-                        T, N, C, decay, threshold, v_reset,
-                        HARD: tl.constexpr, HAS_V_INIT: tl.constexpr, SAVE: tl.constexpr, BLOCK: tl.constexpr,
-                        SEG: tl.constexpr, WARPS: tl.constexpr):
+def norm_lif_fwd_kernel(x_ptr, norm, v_init_ptr, spikes_ptr, v_final_ptr, ckpt_ptr, T, N, C, decay, threshold,
+                        v_reset, HARD: tl.constexpr, BLOCK: tl.constexpr, SEG: tl.constexpr, WARPS: tl.constexpr):
     """spikes[t] = H(h_t - threshold), h_t = decay v_{t-1} + y_t, y = LayerNorm(x); v_final = v_{T-1};
-    SAVE: ckpt[s] = v_{s SEG - 1} (v_init for s = 0)."""
+    ckpt (None: no save) gets ckpt[s] = v_{s SEG - 1} (v_init for s = 0). v_init None: zeros."""
+    mean_ptr, rstd_ptr, w_ptr, b_ptr = norm
     offs = _neurons(BLOCK, WARPS)
     mask = offs < N
     w, b = _affine(w_ptr, b_ptr, offs, mask, C)
-    v = _vector(v_init_ptr, offs, mask, BLOCK, HAS_V_INIT)
+    v = _vector(v_init_ptr, offs, mask, BLOCK)
     out_dtype = spikes_ptr.dtype.element_ty
     tile = _normed_tile(x_ptr, mean_ptr, rstd_ptr, w, b, 0, T, N, C, offs, mask, out_dtype, SEG)
     for t0 in range(0, T, SEG):
         ahead = _normed_tile(x_ptr, mean_ptr, rstd_ptr, w, b, t0 + SEG, T, N, C, offs, mask, out_dtype, SEG)
-        if SAVE:
+        if ckpt_ptr is not None:
             tl.store(ckpt_ptr + tl.cast(t0 // SEG, tl.int64) * N + offs, v, mask=mask)
         for k in tl.static_range(SEG):
             h = decay * v + _row(tile, k, SEG)
@@ -88,17 +89,18 @@ def _recompute(tile, v, decay, threshold, v_reset, alpha, SURROGATE: tl.constexp
 
 
 @triton.jit
-def norm_lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, ckpt_ptr,
-                        grad_y_ptr, grad_v_init_ptr, T, N, C, decay, threshold, v_reset, alpha,
-                        SURROGATE: tl.constexpr, HARD: tl.constexpr, HAS_GRAD_V_FINAL: tl.constexpr,
-                        BLOCK: tl.constexpr, SEG: tl.constexpr, WARPS: tl.constexpr):
+def norm_lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, x_ptr, norm, ckpt_ptr, grad_y_ptr, grad_v_init_ptr,
+                        T, N, C, decay, threshold, v_reset, alpha,
+                        SURROGATE: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr, SEG: tl.constexpr,
+                        WARPS: tl.constexpr):
     """Reverse time: dL/dy [T, N] (grad_spikes' dtype) and dL/dv_init [N] fp32 (the reset detached:
     dL/dh_t = dL/ds_t sg'_t + dL/dv_t (1 - s_t) for the hard reset, + dL/dv_t for the soft one;
-    dL/dv_{t-1} = decay dL/dh_t)."""
+    dL/dv_{t-1} = decay dL/dh_t). grad_v_final None: zeros."""
+    mean_ptr, rstd_ptr, w_ptr, b_ptr = norm
     offs = _neurons(BLOCK, WARPS)
     mask = offs < N
     w, b = _affine(w_ptr, b_ptr, offs, mask, C)
-    gv = _vector(grad_v_final_ptr, offs, mask, BLOCK, HAS_GRAD_V_FINAL)
+    gv = _vector(grad_v_final_ptr, offs, mask, BLOCK)
     out_dtype = grad_spikes_ptr.dtype.element_ty
     n_seg = tl.cdiv(T, SEG)
     t0 = (n_seg - 1) * SEG
@@ -149,9 +151,9 @@ def norm_lif_forward(x, mean, rstd, weight, bias, v_init, *, decay: float, thres
     ckpt = checkpoints(T, N, x) if save else None
     block, warps = launch_config(N)
     _forward_kernel[(cdiv(N, block),)](
-        x, mean, rstd, weight, bias, v_init, spikes, v_final, ckpt, T, N, C, decay, threshold, v_reset,
-        HARD=hard, HAS_V_INIT=v_init is not None, SAVE=save, BLOCK=block, SEG=SEG, WARPS=warps,
-        num_warps=warps, enable_fp_fusion=False)  # rounded op by op, as PyTorch does: spikes equal its
+        x, (mean, rstd, weight, bias), v_init, spikes, v_final, ckpt, T, N, C, decay, threshold, v_reset,
+        HARD=hard, BLOCK=block, SEG=SEG, WARPS=warps, num_warps=warps,
+        enable_fp_fusion=False)  # rounded op by op, as PyTorch does: spikes equal the reference's
     return spikes, v_final, ckpt
 
 
@@ -164,8 +166,8 @@ def norm_lif_backward(grad_spikes, grad_v_final, x, mean, rstd, weight, bias, ck
     grad_v_init = x.new_empty(x.shape[1:], dtype=torch.float32)  # [*rest, C]
     block, warps = launch_config(N)
     _backward_kernel[(cdiv(N, block),)](
-        grad_spikes, grad_v_final, x, mean, rstd, weight, bias, ckpt, grad_y, grad_v_init,
+        grad_spikes, grad_v_final, x, (mean, rstd, weight, bias), ckpt, grad_y, grad_v_init,
         T, N, C, decay, threshold, v_reset, alpha,
-        SURROGATE=surrogate, HARD=hard, HAS_GRAD_V_FINAL=grad_v_final is not None, BLOCK=block, SEG=SEG,
-        WARPS=warps, num_warps=warps, enable_fp_fusion=False)
+        SURROGATE=surrogate, HARD=hard, BLOCK=block, SEG=SEG, WARPS=warps, num_warps=warps,
+        enable_fp_fusion=False)
     return grad_y, grad_v_init
