@@ -177,8 +177,8 @@ def test_compile_fullgraph(device, kernel_calls):
 def test_opcheck(device, with_v_init):
     x = torch.randn(5, 6, device=device)  # [T, N]
     v_init = torch.randn(6, device=device) if with_v_init else None  # None: zeros inside the kernel
-    args = (x, v_init, None, 0.5, None, 1.0, "arctan", 2.0, True, 0.0, True, kernels.SAVE_COMPACT)
-    torch.library.opcheck(torch.ops.tether.lif_forward.default, args,
+    args = (x, v_init, None, None, 0.5, 1.0, "arctan", 2.0, True, 0.0, True, kernels.SAVE_COMPACT, [])
+    torch.library.opcheck(torch.ops.tether.lif.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
 

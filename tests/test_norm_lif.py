@@ -112,8 +112,8 @@ def test_compile_fullgraph(device, kernel_calls):
 
 def test_opcheck(device):
     x, weight, bias, v_init = (t.detach() for t in inputs(5, 2, 8, torch.float32, device))
-    args = (x, weight, bias, v_init, 1e-5, 0.5, 1.0, "arctan", 2.0, True, 0.0, torch.float32)
-    torch.library.opcheck(torch.ops.tether.norm_lif_forward.default, args,
+    args = (x, weight, bias, v_init, 1e-5, 0.5, 1.0, "arctan", 2.0, True, 0.0, torch.float32, True)
+    torch.library.opcheck(torch.ops.tether.norm_lif.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
 

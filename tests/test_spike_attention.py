@@ -158,7 +158,7 @@ def test_custom_op_registration(device):
     state = torch.randn(B, H, D, device=device, requires_grad=True)
     packed = torch.stack((q, k, v), 2).detach().requires_grad_()  # [T, B, 3, H, D], the op's layout
     for binary in (False, True):
-        torch.library.opcheck(_elementwise, (packed, gamma, state, binary),
+        torch.library.opcheck(_elementwise._op, (packed, gamma, state, binary, False),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
     compiled = torch.compile(spike_attention, fullgraph=True, backend="aot_eager")

@@ -1,7 +1,6 @@
-"""The LIF op (spec: docs/spec/lif.md): fused Triton kernels (tether.kernels.lif) as torch.library
-custom ops with fake impls and a registered backward (what torch.compile traces; eager mode calls the launchers
-through a plain autograd.Function, half the Python time per call), or the pure-PyTorch reference where no kernel
-runs."""
+"""The LIF op (spec: docs/spec/lif.md): fused Triton kernels (tether.kernels.lif) as the op `tether::lif`
+(tether.functional._op: a custom op while torch.compile traces, an autograd.Function in eager mode), a CPU
+time loop (tether.functional._cpu), or the pure-PyTorch reference where neither takes the case."""
 import math
 from typing import NamedTuple, Optional
 
@@ -11,6 +10,7 @@ from torch import Tensor
 from tether._backend import use_triton, warn_fallback
 from tether._checks import SURROGATES, check_lif_args
 from tether.functional import _cpu
+from tether.functional._op import Op
 from tether.kernels import lif as kernels
 from tether.reference import lif as reference
 
@@ -40,134 +40,80 @@ class _Config(NamedTuple):
     v_reset: float
     detach_reset: bool  # only matters to the backward
     save: int  # kernels.SAVE_*
+    needs: tuple[bool, ...] = ()  # the backward's: gradients of (v_init, decay, threshold) asked for
+
+
+def _empty_if_none(tensors, like: Tensor):
+    """An op returns tensors: the parts a kernel did not make become empty ones."""
+    return tuple(like.new_empty(0, dtype=torch.int32) if t is None else t for t in tensors)
 
 
 def _forward(x: Tensor, v_init: Optional[Tensor], decay: Optional[Tensor], threshold: Optional[Tensor],
              cfg: _Config):
     """x [T, N], v_init [N] fp32 or None (zeros) -> spikes [T, N], v_final [N] fp32, saved, bits (see
-    tether.kernels.lif for what is saved; None where a save has no such part)."""
-    return kernels.lif_forward(
+    tether.kernels.lif for what is saved; empty where a save has no such part)."""
+    return _empty_if_none(kernels.lif_forward(
         x, v_init, cfg.decay_value if decay is None else decay,
         cfg.threshold_value if threshold is None else threshold, surrogate=kernels.SURROGATE_IDS[cfg.surrogate],
         alpha=cfg.alpha, hard=cfg.hard, v_reset=cfg.v_reset, save=cfg.save,
-        inv_sg_peak=1.0 / _sg_peak(cfg.surrogate, cfg.alpha))
+        inv_sg_peak=1.0 / _sg_peak(cfg.surrogate, cfg.alpha)), x)
 
 
-def _backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], saved: Optional[Tensor], bits: Optional[Tensor],
-              v_init: Optional[Tensor], decay: Optional[Tensor], threshold: Optional[Tensor], cfg: _Config,
-              needs: tuple[bool, bool, bool]):
-    """-> grad_x [T, N], then grad_v_init [N], per-neuron grad_decay [N], grad_threshold [N], each None unless
-    needs (v_init, decay, threshold) asks for it. grad_v_final / v_init None: zeros."""
-    return kernels.lif_backward(
+def _fake_forward(x, v_init, decay, threshold, cfg: _Config):
+    parts = kernels.saved_buffers(x.shape[0], math.prod(x.shape[1:]), cfg.save, x)
+    return torch.empty_like(x), x.new_empty(x.shape[1:], dtype=torch.float32), *_empty_if_none(parts, x)
+
+
+def _backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], saved: Tensor, bits: Tensor,
+              v_init: Optional[Tensor], decay: Optional[Tensor], threshold: Optional[Tensor], cfg: _Config):
+    """-> grad_x [T, N], then grad_v_init [N], per-neuron grad_decay [N], grad_threshold [N], each empty unless
+    cfg.needs (v_init, decay, threshold) asks for it. grad_v_final / v_init None: zeros."""
+    return _empty_if_none(kernels.lif_backward(
         grad_spikes, grad_v_final, saved, bits, v_init, cfg.decay_value if decay is None else decay,
         cfg.threshold_value if threshold is None else threshold,
         surrogate=kernels.SURROGATE_IDS[cfg.surrogate], alpha=cfg.alpha, hard=cfg.hard, v_reset=cfg.v_reset,
         detach_reset=cfg.detach_reset, save=cfg.save, sg_peak=_sg_peak(cfg.surrogate, cfg.alpha),
-        grad_v_init=needs[0], grad_decay=needs[1], grad_threshold=needs[2])
+        grad_v_init=cfg.needs[0], grad_decay=cfg.needs[1], grad_threshold=cfg.needs[2]), grad_spikes)
 
 
-def _empty_if_none(tensors, like: Tensor):
-    """A custom op returns tensors: the parts a kernel did not make become empty ones."""
-    return tuple(like.new_empty(0, dtype=torch.int32) if t is None else t for t in tensors)
-
-
-# The custom ops torch.compile traces (eager calls go through _LIF, without the custom-op dispatch). Their
-# arguments are _Config's fields spelled out, which torch.library's schema needs.
-@torch.library.custom_op("tether::lif_forward", mutates_args=())
-def _lif_forward(x: Tensor, v_init: Optional[Tensor], decay: Optional[Tensor], decay_value: float,
-                 threshold: Optional[Tensor], threshold_value: float, surrogate: str, alpha: float, hard: bool,
-                 v_reset: float, detach_reset: bool, save: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    cfg = _Config(decay_value, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save)
-    return _empty_if_none(_forward(x, v_init, decay, threshold, cfg), x)
-
-
-@_lif_forward.register_fake
-def _(x, v_init, decay, decay_value, threshold, threshold_value, surrogate, alpha, hard, v_reset, detach_reset,
-      save):
-    parts = kernels.saved_buffers(x.shape[0], math.prod(x.shape[1:]), save, x)
-    return torch.empty_like(x), x.new_empty(x.shape[1:], dtype=torch.float32), *_empty_if_none(parts, x)
-
-
-@torch.library.custom_op("tether::lif_backward", mutates_args=())
-def _lif_backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], saved: Tensor, bits: Tensor,
-                  v_init: Optional[Tensor], decay: Optional[Tensor], decay_value: float, threshold: Optional[Tensor],
-                  threshold_value: float, surrogate: str, alpha: float, hard: bool, v_reset: float,
-                  detach_reset: bool, save: int, grad_v_init: bool, grad_decay: bool,
-                  grad_threshold: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    cfg = _Config(decay_value, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save)
-    return _empty_if_none(_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshold, cfg,
-                                    (grad_v_init, grad_decay, grad_threshold)), grad_spikes)
-
-
-@_lif_backward.register_fake
-def _(grad_spikes, grad_v_final, saved, bits, v_init, decay, decay_value, threshold, threshold_value, surrogate,
-      alpha, hard, v_reset, detach_reset, save, grad_v_init, grad_decay, grad_threshold):
+def _fake_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshold, cfg: _Config):
     N = math.prod(grad_spikes.shape[1:])
     f32 = grad_spikes.new_empty(0, dtype=torch.float32)
+    grad_v_init, grad_decay, grad_threshold = cfg.needs
     return (torch.empty_like(grad_spikes), f32.new_empty(grad_spikes.shape[1:] if grad_v_init else 0),
             f32.new_empty(N if grad_decay else 0), f32.new_empty(N if grad_threshold else 0))
 
 
-def _save(ctx, x, v_init, decay, threshold, cfg: _Config, saved, bits):
+def _save(ctx, tensors, cfg: _Config, outputs):
+    x, v_init, decay, threshold = tensors
+    saved, bits = outputs[2:]
     # v_init only feeds dL/ddecay, which only the MEMBRANE save computes
     ctx.save_for_backward(saved, bits, v_init if cfg.save == kernels.SAVE_MEMBRANE else None, decay, threshold)
     ctx.cfg, ctx.spikes_dtype, ctx.shape = cfg, x.dtype, x.shape
 
 
-def _grads(ctx, grad_spikes, grad_v_final, backward, needs):
-    """(grad_x, grad_v_init, grad_decay [C], grad_threshold [C]), each None unless needs (v_init, decay,
-    threshold) asks for it; backward: _backward (eager) or the custom op's call (traced)."""
+def _grads(ctx, grad_outputs, needs, backward):
+    """(grad_x, grad_v_init, grad_decay [C], grad_threshold [C]), each None unless needs asks for it."""
+    grad_spikes, grad_v_final = grad_outputs
     saved, bits, v_init, decay, threshold = ctx.saved_tensors
     if grad_spikes is None:  # only v_final was used
         grad_spikes = torch.zeros(ctx.shape, device=saved.device, dtype=ctx.spikes_dtype)  # [T, N]
     if grad_v_final is not None:  # None: zeros, inside the kernel
         grad_v_final = grad_v_final.contiguous()
     grad_x, grad_v_init, grad_decay, grad_threshold = backward(
-        grad_spikes.contiguous(), grad_v_final, saved, bits, v_init, decay, threshold, ctx.cfg, needs)
+        grad_spikes.contiguous(), grad_v_final, saved, bits, v_init, decay, threshold,
+        ctx.cfg._replace(needs=tuple(needs[1:])))
     # per-neuron sums -> the parameter's [C] (neuron n reads channel n % C)
-    grad_decay = grad_decay.view(-1, decay.numel()).sum(0) if needs[1] else None
-    grad_threshold = grad_threshold.view(-1, threshold.numel()).sum(0) if needs[2] else None
-    return grad_x, grad_v_init if needs[0] else None, grad_decay, grad_threshold
+    grad_decay = grad_decay.view(-1, decay.numel()).sum(0) if needs[2] else None
+    grad_threshold = grad_threshold.view(-1, threshold.numel()).sum(0) if needs[3] else None
+    return grad_x, grad_v_init if needs[1] else None, grad_decay, grad_threshold
 
 
-def _setup_context(ctx, inputs, output):
-    x, v_init, decay, decay_value, threshold, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, \
-        save = inputs
-    cfg = _Config(decay_value, threshold_value, surrogate, alpha, hard, v_reset, detach_reset, save)
-    _save(ctx, x, v_init, decay, threshold, cfg, *output[2:])
-
-
-def _traced_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, threshold, cfg, needs):
-    return torch.ops.tether.lif_backward(grad_spikes, grad_v_final, saved, bits, v_init, decay, cfg.decay_value,
-                                         threshold, cfg.threshold_value, cfg.surrogate, cfg.alpha, cfg.hard,
-                                         cfg.v_reset, cfg.detach_reset, cfg.save, *needs)
-
-
-def _op_backward(ctx, grad_spikes, grad_v_final, _grad_saved, _grad_bits):
-    needs = ctx.needs_input_grad
-    grad_x, grad_v_init, grad_decay, grad_threshold = _grads(ctx, grad_spikes, grad_v_final, _traced_backward,
-                                                             (needs[1], needs[2], needs[4]))
-    return grad_x, grad_v_init, grad_decay, None, grad_threshold, None, None, None, None, None, None, None
-
-
-_lif_forward.register_autograd(_op_backward, setup_context=_setup_context)
-
-
-class _LIF(torch.autograd.Function):
-    """Eager mode: the custom op's forward and backward, calling the launchers directly with the non-tensor
-    arguments in one _Config (the custom-op + register_autograd dispatch, and each extra input of apply, cost
-    host time on every call)."""
-
-    @staticmethod
-    def forward(ctx, x, v_init, decay, threshold, cfg):
-        spikes, v_final, saved, bits = _forward(x, v_init, decay, threshold, cfg)
-        _save(ctx, x, v_init, decay, threshold, cfg, saved, bits)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to allocate
-        return spikes, v_final
-
-    @staticmethod
-    def backward(ctx, grad_spikes, grad_v_final):
-        return *_grads(ctx, grad_spikes, grad_v_final, _backward, ctx.needs_input_grad[1:4]), None
+_lif = Op("tether::lif", tensors="Tensor x, Tensor? v_init, Tensor? decay, Tensor? threshold", config=_Config,
+          returns=4, outputs=2, forward=_forward, fake=_fake_forward, save=_save, grads=_grads,
+          backward=_backward, fake_backward=_fake_backward,
+          backward_tensors="Tensor grad_spikes, Tensor? grad_v_final, Tensor saved, Tensor bits, Tensor? v_init, "
+                           "Tensor? decay, Tensor? threshold", backward_config=_Config, backward_returns=4)
 
 
 def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surrogate="arctan",
@@ -210,14 +156,7 @@ def lif(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, *, surroga
         save = kernels.SAVE_COMPACT
     cfg = _Config(decay_value, threshold_value, args.surrogate, args.alpha, args.hard, float(v_reset), detach_reset,
                   save)
-    if torch.compiler.is_compiling():
-        spikes, v_final, _, _ = torch.ops.tether.lif_forward(x2, v0, decay_t, decay_value, threshold_t,
-                                                             threshold_value, *cfg[2:])
-    elif save == kernels.SAVE_NONE:  # nothing needs a gradient: no autograd node
-        spikes, v_final, _, _ = _forward(x2, v0, decay_t, threshold_t, cfg)
-    else:
-        spikes, v_final = _LIF.apply(x2, v0, decay_t, threshold_t, cfg)
-    return spikes, v_final
+    return _lif(x2, v0, decay_t, threshold_t, cfg=cfg)
 
 
 def lif_eager(x: Tensor, decay, threshold, v_init: Optional[Tensor] = None, **kwargs):

@@ -6,20 +6,28 @@ mode calls the same launchers through a plain autograd.Function, half the Python
 where Triton does not run, the one-node time loop of tether.functional._cpu. Matrix form: chunked
 PyTorch (intra-chunk decay-masked matmul + state carried across chunks), autograd through it.
 """
+from typing import NamedTuple
+
 import torch
+from torch import Tensor
 
 from tether._backend import use_triton
 from tether._checks import check_spike_attention_args
 from tether._math import compute_dtype, decay_matrix, gamma_per_head
 from tether.reference.spike_attention import spike_attention_cumsum
 from tether.functional import _cpu
-from tether.functional.pack import _pack_kernel, _unpack, _unpack_kernel
+from tether.functional._op import Op
+from tether.functional.pack import _pack_kernel, unpack_spikes
 
 MATRIX_CHUNK = 64
 
 
-def _elementwise_kernel(qkv: torch.Tensor, gamma: torch.Tensor, state: torch.Tensor,
-                        binary: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+class _Config(NamedTuple):
+    binary: bool  # qkv are 0/1: keep them for the backward as bits
+    need_dgamma: bool = False  # the backward's
+
+
+def _forward(qkv: Tensor, gamma: Tensor, state: Tensor, cfg: _Config):
     """qkv [T, B, 3, H, D] -> out, final state, state entering each chunk, and (binary) qkv as packed bits
     [T * B, 3 * H * D / 8] uint8, else an empty uint8 tensor: what the backward keeps."""
     # kernels are imported on first use: triton is only a dependency on Linux, the CPU path needs none
@@ -27,86 +35,59 @@ def _elementwise_kernel(qkv: torch.Tensor, gamma: torch.Tensor, state: torch.Ten
 
     out, final, entering = spike_attention_forward(qkv, gamma, state)
     T, B = qkv.shape[:2]
-    bits = _pack_kernel(qkv.reshape(T * B, -1)) if binary else qkv.new_empty(0, dtype=torch.uint8)
+    bits = _pack_kernel(qkv.reshape(T * B, -1)) if cfg.binary else qkv.new_empty(0, dtype=torch.uint8)
     return out, final, entering, bits
 
 
-# the op torch.compile traces; eager calls go through _Elementwise to the launchers without the custom-op dispatch
-_elementwise = torch.library.custom_op("tether::spike_attention_elementwise", _elementwise_kernel, mutates_args=())
-
-
-@_elementwise.register_fake
-def _(qkv, gamma, state, binary):
+def _fake_forward(qkv, gamma, state, cfg: _Config):
     from tether.kernels import cdiv
     from tether.kernels.spike_attention import CHUNK
 
     T, B, _, H, D = qkv.shape
-    bits = qkv.new_empty((T * B, cdiv(3 * H * D, 8)) if binary else 0, dtype=torch.uint8)
+    bits = qkv.new_empty((T * B, cdiv(3 * H * D, 8)) if cfg.binary else 0, dtype=torch.uint8)
     return (qkv.new_empty(T, B, H, D, dtype=torch.float32), qkv.new_empty(B, H, D, dtype=torch.float32),
             qkv.new_empty(cdiv(T, CHUNK), B, H, D, dtype=torch.float32), bits)
 
 
-def _elementwise_backward_kernel(qkv: torch.Tensor, gamma: torch.Tensor, entering: torch.Tensor,
-                                 dout: torch.Tensor, dfinal: torch.Tensor,
-                                 need_dgamma: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(qkv, gamma, entering, dout, dfinal, cfg: _Config):
+    """-> dqkv, dstate, dgamma (empty-shaped zeros unless cfg.need_dgamma)."""
     from tether.kernels.spike_attention import spike_attention_backward
 
-    return spike_attention_backward(qkv, gamma, entering, dout, dfinal, need_dgamma)
+    return spike_attention_backward(qkv, gamma, entering, dout, dfinal, cfg.need_dgamma)
 
 
-_elementwise_backward = torch.library.custom_op("tether::spike_attention_elementwise_backward",
-                                                _elementwise_backward_kernel, mutates_args=())
-
-
-@_elementwise_backward.register_fake
-def _(qkv, gamma, entering, dout, dfinal, need_dgamma):
+def _fake_backward(qkv, gamma, entering, dout, dfinal, cfg: _Config):
     return torch.empty_like(qkv), torch.empty_like(dfinal), torch.empty_like(gamma)
 
 
-def _setup_context(ctx, inputs, output):
-    qkv, gamma, state, binary = inputs
+def _save(ctx, tensors, cfg: _Config, outputs):
+    qkv, gamma, _ = tensors
     # saved: qkv as it came (2 B/elem of q, k and v each in bf16) or, binary, as bits (1/8 B/elem), and the
     # fp32 chunk-entry states (4 / CHUNK B/elem)
-    ctx.save_for_backward(None if binary else qkv, output[3] if binary else None, gamma, output[2])
+    ctx.save_for_backward(None if cfg.binary else qkv, outputs[3] if cfg.binary else None, gamma, outputs[2])
     ctx.qkv_shape, ctx.qkv_dtype = qkv.shape, qkv.dtype
 
 
-def _backward_with(elementwise_backward, unpack, ctx, dout, dfinal):
-    """dqkv, dgamma, dstate; elementwise_backward / unpack: the custom ops (traced) or their kernel bodies
-    (eager)."""
+def _grads(ctx, grad_outputs, needs, backward):
+    """dqkv, dgamma, dstate."""
+    dout, dfinal = grad_outputs
     qkv, bits, gamma, entering = ctx.saved_tensors
     T, B, _, H, D = ctx.qkv_shape
     if qkv is None:  # binary: 0/1 from the bits
-        qkv = unpack(bits, 3 * H * D, ctx.qkv_dtype).view(ctx.qkv_shape)
+        qkv = unpack_spikes(bits, 3 * H * D, ctx.qkv_dtype).view(ctx.qkv_shape)
     if dout is None:  # only the final state was used
         dout = entering.new_zeros(T, B, H, D)
     if dfinal is None:  # only out was used
         dfinal = entering.new_zeros(entering.shape[1:])  # [B, H, D]
-    dqkv, dstate, dgamma = elementwise_backward(qkv, gamma, entering, dout, dfinal, ctx.needs_input_grad[1])
-    return dqkv, dgamma if ctx.needs_input_grad[1] else None, dstate
+    dqkv, dstate, dgamma = backward(qkv, gamma, entering, dout, dfinal, _Config(False, needs[1]))
+    return dqkv, dgamma if needs[1] else None, dstate
 
 
-def _backward(ctx, dout, dfinal, _dentering, _dbits):
-    return *_backward_with(_elementwise_backward, _unpack, ctx, dout, dfinal), None
-
-
-_elementwise.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _Elementwise(torch.autograd.Function):
-    """Eager mode: the custom op's forward / backward calling the launchers directly (the custom-op +
-    register_autograd dispatch costs more host time per call: docs/attention_kernels.md)."""
-
-    @staticmethod
-    def forward(ctx, qkv, gamma, state, binary):
-        output = _elementwise_kernel(qkv, gamma, state, binary)
-        _setup_context(ctx, (qkv, gamma, state, binary), output)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to allocate
-        return output[0], output[1]
-
-    @staticmethod
-    def backward(ctx, dout, dfinal):
-        return *_backward_with(_elementwise_backward_kernel, _unpack_kernel, ctx, dout, dfinal), None
+_elementwise = Op("tether::spike_attention_elementwise", tensors="Tensor qkv, Tensor gamma, Tensor state",
+                  config=_Config, returns=4, outputs=2, forward=_forward, fake=_fake_forward, save=_save,
+                  grads=_grads, backward=_backward, fake_backward=_fake_backward,
+                  backward_tensors="Tensor qkv, Tensor gamma, Tensor entering, Tensor dout, Tensor dfinal",
+                  backward_config=_Config, backward_returns=3)
 
 
 def _matrix_chunked(q, k, v, gamma, state, scale, chunk=MATRIX_CHUNK):
@@ -179,27 +160,35 @@ def spike_attention_qkv_eager(qkv, gamma=1.0, state=None):
     return spike_attention_cumsum(*qkv.unbind(2), gamma, state)
 
 
-class _OutputScale(torch.autograd.Function):
-    """p = (out * (1 - gamma)[:, None]).to(dtype), saving p and gamma only: out = p / (1 - gamma)."""
+class _ScaleConfig(NamedTuple):
+    dtype: torch.dtype  # p's
 
-    @staticmethod
-    def forward(ctx, out, gamma, dtype):
-        p = (out * (1 - gamma)[:, None]).to(dtype)  # [T, B, H, D]
-        ctx.save_for_backward(p, gamma)
-        ctx.out_dtype = out.dtype
-        return p
 
-    @staticmethod
-    def backward(ctx, grad_p):
-        p, gamma = ctx.saved_tensors
-        compute = torch.promote_types(torch.promote_types(grad_p.dtype, gamma.dtype), torch.float32)
-        grad_p = grad_p.to(compute)
-        keep = 1 - gamma.to(compute)  # [H]
-        grad_out = (grad_p * keep[:, None]).to(ctx.out_dtype) if ctx.needs_input_grad[0] else None
-        grad_gamma = None
-        if ctx.needs_input_grad[1]:  # d p / d gamma = -out = -p / (1 - gamma)
-            grad_gamma = (-(grad_p * p.to(compute)).sum(dim=(0, 1, 3)) / keep).to(gamma.dtype)
-        return grad_out, grad_gamma, None
+def _scale_forward(out, gamma, cfg: _ScaleConfig):
+    return ((out * (1 - gamma)[:, None]).to(cfg.dtype),)  # [T, B, H, D]
+
+
+def _scale_save(ctx, tensors, cfg: _ScaleConfig, outputs):
+    out, gamma = tensors
+    ctx.save_for_backward(outputs[0], gamma)  # out = p / (1 - gamma): no copy of out
+    ctx.out_dtype = out.dtype
+
+
+def _scale_grads(ctx, grad_outputs, needs, backward):
+    (grad_p,) = grad_outputs
+    p, gamma = ctx.saved_tensors
+    compute = torch.promote_types(torch.promote_types(grad_p.dtype, gamma.dtype), torch.float32)
+    grad_p = grad_p.to(compute)
+    keep = 1 - gamma.to(compute)  # [H]
+    grad_out = (grad_p * keep[:, None]).to(ctx.out_dtype) if needs[0] else None
+    grad_gamma = None
+    if needs[1]:  # d p / d gamma = -out = -p / (1 - gamma)
+        grad_gamma = (-(grad_p * p.to(compute)).sum(dim=(0, 1, 3)) / keep).to(gamma.dtype)
+    return grad_out, grad_gamma
+
+
+_output_scale = Op("tether::output_scale", tensors="Tensor out, Tensor gamma", config=_ScaleConfig, returns=1,
+                   outputs=1, kernel=False, forward=_scale_forward, save=_scale_save, grads=_scale_grads)
 
 
 def output_scale(out, gamma, dtype=None):
@@ -209,7 +198,7 @@ def output_scale(out, gamma, dtype=None):
     if gamma.dim() != 1 or out.dim() != 4 or out.shape[2] != gamma.shape[0]:
         raise ValueError(f"out, gamma: expected [T, B, H, D] and [H], got shapes {tuple(out.shape)} and "
                          f"{tuple(gamma.shape)}")
-    return _OutputScale.apply(out, gamma, out.dtype if dtype is None else dtype)
+    return _output_scale(out, gamma, cfg=_ScaleConfig(out.dtype if dtype is None else dtype))
 
 
 def _elementwise_op(qkv, gamma, state, binary=False):
@@ -218,7 +207,4 @@ def _elementwise_op(qkv, gamma, state, binary=False):
     state = torch.zeros(B, H, D, device=qkv.device, dtype=torch.float32) if state is None else state.float()
     # bits only where a backward will read them
     binary = binary and torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, gamma, state))
-    if torch.compiler.is_compiling():
-        out, final, _, _ = _elementwise(qkv, gamma, state, binary)
-        return out, final
-    return _Elementwise.apply(qkv, gamma, state, binary)
+    return _elementwise(qkv, gamma, state, cfg=_Config(binary))

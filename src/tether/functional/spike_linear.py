@@ -12,36 +12,45 @@ import torch.nn.functional as F
 
 from tether._backend import use_triton
 from tether._checks import FLOAT_DTYPES, check_tensor
+from tether.functional._op import Op
 from tether.functional.pack import pack_spikes, unpack_spikes
 
 
-class _SpikeLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, spikes, weight, bias):
-        # under autocast F.linear computes in the autocast dtype; backward repeats it in the same dtype
-        out = F.linear(spikes, weight, bias)
-        ctx.in_features = spikes.shape[-1]
-        ctx.spikes_dtype = spikes.dtype
-        saved = None
-        if ctx.needs_input_grad[1]:
-            saved = pack_spikes(spikes) if use_triton(spikes) else spikes  # [..., ceil(in / 8)] uint8 or [..., in]
-        ctx.save_for_backward(saved, weight)
-        return out
+def _forward(spikes, weight, bias, cfg):
+    """-> out [..., out], what the backward keeps of spikes: packed bits [..., ceil(in / 8)] uint8 (the CPU: spikes
+    as they are; nothing unless weight needs a gradient)."""
+    # under autocast F.linear computes in the autocast dtype; the backward repeats it in the same dtype
+    out = F.linear(spikes, weight, bias)
+    saved = None
+    if weight.requires_grad:
+        saved = pack_spikes(spikes) if use_triton(spikes) else spikes
+    return out, saved
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        saved, weight = ctx.saved_tensors
-        grad_spikes = grad_weight = grad_bias = None
-        grad_rows = grad_out.flatten(0, -2)  # [N, out]
-        if ctx.needs_input_grad[0]:
-            grad_spikes = (grad_out @ weight.to(grad_out.dtype)).to(ctx.spikes_dtype)
-        if ctx.needs_input_grad[1]:
-            spikes = saved if saved.dtype != torch.uint8 else unpack_spikes(saved, ctx.in_features, grad_out.dtype)
-            spikes = spikes.to(grad_out.dtype).flatten(0, -2)  # [N, in]
-            grad_weight = (grad_rows.t() @ spikes).to(weight.dtype)  # [out, in]
-        if ctx.needs_input_grad[2]:  # False when bias is None
-            grad_bias = grad_rows.sum(0).to(weight.dtype)
-        return grad_spikes, grad_weight, grad_bias
+
+def _save(ctx, tensors, cfg, outputs):
+    spikes, weight, _ = tensors
+    ctx.save_for_backward(outputs[1], weight)
+    ctx.in_features, ctx.spikes_dtype = spikes.shape[-1], spikes.dtype
+
+
+def _grads(ctx, grad_outputs, needs, backward):
+    (grad_out,) = grad_outputs
+    saved, weight = ctx.saved_tensors
+    grad_spikes = grad_weight = grad_bias = None
+    grad_rows = grad_out.flatten(0, -2)  # [N, out]
+    if needs[0]:
+        grad_spikes = (grad_out @ weight.to(grad_out.dtype)).to(ctx.spikes_dtype)
+    if needs[1]:
+        spikes = saved if saved.dtype != torch.uint8 else unpack_spikes(saved, ctx.in_features, grad_out.dtype)
+        spikes = spikes.to(grad_out.dtype).flatten(0, -2)  # [N, in]
+        grad_weight = (grad_rows.t() @ spikes).to(weight.dtype)  # [out, in]
+    if needs[2]:  # False when bias is None
+        grad_bias = grad_rows.sum(0).to(weight.dtype)
+    return grad_spikes, grad_weight, grad_bias
+
+
+_spike_linear = Op("tether::spike_linear", tensors="Tensor spikes, Tensor weight, Tensor? bias", returns=2,
+                   outputs=1, kernel=False, forward=_forward, save=_save, grads=_grads)
 
 
 def spike_linear(spikes: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -59,4 +68,4 @@ def spike_linear(spikes: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         check_tensor("bias", bias, shape=(weight.shape[0],), dtypes=FLOAT_DTYPES, device=spikes.device)
     if not torch.is_grad_enabled():  # inference (generation): nothing to save
         return F.linear(spikes, weight, bias)
-    return _SpikeLinear.apply(spikes, weight, bias)
+    return _spike_linear(spikes, weight, bias)
