@@ -10,7 +10,7 @@ from test_ttt_reference import force_reference_path, make_inputs
 
 import tether._backend
 from tether._backend import use_triton
-from tether.functional.ttt_mlp import _kernels, _ttt_mlp_op, ttt_mlp
+from tether.functional.ttt_mlp import _kernels, _ttt_mlp, ttt_mlp
 from tether.nn.ttt import TTTMLP
 from tether.reference.ttt_mlp import default_token_scale
 from tether.reference.ttt_mlp import ttt_mlp as reference
@@ -128,7 +128,7 @@ def test_op_registration_opcheck(layout, monkeypatch):
     args = [*acts, default_token_scale(2), ln_w, ln_b, *state]
     args = [t.detach().clone() if layout == "contiguous" else t for t in args]
     args = [t.requires_grad_() if t.is_leaf else t for t in args] + [True, 2]
-    result = torch.library.opcheck(_ttt_mlp_op, args, test_utils=("test_schema", "test_autograd_registration",
+    result = torch.library.opcheck(_ttt_mlp._op, args, test_utils=("test_schema", "test_autograd_registration",
                                                                   "test_faketensor"))
     assert set(result.values()) == {"SUCCESS"}
 

@@ -12,6 +12,9 @@ An op is written as plain functions of ``(*tensors, cfg)``, cfg a NamedTuple of 
   ``backward(*tensors, cfg)``, which is ``backward`` itself in eager mode and its custom op while tracing;
 - ``backward`` / ``fake_backward``, with their own tensor schema and config type.
 
+``materialize_grads=True``: grads gets zeros, not None, for an unused output (as a custom op's registered
+backward does).
+
 Ops that launch Triton kernels (``kernel=True``) become custom ops, so torch.compile keeps the launches opaque;
 eager mode calls the same functions through a plain autograd.Function (the custom-op dispatch costs host
 time on every call). Ops made of ATen calls (``kernel=False``) are that autograd.Function on both paths:
@@ -80,8 +83,9 @@ class Op:
                  forward: Callable, fake: Optional[Callable] = None, save: Optional[Callable] = None,
                  grads: Optional[Callable] = None, kernel: bool = True, backward: Optional[Callable] = None,
                  fake_backward: Optional[Callable] = None, backward_tensors: str = "",
-                 backward_config: type = _NoConfig, backward_returns: int = 0):
+                 backward_config: type = _NoConfig, backward_returns: int = 0, materialize_grads: bool = False):
         self.name, self.forward, self.outputs, self.kernel = name, forward, outputs, kernel
+        self.materialize_grads = materialize_grads
         self.differentiable = grads is not None
         self._k = _n_tensors(tensors)
         self._eager = self._autograd_function(save, grads, backward)
@@ -115,7 +119,8 @@ class Op:
                 *tensors, cfg = args
                 result = self.forward(*tensors, cfg)
                 save(ctx, tensors, cfg, result)
-                ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to allocate
+                # an unused output's gradient stays None (no zeros to allocate) unless the op asks for zeros
+                ctx.set_materialize_grads(self.materialize_grads)
                 return result[0] if outputs == 1 else tuple(result[:outputs])
 
             @staticmethod

@@ -1,16 +1,17 @@
 """TTT-MLP as an autograd op with rematerialisation built in (spec: docs/spec/ttt_mlp.md).
 
 `forward` / `backward` pick the Triton kernels (tether.kernels.ttt_mlp) or the reference; the drop-in
-`tether.ttt` and the custom op `tether::ttt_mlp` both go through them, so the choice is made here only.
-The custom op saves its inputs and the group-start checkpoints; the backward recomputes each group.
+`tether.ttt` and the op `tether::ttt_mlp` (tether.functional._op) both go through them, so the choice is made
+here only. The op saves its inputs and the group-start checkpoints; the backward recomputes each group.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from tether._backend import use_triton, warn_fallback
 from tether._checks import check_group_size, check_ttt_inputs, default_token_scale
 from tether._math import compute_dtype
+from tether.functional._op import Op
 from tether.reference.ttt_mlp import ttt_mlp as reference_ttt_mlp, ttt_mlp_scan
 
 GRAD_KEYS = ("xq", "xk", "xv", "lr", "token_scale", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2")
@@ -104,29 +105,30 @@ def _reference_backward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt
                                 *(s.to(w1_ckpt.dtype) for s in g_state))))
 
 
-@torch.library.custom_op("tether::ttt_mlp", mutates_args=())
-def _ttt_mlp_op(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor, token_scale: torch.Tensor,
-                ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                b2: torch.Tensor, causal: bool, checkpoint_group_size: int) -> tuple[(torch.Tensor,) * 9]:
-    """Returns (out, w1, b1, w2, b2 final, w1, b1, w2, b2 checkpoints)."""
-    out, ckpts, final = forward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, causal=causal,
-                                checkpoint_group_size=checkpoint_group_size)
+class _Config(NamedTuple):
+    causal: bool
+    checkpoint_group_size: int
+
+
+def _forward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, cfg: _Config):
+    """-> (out, w1, b1, w2, b2 final, w1, b1, w2, b2 checkpoints)."""
+    out, ckpts, final = forward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, causal=cfg.causal,
+                                checkpoint_group_size=cfg.checkpoint_group_size)
     return (out, *final, *ckpts)
 
 
-@_ttt_mlp_op.register_fake
-def _(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, causal, checkpoint_group_size):
+def _fake_forward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, cfg: _Config):
     B, NH, NC = xq.shape[:3]
-    n_ckpt = -(-NC // checkpoint_group_size)
+    n_ckpt = -(-NC // cfg.checkpoint_group_size)
     ckpts = [s.new_empty(B, NH, n_ckpt, *s.shape[2:]) for s in (w1, b1, w2, b2)]  # [B, NH, NK, ...]
     # new_empty, not empty_like: the real op returns contiguous tensors whatever the inputs' strides
     return (xq.new_empty(xq.shape), *(s.new_empty(s.shape) for s in (w1, b1, w2, b2)), *ckpts)
 
 
-def _setup_context(ctx, inputs, output):
-    xq, xk, xv, lr, token_scale, ln_weight, ln_bias, _, _, _, _, causal, group = inputs
-    ctx.save_for_backward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, *output[5:])
-    ctx.causal, ctx.group = causal, group
+def _save(ctx, tensors, cfg: _Config, outputs):
+    xq, xk, xv, lr, token_scale, ln_weight, ln_bias = tensors[:7]
+    ctx.save_for_backward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, *outputs[5:])
+    ctx.cfg = cfg
 
 
 def _grad_specs(xq, lr, token_scale, ln_weight, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, causal):
@@ -140,41 +142,42 @@ def _grad_specs(xq, lr, token_scale, ln_weight, w1_ckpt, b1_ckpt, w2_ckpt, b2_ck
         [((B, NH, F), ln_weight.dtype)] * 2 + states
 
 
-# The backward is an op of its own: torch.compile's AOT autograd traces the registered backward, and must not
-# trace into the launchers (they read data pointers).
-@torch.library.custom_op("tether::ttt_mlp_backward", mutates_args=())
-def _ttt_mlp_backward_op(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor,
-                         token_scale: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-                         w1_ckpt: torch.Tensor, b1_ckpt: torch.Tensor, w2_ckpt: torch.Tensor, b2_ckpt: torch.Tensor,
-                         grad_out: torch.Tensor, gw1: torch.Tensor, gb1: torch.Tensor, gw2: torch.Tensor,
-                         gb2: torch.Tensor, causal: bool, checkpoint_group_size: int) -> tuple[(torch.Tensor,) * 11]:
+def _backward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out,
+              gw1, gb1, gw2, gb2, cfg: _Config):
+    """The launchers' backward (an op of its own while tracing: AOT autograd traces the registered backward,
+    and must not trace into the launchers, which read data pointers) -> the gradients in GRAD_KEYS order."""
     g = backward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out,
-                 gw1, gb1, gw2, gb2, causal=causal, checkpoint_group_size=checkpoint_group_size)
-    specs = _grad_specs(xq, lr, token_scale, ln_weight, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, causal)
+                 gw1, gb1, gw2, gb2, causal=cfg.causal, checkpoint_group_size=cfg.checkpoint_group_size)
+    specs = _grad_specs(xq, lr, token_scale, ln_weight, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, cfg.causal)
     return tuple(xq.new_empty(shape, dtype=dtype) if g[key] is None else g[key].to(dtype).contiguous()
                  for key, (shape, dtype) in zip(GRAD_KEYS, specs))
 
 
-@_ttt_mlp_backward_op.register_fake
-def _(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out, gw1, gb1,
-      gw2, gb2, causal, checkpoint_group_size):
-    specs = _grad_specs(xq, lr, token_scale, ln_weight, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, causal)
+def _fake_backward(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out,
+                   gw1, gb1, gw2, gb2, cfg: _Config):
+    specs = _grad_specs(xq, lr, token_scale, ln_weight, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, cfg.causal)
     return tuple(xq.new_empty(shape, dtype=dtype) for shape, dtype in specs)
 
 
-def _backward(ctx, grad_out, gw1, gb1, gw2, gb2, *_grad_ckpts):
+def _grads(ctx, grad_outputs, needs, run_backward):
     # the checkpoints are internal (not returned by tether.functional.ttt_mlp): their gradients are unused
     xq, xk, xv, lr, token_scale, ln_weight, ln_bias, *ckpts = ctx.saved_tensors
-    args = (xq, xk, xv, lr, token_scale, ln_weight, ln_bias, *ckpts, grad_out, gw1, gb1, gw2, gb2)
-    if _kernels(xq, ckpts[0]) is not None:  # the launchers, behind an op
-        g = dict(zip(GRAD_KEYS, torch.ops.tether.ttt_mlp_backward(*args, ctx.causal, ctx.group)))
+    args = (xq, xk, xv, lr, token_scale, ln_weight, ln_bias, *ckpts, *grad_outputs[:5])
+    if _kernels(xq, ckpts[0]) is not None:  # the launchers
+        g = dict(zip(GRAD_KEYS, run_backward(*args, ctx.cfg)))
     else:  # the reference takes autograd inside, which an op's body has not: plain (traceable) PyTorch
-        g = backward(*args, causal=ctx.causal, checkpoint_group_size=ctx.group)
-    return (g["xq"], g["xk"], g["xv"], g["lr"], g["token_scale"] if ctx.causal else None,
-            g["ln_weight"].sum(0), g["ln_bias"].sum(0), g["w1"], g["b1"], g["w2"], g["b2"], None, None)
+        g = backward(*args, causal=ctx.cfg.causal, checkpoint_group_size=ctx.cfg.checkpoint_group_size)
+    return (g["xq"], g["xk"], g["xv"], g["lr"], g["token_scale"] if ctx.cfg.causal else None,
+            g["ln_weight"].sum(0), g["ln_bias"].sum(0), g["w1"], g["b1"], g["w2"], g["b2"])
 
 
-_ttt_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+_TENSORS = "Tensor xq, Tensor xk, Tensor xv, Tensor lr, Tensor token_scale, Tensor ln_weight, Tensor ln_bias"
+_ttt_mlp = Op("tether::ttt_mlp", tensors=_TENSORS + ", Tensor w1, Tensor b1, Tensor w2, Tensor b2", config=_Config,
+              returns=9, outputs=5, forward=_forward, fake=_fake_forward, save=_save, grads=_grads,
+              backward=_backward, fake_backward=_fake_backward, materialize_grads=True,
+              backward_tensors=_TENSORS + ", Tensor w1_ckpt, Tensor b1_ckpt, Tensor w2_ckpt, Tensor b2_ckpt, "
+                                          "Tensor grad_out, Tensor gw1, Tensor gb1, Tensor gw2, Tensor gb2",
+              backward_config=_Config, backward_returns=11)
 
 
 def ttt_mlp(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, *, causal: bool = False,
@@ -194,6 +197,6 @@ def ttt_mlp(xq, xk, xv, lr, ln_weight, ln_bias, w1, b1, w2, b2, *, causal: bool 
     check_group_size(group)
     if token_scale is None:
         token_scale = default_token_scale(xq.shape[3], xq.device).to(w1.dtype)
-    out, w1f, b1f, w2f, b2f, *_ = _ttt_mlp_op(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
-                                              causal, group)
+    out, w1f, b1f, w2f, b2f = _ttt_mlp(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
+                                       cfg=_Config(causal, group))
     return out, (w1f, b1f, w2f, b2f)
