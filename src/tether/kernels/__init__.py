@@ -14,10 +14,8 @@ def cdiv(a: int, b: int) -> int:
 def _spec(arg):
     """What Triton specializes a runtime argument on (triton 3.6 and 3.9, NVIDIA): a tensor's dtype and
     16-byte alignment; an int's being 1 (then a constant), a multiple of 16, and its type (i32, i64, u64);
-    None (a constant). Floats (always fp32) and bools are only typed; a tuple, element by element
-    (tests/test_launcher.py checks this against Triton's own specialization)."""
-    if isinstance(arg, tuple):
-        return tuple(map(_spec, arg))
+    None (a constant). Floats (always fp32) and bools are only typed (tests/test_launcher.py checks this
+    against Triton's own specialization)."""
     if arg is None or isinstance(arg, (float, bool)):
         return type(arg)
     if isinstance(arg, int):
