@@ -304,34 +304,23 @@ def _inner_loss_grad(z2, xk, xv, gamma, beta, F: tl.constexpr, F_REAL: tl.conste
 
 
 @triton.jit
-def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2, b2,
-                  w1_s, b1_s, w2_s, w1_d, b1_d, w2_d, z1_p,
-                  xk_next_p, z1_next_p, has_next, w1_c, b1_c, w2_c, b2_c, save_ckpt, xb, cnt, ex, p,
-                  WITH_OUTPUT: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                  CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                  P: tl.constexpr):
-    """One mini-batch: state (w1_s..w2_s, b2) -> next state (w1_d..w2_d, may alias the source; returned
-    b2), optionally the outputs. z2 (full) and this program's Z1 tiles in z1_p [CS, K] come from the first
-    pass over K of this mini-batch. Each block of the next state is used at once for the next mini-batch's
-    first pass when has_next (tokens xk_next_p, its Z1 into z1_next_p; returns its z2), and copied into the
-    checkpoint (w1_c..b2_c) when save_ckpt: one pass over the state per mini-batch instead of two.
-    Outputs: causal in the dual form; non-causal tokens read the updated state, so each updated block is
-    used right away (Zq1 = XQ W1' + b1', Zq2 = gelu(Zq1) W2' + b2': two matmuls a block instead of four).
-    The sums over K (Zq2, A2raw, the next z2) take one exchange; program 0 writes the outputs and b2."""
-    fc = tl.arange(0, F)
-    xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
-    xk = _load_tokens(xk_p, CS, F)
-    xk_next = _load_tokens(xk_next_p, CS, F)
-    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
-    gz2, xh, rstd, target = _inner_loss_grad(z2 + b2[None, :], xk, _load_tokens(xv_p, CS, F), gamma, beta, F,
-                                                  F_REAL)
-    b2_next = b2 - tl.sum(e[:, None] * gz2, 0)
-    # matmul operands live through the K loop in the input dtype: half the registers of fp32
-    egz2 = (e[:, None] * gz2).to(DT)
-    gz2 = gz2.to(DT)
+def _forward_update_pass(x, eta, e, gz2, egz2, src, dst, z1, ckpt, p, WITH_OUTPUT: tl.constexpr,
+                         CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, CS: tl.constexpr,
+                         F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+    """The update pass over K of a mini-batch (x = (xq, xk, xk_next) tokens; gZ2 and e gZ2 in the input
+    dtype): gZ1 = (gZ2 W2^T) gelu'(Z1), each block of the state src = (w1, b1, w2) updated into dst (may
+    alias src), copied to the checkpoint ckpt = (w1_c, b1_c, w2_c, b2_c, save) when save, and used at once:
+    for the outputs (causal: the dual form's Xq2 W2 and Xq2 X2^T; non-causal: the updated block) and, when
+    z1 = (z1_p, xk_next_p, z1_next_p, has_next) has a next mini-batch, for its first pass (its Z1 to
+    z1_next_p). Returns this program's partials of Zq2, A2raw (causal outputs only) and the next Z2."""
+    xq, xk, xk_next = x
+    w1_s, b1_s, w2_s = src
+    w1_d, b1_d, w2_d = dst
+    z1_p, _, z1_next_p, has_next = z1
+    w1_c, b1_c, w2_c, _, save_ckpt = ckpt
+    a2raw = tl.zeros([CS, CS], tl.float32)  # Xq2 X2^T, summed over K blocks (causal outputs only)
     if WITH_OUTPUT and CAUSAL:
         a1 = (eta * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)).to(DT)  # [CS, CS]
-        a2raw = tl.zeros([CS, CS], tl.float32)  # Xq2 X2^T, summed over K blocks
     zq2 = tl.zeros([CS, F], tl.float32)
     z2_next = tl.zeros([CS, F], tl.float32)
     for k0 in range(p * BK, K, P * BK):
@@ -354,11 +343,18 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2, b2,
         if WITH_OUTPUT and not CAUSAL:
             zq2 = _dot(_gelu(_dot(xq, w1, DT, PREC) + b1[None, :], DT), w2, DT, PREC, zq2)
         if has_next:
-            z1 = _dot(xk_next, w1, DT, PREC) + b1[None, :]
-            tl.store(_kblock(z1_next_p, k0, CS, K, BK), z1)
-            z2_next = _dot(_gelu(z1, DT), w2, DT, PREC, z2_next)
-    if save_ckpt & (p == 0):
-        tl.store(b2_c + fc, b2_next)
+            z1_next = _dot(xk_next, w1, DT, PREC) + b1[None, :]
+            tl.store(_kblock(z1_next_p, k0, CS, K, BK), z1_next)
+            z2_next = _dot(_gelu(z1_next, DT), w2, DT, PREC, z2_next)
+    return zq2, a2raw, z2_next
+
+
+@triton.jit
+def _forward_exchange(z2_next, zq2, a2raw, xch, ex, p, WITH_OUTPUT: tl.constexpr, CAUSAL: tl.constexpr,
+                      CS: tl.constexpr, F: tl.constexpr, P: tl.constexpr):
+    """The forward step's exchange between the P programs of a head: the sums over K of the next Z2 and, with
+    the outputs, of Zq2 and (causal) A2raw."""
+    xb, cnt = xch
     tile = _tile_offs(CS, F)
     _xput(xb, ex, p, tile, z2_next, P, CS, F)
     if WITH_OUTPUT:
@@ -371,13 +367,62 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2, b2,
         zq2 = _xsum(xb, ex, _xoff(_XT1, CS, F) + tile, P, CS, F)
         if CAUSAL:
             a2raw = _xsum(xb, ex, _xoff(_XSQ, CS, F) + _tile_offs(CS, CS), P, CS, F)
-            eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
-            zq2 = _dot(eta * (a2raw + 1.0), -gz2, DT, PREC, zq2 + b2[None, :])
-        else:
-            zq2 += b2_next[None, :]
-        xhq, _ = _ln_stats(zq2, F, F_REAL)
-        if p == 0:
-            _store_tokens(out_p, xq.to(tl.float32) + gamma[None, :] * xhq + beta[None, :], CS, F)
+    return z2_next, zq2, a2raw
+
+
+@triton.jit
+def _forward_outputs(xq, zq2, a2raw, gz2, b2, b2_next, ln, rates, out_p, p, CAUSAL: tl.constexpr,
+                     DT: tl.constexpr, PREC: tl.constexpr, CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr):
+    """The outputs out = XQ + LN(Zq2) (program 0 stores them) from the summed Zq2: causal in the dual form,
+    Zq2 + b2 - (eta * (A2raw + 1)) gZ2; non-causal Zq2 + b2' (the updated state's)."""
+    gamma, beta = ln
+    if CAUSAL:
+        eta, e, lr = _eta(rates[0], rates[1], CAUSAL, CS)
+        zq2 = _dot(eta * (a2raw + 1.0), -gz2, DT, PREC, zq2 + b2[None, :])
+    else:
+        zq2 += b2_next[None, :]
+    xhq, _ = _ln_stats(zq2, F, F_REAL)
+    if p == 0:
+        _store_tokens(out_p, xq.to(tl.float32) + gamma[None, :] * xhq + beta[None, :], CS, F)
+
+
+@triton.jit
+def _forward_step(tok, rates, ln, carry, src, dst, z1, ckpt, xch, p, WITH_OUTPUT: tl.constexpr,
+                  CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, CS: tl.constexpr, F: tl.constexpr,
+                  F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+    """One mini-batch: state (src = (w1, b1, w2) pointers, b2) -> next state (dst, may alias src; returned
+    b2), optionally the outputs. tok = (xq, xk, xv, out) pointers of its tokens, rates = (lr, ts), ln =
+    (gamma, beta) [F] values, carry = (z2, b2, ex): z2 (full) from the first pass over K of this mini-batch,
+    whose Z1 tiles are in z1[0] [CS, K], and the next exchange's index. Each block of the next state is used at
+    once for the next mini-batch's first pass when it has one (z1 = (z1_p, xk_next_p, z1_next_p, has_next);
+    returns its z2), and copied into the checkpoint ckpt = (w1_c, b1_c, w2_c, b2_c, save) when save: one pass
+    over the state per mini-batch instead of two. Outputs: causal in the dual form; non-causal tokens read the
+    updated state, so each updated block is used right away (Zq1 = XQ W1' + b1', Zq2 = gelu(Zq1) W2' + b2':
+    two matmuls a block instead of four). The sums over K (Zq2, A2raw, the next z2) take one exchange
+    (xch = (xbuf, cnt)); program 0 writes the outputs and b2. Returns the next carry."""
+    xq_p, xk_p, xv_p, out_p = tok
+    lr_p, ts_p = rates
+    gamma, beta = ln
+    z2, b2, ex = carry
+    fc = tl.arange(0, F)
+    xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
+    xk = _load_tokens(xk_p, CS, F)
+    xk_next = _load_tokens(z1[1], CS, F)
+    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
+    gz2, xh, rstd, target = _inner_loss_grad(z2 + b2[None, :], xk, _load_tokens(xv_p, CS, F), gamma, beta, F,
+                                             F_REAL)
+    b2_next = b2 - tl.sum(e[:, None] * gz2, 0)
+    # matmul operands live through the K loop in the input dtype: half the registers of fp32
+    egz2 = (e[:, None] * gz2).to(DT)
+    gz2 = gz2.to(DT)
+    zq2, a2raw, z2_next = _forward_update_pass(
+        x=(xq, xk, xk_next), eta=eta, e=e, gz2=gz2, egz2=egz2, src=src, dst=dst, z1=z1, ckpt=ckpt, p=p,
+        WITH_OUTPUT=WITH_OUTPUT, CAUSAL=CAUSAL, DT=DT, PREC=PREC, CS=CS, F=F, K=K, BK=BK, P=P)
+    if ckpt[4] & (p == 0):
+        tl.store(ckpt[3] + fc, b2_next)
+    z2_next, zq2, a2raw = _forward_exchange(z2_next, zq2, a2raw, xch, ex, p, WITH_OUTPUT, CAUSAL, CS, F, P)
+    if WITH_OUTPUT:
+        _forward_outputs(xq, zq2, a2raw, gz2, b2, b2_next, ln, rates, out_p, p, CAUSAL, DT, PREC, CS, F, F_REAL)
     return z2_next, b2_next, ex + 1
 
 
@@ -391,26 +436,31 @@ def _program(NH, NC, G, P: tl.constexpr):
 
 
 @triton.jit
-def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, w2_c, b2_c, out, work, xbuf, cnt,
-                    NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                    CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                    P: tl.constexpr):
+def _ttt_fwd_kernel(tokens, rates, ln, state, ckpt, out, work, xch, dims, CAUSAL: tl.constexpr,
+                    PREC: tl.constexpr, CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr,
+                    BK: tl.constexpr, P: tl.constexpr):
     """Forward scan; program pid = bh * P + p owns the K blocks p*BK, (p+P)*BK, ... of head bh.
-    w1..b2 hold the initial state on entry and the final state on exit (updated in place); checkpoint k
-    (w1_c..b2_c [B*NH, NK, ...]) is the state at the start of mini-batch k*G.
-    work: [B*NH, 2, CS, K] fp32 scratch (Z1 of this and of the next mini-batch; columns by owner).
-    xbuf [B*NH, 2, P, XSZ] fp32, cnt [B*NH] int32 zeros: the exchanges of the sums over K."""
+    tokens = (xq, xk, xv), rates = (lr, ts), ln = (ln_w, ln_b), dims = (NH, NC, G).
+    state = (w1, b1, w2, b2) holds the initial state on entry and the final state on exit (updated in
+    place); checkpoint k (ckpt = (w1_c, b1_c, w2_c, b2_c) [B*NH, NK, ...]) is the state at the start of
+    mini-batch k*G. work: [B*NH, 2, CS, K] fp32 scratch (Z1 of this and of the next mini-batch; columns by
+    owner). xch = (xbuf [B*NH, 2, P, XSZ] fp32, cnt [B*NH] int32 zeros): the exchanges of the sums over K."""
+    xq, xk, xv = tokens
+    lr, ts = rates
+    w1, b1, w2, b2 = state
+    w1_c, b1_c, w2_c, b2_c = ckpt
+    NH, NC, G = dims
     p, bh, h, NK = _program(NH, NC, G, P)
     fc = tl.arange(0, F)
-    gamma = tl.load(ln_w + h * F + fc)
-    beta = tl.load(ln_b + h * F + fc)
+    gamma = tl.load(ln[0] + h * F + fc)
+    beta = tl.load(ln[1] + h * F + fc)
     w1 += bh * F * K
     b1 += bh * K
     w2 += bh * K * F
     b2 += bh * F
     work += bh * 2 * CS * K
-    xb = xbuf + bh * 2 * P * _xoff(_XEND, CS, F)
-    cnt += bh
+    xb = xch[0] + bh * 2 * P * _xoff(_XEND, CS, F)
+    cnt = xch[1] + bh
     c = bh * NK
     _copy_state(w1, b1, w2, w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, p, F, K, BK, P)
     b2v = tl.load(b2 + fc)  # [F]: every program holds b2 (its update is a full [F] value)
@@ -424,12 +474,14 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
         has_next = n + 1 < NC
         c = bh * NK + (n + 1) // G
         tl.debug_barrier()  # the previous step's stores are visible to every thread
-        z2, b2v, ex = _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n) * CS, ts, out + tok, gamma,
-                                    beta, z2, b2v, w1, b1, w2, w1, b1, w2, work + (n % 2) * CS * K,
-                                    xk + tok + has_next.to(tl.int64) * CS * F, work + ((n + 1) % 2) * CS * K,
-                                    has_next, w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, b2_c + c * F,
-                                    has_next & ((n + 1) % G == 0), xb, cnt, ex, p,
-                                    True, CAUSAL, xq.dtype.element_ty, PREC, CS, F, F_REAL, K, BK, P)
+        z2, b2v, ex = _forward_step(
+            tok=(xq + tok, xk + tok, xv + tok, out + tok), rates=(lr + (bh * NC + n) * CS, ts), ln=(gamma, beta),
+            carry=(z2, b2v, ex), src=(w1, b1, w2), dst=(w1, b1, w2),
+            z1=(work + (n % 2) * CS * K, xk + tok + has_next.to(tl.int64) * CS * F, work + ((n + 1) % 2) * CS * K,
+                has_next),
+            ckpt=(w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, b2_c + c * F, has_next & ((n + 1) % G == 0)),
+            xch=(xb, cnt), p=p, WITH_OUTPUT=True, CAUSAL=CAUSAL, DT=xq.dtype.element_ty, PREC=PREC, CS=CS, F=F,
+            F_REAL=F_REAL, K=K, BK=BK, P=P)
     if p == 0:
         tl.store(b2 + fc, b2v)
 
@@ -771,17 +823,22 @@ def _backward_step(tok, dtok, rates, ln, dsums, state, dstate, scratch, xch, ex,
 
 
 @triton.jit
-def _ttt_remat_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, w1_s, b1_s, w2_s, b2_s, work, xbuf,
-                      cnt, ck, NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                      CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                      P: tl.constexpr):
-    """The start states of checkpoint group ck's mini-batches, rematerialised from checkpoint ck into the
-    scratch w1_s..b2_s [B*NH, G, ...] by the state-only forward step. work [B*NH, 2, CS, K]: Z1 of two
-    mini-batches; xbuf, cnt: the exchanges (as in the forward kernel)."""
+def _ttt_remat_kernel(tokens, rates, ln, ckpt, states, work, xch, ck, dims, CAUSAL: tl.constexpr,
+                      PREC: tl.constexpr, CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr,
+                      BK: tl.constexpr, P: tl.constexpr):
+    """The start states of checkpoint group ck's mini-batches, rematerialised from checkpoint ck (ckpt =
+    (w1_c, b1_c, w2_c, b2_c)) into the scratch states = (w1_s, b1_s, w2_s, b2_s) [B*NH, G, ...] by the
+    state-only forward step. tokens, rates, ln, dims, xch: as in the forward kernel; work [B*NH, 2, CS, K]:
+    Z1 of two mini-batches."""
+    xq, xk, xv = tokens
+    lr, ts = rates
+    w1_c, b1_c, w2_c, b2_c = ckpt
+    w1_s, b1_s, w2_s, b2_s = states
+    NH, NC, G = dims
     p, bh, h, NK = _program(NH, NC, G, P)
     fc = tl.arange(0, F)
-    gamma = tl.load(ln_w + h * F + fc)
-    beta = tl.load(ln_b + h * F + fc)
+    gamma = tl.load(ln[0] + h * F + fc)
+    beta = tl.load(ln[1] + h * F + fc)
     n0 = ck * G
     glen = tl.minimum(G, NC - n0)
     c = bh * NK + ck
@@ -790,8 +847,8 @@ def _ttt_remat_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, w1
     w2_s += bh * G * K * F
     b2_s += bh * G * F
     work += bh * 2 * CS * K
-    xb = xbuf + bh * 2 * P * _xoff(_XEND, CS, F)
-    cnt += bh
+    xb = xch[0] + bh * 2 * P * _xoff(_XEND, CS, F)
+    cnt = xch[1] + bh
     w1 = w1_c + c * F * K
     b1 = b1_c + c * K
     w2 = w2_c + c * K * F
@@ -806,13 +863,14 @@ def _ttt_remat_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, w1
         tok = (bh * NC + n0 + t - 1) * CS * F
         has_next = t + 1 < glen
         tl.debug_barrier()  # the previous step's stores are visible to every thread
-        z2, b2v, ex = _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t - 1) * CS, ts, xq, gamma,
-                                    beta, z2, b2v, w1_s + (t - 1) * F * K, b1_s + (t - 1) * K, w2_s + (t - 1) * K * F,
-                                    w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F,
-                                    work + ((t - 1) % 2) * CS * K, xk + tok + has_next.to(tl.int64) * CS * F,
-                                    work + (t % 2) * CS * K, has_next, w1_c, b1_c, w2_c, b2_c, False,
-                                    xb, cnt, ex, p, False, CAUSAL, xq.dtype.element_ty, PREC, CS, F, F_REAL, K, BK,
-                                    P)
+        z2, b2v, ex = _forward_step(
+            tok=(xq + tok, xk + tok, xv + tok, xq), rates=(lr + (bh * NC + n0 + t - 1) * CS, ts), ln=(gamma, beta),
+            carry=(z2, b2v, ex), src=(w1_s + (t - 1) * F * K, b1_s + (t - 1) * K, w2_s + (t - 1) * K * F),
+            dst=(w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F),
+            z1=(work + ((t - 1) % 2) * CS * K, xk + tok + has_next.to(tl.int64) * CS * F, work + (t % 2) * CS * K,
+                has_next),
+            ckpt=(w1_c, b1_c, w2_c, b2_c, False), xch=(xb, cnt), p=p, WITH_OUTPUT=False, CAUSAL=CAUSAL,
+            DT=xq.dtype.element_ty, PREC=PREC, CS=CS, F=F, F_REAL=F_REAL, K=K, BK=BK, P=P)
         if p == 0:
             tl.store(b2_s + t * F + fc, b2v)
 
@@ -1116,8 +1174,8 @@ def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
         k_ckpt = [torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, FP, K, (NK,))]
     BK, warps, stages, P = _config(K, block_k, num_warps, num_stages, split, B * NH, dev, backward=False)
     work = torch.empty(B * NH, 2, CS, K, dtype=torch.float32, device=dev)  # per head: Z1 of 2 mini-batches
-    _ttt_fwd_kernel[(B * NH * P,)](xq, xk, xv, lr, ts, lnw, lnb, *last, *k_ckpt, k_out, work,
-                                   *_exchange(B, NH, CS, FP, P, dev), NH, NC, G, CAUSAL=bool(causal),
+    _ttt_fwd_kernel[(B * NH * P,)]((xq, xk, xv), (lr, ts), (lnw, lnb), tuple(last), tuple(k_ckpt), k_out, work,
+                                   _exchange(B, NH, CS, FP, P, dev), (NH, NC, G), CAUSAL=bool(causal),
                                    PREC=_precision(xq), CS=CS, F=FP, F_REAL=F, K=K, BK=BK, P=P, num_warps=warps,
                                    num_stages=stages)
     if FP != F:
@@ -1192,8 +1250,8 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
     common = dict(CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=FP, F_REAL=F, K=K, num_stages=stages)
 
     def remat(ck):
-        _ttt_remat_kernel[(B * NH,)](xq, xk, xv, lr, ts, lnw, lnb, *ckpt, *states[ck % 2], rwork, rxbuf, rcnt[ck],
-                                     ck, NH, NC, G, BK=rBK, P=1, num_warps=rwarps, **common)
+        _ttt_remat_kernel[(B * NH,)]((xq, xk, xv), (lr, ts), (lnw, lnb), tuple(ckpt), tuple(states[ck % 2]), rwork,
+                                     (rxbuf, rcnt[ck]), ck, (NH, NC, G), BK=rBK, P=1, num_warps=rwarps, **common)
 
     def backward(ck):
         g = k_grads
