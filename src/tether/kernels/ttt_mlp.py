@@ -1186,6 +1186,86 @@ def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
     return out, tuple(ckpt), tuple(last)
 
 
+def _grad_buffers(grads, xq, lr, B, NH, F, K, device):
+    """The caller's gradient buffers (grads), checked, and new ones for the others (token_scale: _finish_grads);
+    the ln_weight/ln_bias gradients are per batch element, [B, NH, F]. Returns the dict and the names of the
+    gradients the backward kernel writes, in order."""
+    grads = dict(grads or {})
+    specs = {"xq": (xq.shape, xq.dtype), "xk": (xq.shape, xq.dtype), "xv": (xq.shape, xq.dtype),
+             "lr": (lr.shape, lr.dtype), "ln_weight": ((B, NH, F), torch.float32),
+             "ln_bias": ((B, NH, F), torch.float32),
+             **{n: (s, torch.float32) for n, s in zip(_STATE, _state_shapes(B, NH, F, K))}}
+    for name, (shape, dtype) in specs.items():
+        grads[name] = _buffer(f"grads['{name}']", grads.get(name), shape, dtype, device)
+    return grads, tuple(specs)
+
+
+def _grads_without_launch(grads, grad_last, causal, CS, device):
+    """Nothing to launch: no mini-batch (or no head) between the state and the output, so the gradients are
+    zero and the initial state's is the final state's."""
+    if causal and grads.get("token_scale") is None:
+        grads["token_scale"] = torch.empty(CS, dtype=torch.float32, device=device)
+    for g in grads.values():
+        g.zero_()
+    for name, g in zip(_STATE, grad_last):
+        grads[name].copy_(g)  # the initial state is the final one
+    if not causal:
+        grads["token_scale"] = None
+    return grads
+
+
+def _bwd_operands(inputs, grad_out, ckpt, grad_last, k_grads, causal, F, FP):
+    """The backward kernels' operands from inputs = (xq, xk, xv, lr, token_scale, ln_weight, ln_bias):
+    contiguous, and where F is not a power of two zero-padded to FP features, with padded gradient buffers
+    in k_grads that _finish_grads crops (docs/ttt_padding.md). The carried state gradient starts as that of
+    the final state. Returns (xq, xk, xv), (lr, ts), (ln_weight, ln_bias), grad_out, the checkpoints and the
+    kernel's gradient buffers."""
+    xq, xk, xv, lr, token_scale, ln_weight, ln_bias = inputs
+    xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
+    lnw, lnb = ln_weight.contiguous(), ln_bias.contiguous()
+    ts = token_scale.contiguous() if causal else lr  # not read when non-causal
+    if FP != F:
+        xq, xk, xv, lnw, lnb, grad_out = (_pad(n, t, F, FP) for n, t in
+                                          zip(_ACTS + _LN + ("grad_out",), (xq, xk, xv, lnw, lnb, grad_out)))
+        ckpt = [_pad(n, t, F, FP) for n, t in zip(_STATE, ckpt)]
+        grad_last = [_pad(n, t, F, FP) for n, t in zip(_STATE, grad_last)]
+        k_grads = {n: g.new_empty(_padded_shape(n, g.shape, FP)) if _F_DIMS[n] else g for n, g in k_grads.items()}
+    for name, g in zip(_STATE, grad_last):
+        k_grads[name].copy_(g)  # the carried state gradient starts as that of the final state
+    return (xq, xk, xv), (lr, ts), (lnw, lnb), grad_out, ckpt, k_grads
+
+
+def _bwd_scratch(B, NH, G, NK, CS, FP, K, P, dtype, device):
+    """The backward's scratch (docs/ttt_mlp.md#scratch-layout-backward): two sets of a group's start states
+    (W1, b1, W2, b2 per head, blocks by owner: the next group's are rematerialised while this group's are
+    read), the remat's Z1 of 2 mini-batches, (work, acts, small) (regions _W_*, _A_*, _S_*), the per-head
+    token_scale gradient sums, and the exchanges of the remat (one program per head) and of the backward (one
+    counter row per launch)."""
+    states = [tuple(torch.empty(s, dtype=torch.float32, device=device) for s in _state_shapes(B, NH, FP, K, (G,)))
+              for _ in range(2)]
+    rwork = torch.empty(B * NH, 2, CS, K, dtype=torch.float32, device=device)
+    work = torch.empty(B * NH, _W_END.value, CS, K, dtype=torch.float32, device=device)  # per head, by owner
+    acts = torch.empty(B * NH, _A_END.value, CS, K, dtype=dtype, device=device)  # gelu(Z1), gelu(Zq1)
+    small = torch.empty(B * NH * P, _small_size(CS, FP), dtype=torch.float32, device=device)  # per program
+    dts = torch.empty(B * NH, CS, dtype=torch.float32, device=device)
+    return (states, rwork, (work, acts, small), dts, _exchange(B, NH, CS, FP, 1, device, NK),
+            _exchange(B, NH, CS, FP, P, device, NK))
+
+
+def _finish_grads(grads, k_grads, dts, causal, F):
+    """The padded gradients cropped into the caller's buffers; token_scale's summed over batch and heads."""
+    for name, g in k_grads.items():
+        if g is not grads[name]:
+            grads[name].copy_(_crop(name, g, F))
+    if not causal:
+        grads["token_scale"] = None
+    elif grads.get("token_scale") is None:
+        grads["token_scale"] = dts.sum(0)  # [CS]: summed over batch and heads
+    else:
+        grads["token_scale"].copy_(dts.sum(0))
+    return grads
+
+
 def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out,
                 grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last, *, causal, checkpoint_group_size,
                 grads=None, block_k=None, num_warps=None, num_stages=None, split=None):
@@ -1199,77 +1279,34 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
     K, FP = 4 * F, _padded(F)
     dev = xq.device
     ckpt = [t.contiguous() for t in (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt)]
-    shapes = _state_shapes(B, NH, F, K)
     grad_last = (grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last)
     check_ttt_grads(grad_out, grad_last, xq, torch.float32,
                     names=("grad_out",) + tuple(f"grad_{n}_last" for n in _STATE))
     grad_last = [t.contiguous() for t in grad_last]
-    grads = dict(grads or {})
-    specs = {"xq": (xq.shape, xq.dtype), "xk": (xq.shape, xq.dtype), "xv": (xq.shape, xq.dtype),
-             "lr": (lr.shape, lr.dtype), "ln_weight": ((B, NH, F), torch.float32),
-             "ln_bias": ((B, NH, F), torch.float32),
-             **{n: (s, torch.float32) for n, s in zip(_STATE, shapes)}}
-    for name, (shape, dtype) in specs.items():
-        grads[name] = _buffer(f"grads['{name}']", grads.get(name), shape, dtype, dev)
-    if NK == 0 or B * NH == 0:  # nothing to launch: no mini-batch (or no head) between the state and the output
-        if causal and grads.get("token_scale") is None:
-            grads["token_scale"] = torch.empty(CS, dtype=torch.float32, device=dev)
-        for g in grads.values():
-            g.zero_()
-        for name, g in zip(_STATE, grad_last):
-            grads[name].copy_(g)  # the initial state is the final one
-        if not causal:
-            grads["token_scale"] = None
-        return grads
-    xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
-    lnw, lnb = ln_weight.contiguous(), ln_bias.contiguous()
-    ts = token_scale.contiguous() if causal else lr
-    k_grads = {n: grads[n] for n in specs}  # the kernel's gradient buffers
-    if FP != F:  # the kernels run on zero-padded copies (docs/ttt_padding.md); gradients cropped after them
-        xq, xk, xv, lnw, lnb, grad_out = (_pad(n, t, F, FP) for n, t in
-                                          zip(_ACTS + _LN + ("grad_out",), (xq, xk, xv, lnw, lnb, grad_out)))
-        ckpt = [_pad(n, t, F, FP) for n, t in zip(_STATE, ckpt)]
-        grad_last = [_pad(n, t, F, FP) for n, t in zip(_STATE, grad_last)]
-        k_grads = {n: g.new_empty(_padded_shape(n, g.shape, FP)) if _F_DIMS[n] else g for n, g in k_grads.items()}
-    for name, g in zip(_STATE, grad_last):
-        k_grads[name].copy_(g)  # the carried state gradient starts as that of the final state
+    grads, names = _grad_buffers(grads, xq, lr, B, NH, F, K, dev)
+    if NK == 0 or B * NH == 0:
+        return _grads_without_launch(grads, grad_last, causal, CS, dev)
+    tokens, rates, ln, grad_out, ckpt, k_grads = _bwd_operands((xq, xk, xv, lr, token_scale, ln_weight, ln_bias),
+                                                               grad_out, ckpt, grad_last,
+                                                               {n: grads[n] for n in names}, causal, F, FP)
     BK, warps, stages, P = _config(K, block_k, num_warps, num_stages, split, B * NH, dev, backward=True)
     # rematerialisation: one program per head, which waits for no other program (see _backward_groups)
     rBK, rwarps, _, _ = _config(K, None, None, None, 1, B * NH, dev, backward=False)
-    # two sets of a group's start states (W1, b1, W2, b2 per head, blocks by owner): the next group's are
-    # rematerialised while this group's are read
-    states = [[torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, FP, K, (G,))]
-              for _ in range(2)]
-    rwork = torch.empty(B * NH, 2, CS, K, dtype=torch.float32, device=dev)  # remat: Z1 of 2 mini-batches
-    work = torch.empty(B * NH, _W_END.value, CS, K, dtype=torch.float32, device=dev)  # per head, columns by owner
-    acts = torch.empty(B * NH, _A_END.value, CS, K, dtype=xq.dtype, device=dev)  # gelu(Z1), gelu(Zq1): matmul operands
-    small = torch.empty(B * NH * P, _small_size(CS, FP), dtype=torch.float32, device=dev)  # per program
-    dts = torch.empty(B * NH, CS, dtype=torch.float32, device=dev)
-    rxbuf, rcnt = _exchange(B, NH, CS, FP, 1, dev, NK)
-    xbuf, cnt = _exchange(B, NH, CS, FP, P, dev, NK)
-    common = dict(CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=FP, F_REAL=F, K=K, num_stages=stages)
+    states, rwork, scratch, dts, rxch, (xbuf, cnt) = _bwd_scratch(B, NH, G, NK, CS, FP, K, P, tokens[0].dtype, dev)
+    common = dict(CAUSAL=bool(causal), PREC=_precision(tokens[0]), CS=CS, F=FP, F_REAL=F, K=K, num_stages=stages)
+    g = k_grads
 
     def remat(ck):
-        _ttt_remat_kernel[(B * NH,)]((xq, xk, xv), (lr, ts), (lnw, lnb), tuple(ckpt), tuple(states[ck % 2]), rwork,
-                                     (rxbuf, rcnt[ck]), ck, (NH, NC, G), BK=rBK, P=1, num_warps=rwarps, **common)
+        _ttt_remat_kernel[(B * NH,)](tokens, rates, ln, tuple(ckpt), states[ck % 2], rwork, (rxch[0], rxch[1][ck]),
+                                     ck, (NH, NC, G), BK=rBK, P=1, num_warps=rwarps, **common)
 
     def backward(ck):
-        g = k_grads
         kernel = _ttt_bwd_kernel[(B * NH * P,)](
-            (xq, xk, xv), (lr, ts), (lnw, lnb), grad_out, tuple(states[ck % 2]), (work, acts, small), (xbuf, cnt[ck]),
-            (g["w1"], g["b1"], g["w2"], g["b2"]), (g["xq"], g["xk"], g["xv"], g["lr"]),
-            (g["ln_weight"], g["ln_bias"], dts), ck, (NH, NC, G), BK=BK, P=P, num_warps=warps, **common)
+            tokens, rates, ln, grad_out, states[ck % 2], scratch, (xbuf, cnt[ck]), (g["w1"], g["b1"], g["w2"], g["b2"]),
+            (g["xq"], g["xk"], g["xv"], g["lr"]), (g["ln_weight"], g["ln_bias"], dts), ck, (NH, NC, G), BK=BK, P=P,
+            num_warps=warps, **common)
         if not _sequential(dev):
             _prefer_l1(kernel)
 
     _backward_groups(NK, remat, backward, dev)
-    for name, g in k_grads.items():
-        if g is not grads[name]:
-            grads[name].copy_(_crop(name, g, F))
-    if not causal:
-        grads["token_scale"] = None
-    elif grads.get("token_scale") is None:
-        grads["token_scale"] = dts.sum(0)  # [CS]: summed over batch and heads
-    else:
-        grads["token_scale"].copy_(dts.sum(0))
-    return grads
+    return _finish_grads(grads, k_grads, dts, causal, F)
