@@ -27,6 +27,7 @@ results; the kernels tile with F (padded) and take the LayerNorm statistics over
 compiles out when F_REAL == F). K = 4 F_REAL is not padded: a multiple of 64, the default K block.
 """
 import ctypes
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -1009,19 +1010,27 @@ def _sequential(device: torch.device) -> bool:
     return device.type != "cuda" or interpreting()
 
 
-def _config(K: int, block_k, num_warps, num_stages, split, heads: int, device: torch.device, backward: bool):
-    """K block, warps, software-pipelining stages and programs per head (split): the caller's (a
-    benchmark's sweep) or the defaults chosen by bench_ttt's sweep (benchmarks/results/ttt.md; why:
-    docs/ttt_mlp.md): the forward is fastest with one warp group, the backward, with far more live
-    tiles, with two. One stage: pipelined K loops multiply the shared memory (the backward then needs more
-    than the 227 KB an H100 block can have). split P: the P programs of a head exchange their partial sums
-    through global memory and wait for each other. The interpreter runs programs one after another: P = 1.
-    On the GPU a head's chain of small matmuls is latency bound and P programs shorten it, but only while
-    they have SMs of their own: the default is the largest P (a divisor of the block count) with heads * P
-    programs resident at once. Both kernels use all 255 registers a thread may have, so an SM holds 2
-    programs of 4 warps, 1 of 8. A head's programs must all be resident at once: CTAs start in pid order, so
-    at most one head is partly resident and the others finish and make room (the tests launch more programs
-    than fit)."""
+class LaunchOptions(NamedTuple):
+    """The launch configuration of ttt_mlp_fwd / ttt_mlp_bwd (their `launch=`); None: the default (_config)."""
+    block_k: Optional[int] = None  # K block: a power of two >= 16 dividing K = 4F
+    num_warps: Optional[int] = None
+    num_stages: Optional[int] = None  # software-pipelining stages
+    split: Optional[int] = None  # programs per head P: a divisor of K // block_k
+
+
+def _config(K: int, launch, heads: int, device: torch.device, backward: bool):
+    """K block, warps, software-pipelining stages and programs per head (split): the caller's LaunchOptions (a
+    benchmark's sweep) or, for launch None or a field None, the defaults chosen by bench_ttt's sweep
+    (benchmarks/results/ttt.md; why: docs/ttt_mlp.md): the forward is fastest with one warp group, the backward,
+    with far more live tiles, with two. One stage: pipelined K loops multiply the shared memory (the backward then
+    needs more than the 227 KB an H100 block can have). split P: the P programs of a head exchange their partial
+    sums through global memory and wait for each other. The interpreter runs programs one after another: P = 1. On
+    the GPU a head's chain of small matmuls is latency bound and P programs shorten it, but only while they have SMs
+    of their own: the default is the largest P (a divisor of the block count) with heads * P programs resident at
+    once. Both kernels use all 255 registers a thread may have, so an SM holds 2 programs of 4 warps, 1 of 8. A
+    head's programs must all be resident at once: CTAs start in pid order, so at most one head is partly resident
+    and the others finish and make room (the tests launch more programs than fit)."""
+    block_k, num_warps, num_stages, split = launch or LaunchOptions()
     block_k = block_k or min(K, 64)  # K = 4F: a multiple of 64 for every head dim the kernels take
     if block_k < 16 or block_k & (block_k - 1) or K % block_k:
         raise ValueError(f"block_k: expected a power of two >= 16 dividing K = {K}, got {block_k}")
@@ -1148,7 +1157,7 @@ def _backward_groups(NK, remat, backward, device):
 
 def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, *, causal,
                 checkpoint_group_size, out=None, w1_ckpt=None, b1_ckpt=None, w2_ckpt=None, b2_ckpt=None,
-                block_k=None, num_warps=None, num_stages=None, split=None):
+                launch: Optional[LaunchOptions] = None):
     """Forward scan. Returns (out, (w1, b1, w2, b2) checkpoints [B, NH, NK, ...], final state)."""
     B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, (w1, b1, w2, b2), causal,
                                      checkpoint_group_size)
@@ -1172,7 +1181,7 @@ def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
         last = [_pad(n, t, F, FP) for n, t in zip(_STATE, state)]
         k_out = torch.empty_like(xq)  # [B, NH, NC, CS, FP]
         k_ckpt = [torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, FP, K, (NK,))]
-    BK, warps, stages, P = _config(K, block_k, num_warps, num_stages, split, B * NH, dev, backward=False)
+    BK, warps, stages, P = _config(K, launch, B * NH, dev, backward=False)
     work = torch.empty(B * NH, 2, CS, K, dtype=torch.float32, device=dev)  # per head: Z1 of 2 mini-batches
     _ttt_fwd_kernel[(B * NH * P,)]((xq, xk, xv), (lr, ts), (lnw, lnb), tuple(last), tuple(k_ckpt), k_out, work,
                                    _exchange(B, NH, CS, FP, P, dev), (NH, NC, G), CAUSAL=bool(causal),
@@ -1268,7 +1277,7 @@ def _finish_grads(grads, k_grads, dts, causal, F):
 
 def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out,
                 grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last, *, causal, checkpoint_group_size,
-                grads=None, block_k=None, num_warps=None, num_stages=None, split=None):
+                grads=None, launch: Optional[LaunchOptions] = None):
     """Backward scan with rematerialisation from the checkpoints. Returns a dict of gradients (see module
     tether.functional.ttt_mlp); ln_weight/ln_bias gradients are per batch element, [B, NH, F]."""
     B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias,
@@ -1289,9 +1298,9 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
     tokens, rates, ln, grad_out, ckpt, k_grads = _bwd_operands((xq, xk, xv, lr, token_scale, ln_weight, ln_bias),
                                                                grad_out, ckpt, grad_last,
                                                                {n: grads[n] for n in names}, causal, F, FP)
-    BK, warps, stages, P = _config(K, block_k, num_warps, num_stages, split, B * NH, dev, backward=True)
+    BK, warps, stages, P = _config(K, launch, B * NH, dev, backward=True)
     # rematerialisation: one program per head, which waits for no other program (see _backward_groups)
-    rBK, rwarps, _, _ = _config(K, None, None, None, 1, B * NH, dev, backward=False)
+    rBK, rwarps, _, _ = _config(K, LaunchOptions(split=1), B * NH, dev, backward=False)
     states, rwork, scratch, dts, rxch, (xbuf, cnt) = _bwd_scratch(B, NH, G, NK, CS, FP, K, P, tokens[0].dtype, dev)
     common = dict(CAUSAL=bool(causal), PREC=_precision(tokens[0]), CS=CS, F=FP, F_REAL=F, K=K, num_stages=stages)
     g = k_grads
