@@ -54,14 +54,14 @@ def make_inputs(B, seed=0):
 def kernel_fwd(x, cfg):
     return kernels.ttt_mlp_fwd(x["xq"], x["xk"], x["xv"], x["lr"], None, x["ln_weight"], x["ln_bias"],
                                x["w1"], x["b1"], x["w2"], x["b2"], causal=False, checkpoint_group_size=G,
-                               block_k=cfg[0], num_warps=cfg[1], num_stages=cfg[3], split=cfg[4])
+                               launch=kernels.LaunchOptions(cfg[0], cfg[1], cfg[3], cfg[4]))
 
 
 def kernel_fwd_bwd(x, up, cfg):
     out, ckpts, last = kernel_fwd(x, cfg)
     grads = kernels.ttt_mlp_bwd(x["xq"], x["xk"], x["xv"], x["lr"], None, x["ln_weight"], x["ln_bias"], *ckpts,
                                 up["out"], *up["last"], causal=False, checkpoint_group_size=G,
-                                block_k=cfg[0], num_warps=cfg[2], num_stages=cfg[3], split=cfg[4])
+                                launch=kernels.LaunchOptions(cfg[0], cfg[2], cfg[3], cfg[4]))
     return out, last, grads
 
 

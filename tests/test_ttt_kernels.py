@@ -49,8 +49,8 @@ def kernel_args(inp):
     return [inp[k] for k in ("xq", "xk", "xv", "lr", "token_scale", "ln_weight", "ln_bias")]
 
 
-def check_against_reference(shape, causal, dtype, device, **launch):
-    """The launchers (launch: block_k, split) vs the fp64 reference: outputs, checkpoints, final state, and
+def check_against_reference(shape, causal, dtype, device, launch=None):
+    """The launchers (launch: their LaunchOptions) vs the fp64 reference: outputs, checkpoints, final state, and
     every gradient for random upstream gradients of the outputs and of the final state."""
     B, NH, NC, CS, F, G = shape
     inp = make_inputs(B, NH, NC, CS, F, dtype, device)
@@ -58,7 +58,7 @@ def check_against_reference(shape, causal, dtype, device, **launch):
     tol_out, tol_grad = TTT_TOL[dtype]
 
     out, ckpts, final = kernels.ttt_mlp_fwd(*kernel_args(inp), inp["w1"], inp["b1"], inp["w2"], inp["b2"],
-                                            causal=causal, checkpoint_group_size=G, **launch)
+                                            causal=causal, checkpoint_group_size=G, launch=launch)
     ref_in, ref_out, ref_final, ref_ckpts = run_reference(inp, causal, G)
     assert out.dtype == dtype and out.shape == inp["xq"].shape
     assert_rel_close(out, ref_out, tol_out, "out")
@@ -69,7 +69,7 @@ def check_against_reference(shape, causal, dtype, device, **launch):
     grad_out = torch.randn_like(out)
     grad_last = [0.1 * torch.randn_like(s) for s in final]
     grads = kernels.ttt_mlp_bwd(*kernel_args(inp), *ckpts, grad_out, *grad_last, causal=causal,
-                                checkpoint_group_size=G, **launch)
+                                checkpoint_group_size=G, launch=launch)
     want = torch.autograd.grad([ref_out, *ref_final], [ref_in[k] for k in GRAD_NAMES],
                                [grad_out.double(), *(g.double() for g in grad_last)], allow_unused=True)
     for name, w in zip(GRAD_NAMES, want):
@@ -178,7 +178,7 @@ def test_bad_arguments_are_named(device):
 def test_split_programs_match_reference(shape, causal, dtype, split):
     """P programs per head (K = 256 in 4 blocks of 64) exchanging their partial sums over K; the second
     shape launches 1024 programs at P = 4, more than an H100 holds at once."""
-    check_against_reference(shape, causal, dtype, "cuda", block_k=64, split=split)
+    check_against_reference(shape, causal, dtype, "cuda", launch=kernels.LaunchOptions(block_k=64, split=split))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programs of a head wait for each other: GPU only")
@@ -187,7 +187,8 @@ def test_split_programs_match_reference(shape, causal, dtype, split):
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_split_programs_padded_head_dim(causal, dtype, split):
     """Head dim 48 (padded to 64): K = 192 in 3 blocks of 64, one or three programs per head."""
-    check_against_reference((1, 2, 3, 16, 48, 2), causal, dtype, "cuda", block_k=64, split=split)
+    check_against_reference((1, 2, 3, 16, 48, 2), causal, dtype, "cuda",
+                            launch=kernels.LaunchOptions(block_k=64, split=split))
 
 
 def test_bad_split_is_named(device):
@@ -195,8 +196,9 @@ def test_bad_split_is_named(device):
     state = [inp[k] for k in ("w1", "b1", "w2", "b2")]
     # F = 16: K = 64 in 4 blocks of 16, so 3 does not divide the block count
     with pytest.raises(ValueError, match="split: expected a divisor"):
-        kernels.ttt_mlp_fwd(*kernel_args(inp), *state, causal=False, checkpoint_group_size=1, block_k=16, split=3)
+        kernels.ttt_mlp_fwd(*kernel_args(inp), *state, causal=False, checkpoint_group_size=1,
+                            launch=kernels.LaunchOptions(block_k=16, split=3))
     if not torch.cuda.is_available():  # interpreted programs run one after another: P = 1 only
         with pytest.raises(ValueError, match="split: expected 1 under the Triton interpreter"):
-            kernels.ttt_mlp_fwd(*kernel_args(inp), *state, causal=False, checkpoint_group_size=1, block_k=16,
-                                split=2)
+            kernels.ttt_mlp_fwd(*kernel_args(inp), *state, causal=False, checkpoint_group_size=1,
+                                launch=kernels.LaunchOptions(block_k=16, split=2))

@@ -27,6 +27,7 @@ results; the kernels tile with F (padded) and take the LayerNorm statistics over
 compiles out when F_REAL == F). K = 4 F_REAL is not padded: a multiple of 64, the default K block.
 """
 import ctypes
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -212,6 +213,8 @@ _W_Z1, _W_GP, _W_GZ1, _W_GQP, _W_DZQ1, _W_DG1, _W_DZ1, _W_END = (tl.constexpr(i)
 # `small` per program, in order: xh, gZ2, target [CS, F], dL/deta [CS, CS], the program's b2 gradient [F] (kept
 # from launch to launch), dXK's parked partial [CS, F]
 _S_XH, _S_GZ2, _S_TARGET, _S_DETA, _S_DB2, _S_DXK, _S_END = (tl.constexpr(i) for i in range(7))
+# `acts` per head: [CS, K] tiles in the input dtype (matmul operands only), in order: gelu(Z1), gelu(Zq1)
+_A_X2, _A_XQ2, _A_END = (tl.constexpr(i) for i in range(3))
 
 
 @triton.jit
@@ -302,34 +305,23 @@ def _inner_loss_grad(z2, xk, xv, gamma, beta, F: tl.constexpr, F_REAL: tl.conste
 
 
 @triton.jit
-def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2, b2,
-                  w1_s, b1_s, w2_s, w1_d, b1_d, w2_d, z1_p,
-                  xk_next_p, z1_next_p, has_next, w1_c, b1_c, w2_c, b2_c, save_ckpt, xb, cnt, ex, p,
-                  WITH_OUTPUT: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                  CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                  P: tl.constexpr):
-    """One mini-batch: state (w1_s..w2_s, b2) -> next state (w1_d..w2_d, may alias the source; returned
-    b2), optionally the outputs. z2 (full) and this program's Z1 tiles in z1_p [CS, K] come from the first
-    pass over K of this mini-batch. Each block of the next state is used at once for the next mini-batch's
-    first pass when has_next (tokens xk_next_p, its Z1 into z1_next_p; returns its z2), and copied into the
-    checkpoint (w1_c..b2_c) when save_ckpt: one pass over the state per mini-batch instead of two.
-    Outputs: causal in the dual form; non-causal tokens read the updated state, so each updated block is
-    used right away (Zq1 = XQ W1' + b1', Zq2 = gelu(Zq1) W2' + b2': two matmuls a block instead of four).
-    The sums over K (Zq2, A2raw, the next z2) take one exchange; program 0 writes the outputs and b2."""
-    fc = tl.arange(0, F)
-    xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
-    xk = _load_tokens(xk_p, CS, F)
-    xk_next = _load_tokens(xk_next_p, CS, F)
-    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
-    gz2, xh, rstd, target = _inner_loss_grad(z2 + b2[None, :], xk, _load_tokens(xv_p, CS, F), gamma, beta, F,
-                                                  F_REAL)
-    b2_next = b2 - tl.sum(e[:, None] * gz2, 0)
-    # matmul operands live through the K loop in the input dtype: half the registers of fp32
-    egz2 = (e[:, None] * gz2).to(DT)
-    gz2 = gz2.to(DT)
+def _forward_update_pass(x, eta, e, gz2, egz2, src, dst, z1, ckpt, p, WITH_OUTPUT: tl.constexpr,
+                         CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, CS: tl.constexpr,
+                         F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+    """The update pass over K of a mini-batch (x = (xq, xk, xk_next) tokens; gZ2 and e gZ2 in the input
+    dtype): gZ1 = (gZ2 W2^T) gelu'(Z1), each block of the state src = (w1, b1, w2) updated into dst (may
+    alias src), copied to the checkpoint ckpt = (w1_c, b1_c, w2_c, b2_c, save) when save, and used at once:
+    for the outputs (causal: the dual form's Xq2 W2 and Xq2 X2^T; non-causal: the updated block) and, when
+    z1 = (z1_p, xk_next_p, z1_next_p, has_next) has a next mini-batch, for its first pass (its Z1 to
+    z1_next_p). Returns this program's partials of Zq2, A2raw (causal outputs only) and the next Z2."""
+    xq, xk, xk_next = x
+    w1_s, b1_s, w2_s = src
+    w1_d, b1_d, w2_d = dst
+    z1_p, _, z1_next_p, has_next = z1
+    w1_c, b1_c, w2_c, _, save_ckpt = ckpt
+    a2raw = tl.zeros([CS, CS], tl.float32)  # Xq2 X2^T, summed over K blocks (causal outputs only)
     if WITH_OUTPUT and CAUSAL:
         a1 = (eta * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)).to(DT)  # [CS, CS]
-        a2raw = tl.zeros([CS, CS], tl.float32)  # Xq2 X2^T, summed over K blocks
     zq2 = tl.zeros([CS, F], tl.float32)
     z2_next = tl.zeros([CS, F], tl.float32)
     for k0 in range(p * BK, K, P * BK):
@@ -352,11 +344,18 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2, b2,
         if WITH_OUTPUT and not CAUSAL:
             zq2 = _dot(_gelu(_dot(xq, w1, DT, PREC) + b1[None, :], DT), w2, DT, PREC, zq2)
         if has_next:
-            z1 = _dot(xk_next, w1, DT, PREC) + b1[None, :]
-            tl.store(_kblock(z1_next_p, k0, CS, K, BK), z1)
-            z2_next = _dot(_gelu(z1, DT), w2, DT, PREC, z2_next)
-    if save_ckpt & (p == 0):
-        tl.store(b2_c + fc, b2_next)
+            z1_next = _dot(xk_next, w1, DT, PREC) + b1[None, :]
+            tl.store(_kblock(z1_next_p, k0, CS, K, BK), z1_next)
+            z2_next = _dot(_gelu(z1_next, DT), w2, DT, PREC, z2_next)
+    return zq2, a2raw, z2_next
+
+
+@triton.jit
+def _forward_exchange(z2_next, zq2, a2raw, xch, ex, p, WITH_OUTPUT: tl.constexpr, CAUSAL: tl.constexpr,
+                      CS: tl.constexpr, F: tl.constexpr, P: tl.constexpr):
+    """The forward step's exchange between the P programs of a head: the sums over K of the next Z2 and, with
+    the outputs, of Zq2 and (causal) A2raw."""
+    xb, cnt = xch
     tile = _tile_offs(CS, F)
     _xput(xb, ex, p, tile, z2_next, P, CS, F)
     if WITH_OUTPUT:
@@ -369,13 +368,62 @@ def _forward_step(xq_p, xk_p, xv_p, lr_p, ts_p, out_p, gamma, beta, z2, b2,
         zq2 = _xsum(xb, ex, _xoff(_XT1, CS, F) + tile, P, CS, F)
         if CAUSAL:
             a2raw = _xsum(xb, ex, _xoff(_XSQ, CS, F) + _tile_offs(CS, CS), P, CS, F)
-            eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
-            zq2 = _dot(eta * (a2raw + 1.0), -gz2, DT, PREC, zq2 + b2[None, :])
-        else:
-            zq2 += b2_next[None, :]
-        xhq, _ = _ln_stats(zq2, F, F_REAL)
-        if p == 0:
-            _store_tokens(out_p, xq.to(tl.float32) + gamma[None, :] * xhq + beta[None, :], CS, F)
+    return z2_next, zq2, a2raw
+
+
+@triton.jit
+def _forward_outputs(xq, zq2, a2raw, gz2, b2, b2_next, ln, rates, out_p, p, CAUSAL: tl.constexpr,
+                     DT: tl.constexpr, PREC: tl.constexpr, CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr):
+    """The outputs out = XQ + LN(Zq2) (program 0 stores them) from the summed Zq2: causal in the dual form,
+    Zq2 + b2 - (eta * (A2raw + 1)) gZ2; non-causal Zq2 + b2' (the updated state's)."""
+    gamma, beta = ln
+    if CAUSAL:
+        eta, e, lr = _eta(rates[0], rates[1], CAUSAL, CS)
+        zq2 = _dot(eta * (a2raw + 1.0), -gz2, DT, PREC, zq2 + b2[None, :])
+    else:
+        zq2 += b2_next[None, :]
+    xhq, _ = _ln_stats(zq2, F, F_REAL)
+    if p == 0:
+        _store_tokens(out_p, xq.to(tl.float32) + gamma[None, :] * xhq + beta[None, :], CS, F)
+
+
+@triton.jit
+def _forward_step(tok, rates, ln, carry, src, dst, z1, ckpt, xch, p, WITH_OUTPUT: tl.constexpr,
+                  CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, CS: tl.constexpr, F: tl.constexpr,
+                  F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+    """One mini-batch: state (src = (w1, b1, w2) pointers, b2) -> next state (dst, may alias src; returned
+    b2), optionally the outputs. tok = (xq, xk, xv, out) pointers of its tokens, rates = (lr, ts), ln =
+    (gamma, beta) [F] values, carry = (z2, b2, ex): z2 (full) from the first pass over K of this mini-batch,
+    whose Z1 tiles are in z1[0] [CS, K], and the next exchange's index. Each block of the next state is used at
+    once for the next mini-batch's first pass when it has one (z1 = (z1_p, xk_next_p, z1_next_p, has_next);
+    returns its z2), and copied into the checkpoint ckpt = (w1_c, b1_c, w2_c, b2_c, save) when save: one pass
+    over the state per mini-batch instead of two. Outputs: causal in the dual form; non-causal tokens read the
+    updated state, so each updated block is used right away (Zq1 = XQ W1' + b1', Zq2 = gelu(Zq1) W2' + b2':
+    two matmuls a block instead of four). The sums over K (Zq2, A2raw, the next z2) take one exchange
+    (xch = (xbuf, cnt)); program 0 writes the outputs and b2. Returns the next carry."""
+    xq_p, xk_p, xv_p, out_p = tok
+    lr_p, ts_p = rates
+    gamma, beta = ln
+    z2, b2, ex = carry
+    fc = tl.arange(0, F)
+    xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
+    xk = _load_tokens(xk_p, CS, F)
+    xk_next = _load_tokens(z1[1], CS, F)
+    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
+    gz2, xh, rstd, target = _inner_loss_grad(z2 + b2[None, :], xk, _load_tokens(xv_p, CS, F), gamma, beta, F,
+                                             F_REAL)
+    b2_next = b2 - tl.sum(e[:, None] * gz2, 0)
+    # matmul operands live through the K loop in the input dtype: half the registers of fp32
+    egz2 = (e[:, None] * gz2).to(DT)
+    gz2 = gz2.to(DT)
+    zq2, a2raw, z2_next = _forward_update_pass(
+        x=(xq, xk, xk_next), eta=eta, e=e, gz2=gz2, egz2=egz2, src=src, dst=dst, z1=z1, ckpt=ckpt, p=p,
+        WITH_OUTPUT=WITH_OUTPUT, CAUSAL=CAUSAL, DT=DT, PREC=PREC, CS=CS, F=F, K=K, BK=BK, P=P)
+    if ckpt[4] & (p == 0):
+        tl.store(ckpt[3] + fc, b2_next)
+    z2_next, zq2, a2raw = _forward_exchange(z2_next, zq2, a2raw, xch, ex, p, WITH_OUTPUT, CAUSAL, CS, F, P)
+    if WITH_OUTPUT:
+        _forward_outputs(xq, zq2, a2raw, gz2, b2, b2_next, ln, rates, out_p, p, CAUSAL, DT, PREC, CS, F, F_REAL)
     return z2_next, b2_next, ex + 1
 
 
@@ -389,26 +437,31 @@ def _program(NH, NC, G, P: tl.constexpr):
 
 
 @triton.jit
-def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, w2_c, b2_c, out, work, xbuf, cnt,
-                    NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                    CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                    P: tl.constexpr):
+def _ttt_fwd_kernel(tokens, rates, ln, state, ckpt, out, work, xch, dims, CAUSAL: tl.constexpr,
+                    PREC: tl.constexpr, CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr,
+                    BK: tl.constexpr, P: tl.constexpr):
     """Forward scan; program pid = bh * P + p owns the K blocks p*BK, (p+P)*BK, ... of head bh.
-    w1..b2 hold the initial state on entry and the final state on exit (updated in place); checkpoint k
-    (w1_c..b2_c [B*NH, NK, ...]) is the state at the start of mini-batch k*G.
-    work: [B*NH, 2, CS, K] fp32 scratch (Z1 of this and of the next mini-batch; columns by owner).
-    xbuf [B*NH, 2, P, XSZ] fp32, cnt [B*NH] int32 zeros: the exchanges of the sums over K."""
+    tokens = (xq, xk, xv), rates = (lr, ts), ln = (ln_w, ln_b), dims = (NH, NC, G).
+    state = (w1, b1, w2, b2) holds the initial state on entry and the final state on exit (updated in
+    place); checkpoint k (ckpt = (w1_c, b1_c, w2_c, b2_c) [B*NH, NK, ...]) is the state at the start of
+    mini-batch k*G. work: [B*NH, 2, CS, K] fp32 scratch (Z1 of this and of the next mini-batch; columns by
+    owner). xch = (xbuf [B*NH, 2, P, XSZ] fp32, cnt [B*NH] int32 zeros): the exchanges of the sums over K."""
+    xq, xk, xv = tokens
+    lr, ts = rates
+    w1, b1, w2, b2 = state
+    w1_c, b1_c, w2_c, b2_c = ckpt
+    NH, NC, G = dims
     p, bh, h, NK = _program(NH, NC, G, P)
     fc = tl.arange(0, F)
-    gamma = tl.load(ln_w + h * F + fc)
-    beta = tl.load(ln_b + h * F + fc)
+    gamma = tl.load(ln[0] + h * F + fc)
+    beta = tl.load(ln[1] + h * F + fc)
     w1 += bh * F * K
     b1 += bh * K
     w2 += bh * K * F
     b2 += bh * F
     work += bh * 2 * CS * K
-    xb = xbuf + bh * 2 * P * _xoff(_XEND, CS, F)
-    cnt += bh
+    xb = xch[0] + bh * 2 * P * _xoff(_XEND, CS, F)
+    cnt = xch[1] + bh
     c = bh * NK
     _copy_state(w1, b1, w2, w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, p, F, K, BK, P)
     b2v = tl.load(b2 + fc)  # [F]: every program holds b2 (its update is a full [F] value)
@@ -422,12 +475,14 @@ def _ttt_fwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1, b1, w2, b2, w1_c, b1_c, 
         has_next = n + 1 < NC
         c = bh * NK + (n + 1) // G
         tl.debug_barrier()  # the previous step's stores are visible to every thread
-        z2, b2v, ex = _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n) * CS, ts, out + tok, gamma,
-                                    beta, z2, b2v, w1, b1, w2, w1, b1, w2, work + (n % 2) * CS * K,
-                                    xk + tok + has_next.to(tl.int64) * CS * F, work + ((n + 1) % 2) * CS * K,
-                                    has_next, w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, b2_c + c * F,
-                                    has_next & ((n + 1) % G == 0), xb, cnt, ex, p,
-                                    True, CAUSAL, xq.dtype.element_ty, PREC, CS, F, F_REAL, K, BK, P)
+        z2, b2v, ex = _forward_step(
+            tok=(xq + tok, xk + tok, xv + tok, out + tok), rates=(lr + (bh * NC + n) * CS, ts), ln=(gamma, beta),
+            carry=(z2, b2v, ex), src=(w1, b1, w2), dst=(w1, b1, w2),
+            z1=(work + (n % 2) * CS * K, xk + tok + has_next.to(tl.int64) * CS * F, work + ((n + 1) % 2) * CS * K,
+                has_next),
+            ckpt=(w1_c + c * F * K, b1_c + c * K, w2_c + c * K * F, b2_c + c * F, has_next & ((n + 1) % G == 0)),
+            xch=(xb, cnt), p=p, WITH_OUTPUT=True, CAUSAL=CAUSAL, DT=xq.dtype.element_ty, PREC=PREC, CS=CS, F=F,
+            F_REAL=F_REAL, K=K, BK=BK, P=P)
     if p == 0:
         tl.store(b2 + fc, b2v)
 
@@ -452,187 +507,218 @@ def _tile_ptrs(p, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dlr_p, lnw_p, lnb_p,
-                   w1_p, b1_p, w2_p, b2_p, dw1_p, db1_p, dw2_p, db2s_p, work_p, acts_p, small_p, dlnw_p, dlnb_p,
-                   dts_p,
-                   xb, cnt, ex, p, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-                   CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                   P: tl.constexpr):
-    """Reverse of one mini-batch from its start state (w1_p..w2_p, b2_p): program 0 writes the token and
-    learning-rate gradients and adds to the running sums of the gamma, beta and token_scale gradients
-    (dlnw_p, dlnb_p, dts_p); each program turns its blocks of the carried gradient of the next state
-    (dw1_p..dw2_p) in place into that of the start state, and its own copy of the b2 gradient (db2s_p [F])
-    likewise. Returns the next exchange's index. The [F] vectors (LN weights, b2 and the sums) are loaded
-    where they are used, not held: in the matmul layouts each takes ~16 registers a thread, which spilled.
-    Every sum over K is an exchange among the P programs (four per mini-batch).
-    work_p: the head's fp32 scratch, this program's columns of [CS, K] tiles Z1, gelu'(Z1), gZ1 and
-    gelu'(Zq1) of the forward (loads instead of matmuls and GELU evaluations in the later passes), dL/dZq1,
-    dL/dG1 and the part of dL/dZ1 known before dL/dZ2 is (pass 2 leaves G1 gelu''(Z1) there); acts_p: the
-    head's input-dtype scratch, gelu(Z1) and gelu(Zq1) [CS, K] (only matmul operands: stored as they are
-    cast); small_p: the program's own xh, gZ2, target [CS, F] and dL/deta [CS, CS], parked while the K loop
-    needs the registers. GELU and its derivatives are evaluated once per mini-batch, in pass 2."""
-    rows = tl.arange(0, CS)
-    fc = tl.arange(0, F)
-    tile = _tile_offs(CS, F)
-    z1_p = work_p + _W_Z1 * CS * K
-    gp_p = work_p + _W_GP * CS * K  # gelu'(Z1)
-    gz1_p = work_p + _W_GZ1 * CS * K  # gZ1 = G1 gelu'(Z1)
-    gqp_p = work_p + _W_GQP * CS * K  # gelu'(Zq1)
-    dzq1_p = work_p + _W_DZQ1 * CS * K
-    dg1_p = work_p + _W_DG1 * CS * K
-    dz1_p = work_p + _W_DZ1 * CS * K
-    xh_p = small_p + _soff(_S_XH, CS, F)
-    gz2_p = small_p + _soff(_S_GZ2, CS, F)
-    target_p = small_p + _soff(_S_TARGET, CS, F)
-    deta_p = small_p + _soff(_S_DETA, CS, F)
-    dxk_park = small_p + _soff(_S_DXK, CS, F)
-    x2_p = acts_p  # gelu(Z1)
-    xq2_p = acts_p + CS * K  # gelu(Zq1)
-    xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
-    xk = _load_tokens(xk_p, CS, F)
-    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
+def _wtile(scratch_p, R: tl.constexpr, k0, CS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """Pointers to columns k0:k0+BK of region R of a head's [R, CS, K] scratch (work: _W_*, acts: _A_*)."""
+    return _kblock(scratch_p + R * CS * K, k0, CS, K, BK)
 
-    # recompute the step's forward: gZ2, then the output pre-norm Zq2 (second pass over K)
-    z2, ex = _z2_pass(xk, w1_p, b1_p, w2_p, z1_p, xb, cnt, ex, p, DT, PREC, CS, F, K, BK, P)
+
+@triton.jit
+def _stile(small_p, R: tl.constexpr, CS: tl.constexpr, F: tl.constexpr):
+    """Pointers to the [CS, F] tile of region R (_S_XH, _S_GZ2, _S_TARGET, _S_DXK) of a program's `small`."""
+    return _tile_ptrs(small_p + _soff(R, CS, F), CS, F)
+
+
+@triton.jit
+def _bwd_recompute_inner_loss(xk, xv_p, state, ln, work, small, xch, ex, p, DT: tl.constexpr, PREC: tl.constexpr,
+                              CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr,
+                              BK: tl.constexpr, P: tl.constexpr):
+    """Recompute of the inner forward, pass 1 over K: Z1 (to work), Z2 (exchange), then the inner-loss gradient
+    gZ2 and its LN values; xh, target and gZ2 are parked in `small`. Returns gZ2, 1/sigma, the next exchange."""
+    w1_p, b1_p, w2_p, b2_p = state
+    lnw_p, lnb_p = ln
+    fc = tl.arange(0, F)
+    z2, ex = _z2_pass(xk, w1_p, b1_p, w2_p, work + _W_Z1 * CS * K, xch[0], xch[1], ex, p, DT, PREC, CS, F, K, BK, P)
     gz2, xh, rstd, target = _inner_loss_grad(z2 + tl.load(b2_p + fc)[None, :], xk, _load_tokens(xv_p, CS, F),
                                              tl.load(lnw_p + fc), tl.load(lnb_p + fc), F, F_REAL)
-    tl.store(_tile_ptrs(xh_p, CS, F), xh)
-    tl.store(_tile_ptrs(target_p, CS, F), target)
-    tl.store(_tile_ptrs(gz2_p, CS, F), gz2)
-    a1 = (eta * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)).to(DT)  # [CS, CS]
-    gz2_dt = gz2.to(DT)
+    tl.store(_stile(small, _S_XH, CS, F), xh)
+    tl.store(_stile(small, _S_TARGET, CS, F), target)
+    tl.store(_stile(small, _S_GZ2, CS, F), gz2)
+    return gz2, rstd, ex
+
+
+@triton.jit
+def _bwd_recompute_outputs(xq, a1, gz2, state, work, acts, xch, ex, p, DT: tl.constexpr, PREC: tl.constexpr,
+                           CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+    """Recompute of the outputs in the dual form, pass 2 over K (gZ2 in the input dtype): the only place GELU is
+    evaluated. Stores gelu(Z1), gelu(Zq1) (acts), gelu'(Z1), G1 gelu''(Z1), gZ1, gelu'(Zq1) (work); returns
+    the exchanged sums Zq2 (without b2 and the A2 gZ2 term) and A2raw = Xq2 X2^T, and the next exchange."""
+    w1_p, b1_p, w2_p, _ = state
+    xb, cnt = xch
     zq2 = tl.zeros([CS, F], tl.float32)
     a2raw = tl.zeros([CS, CS], tl.float32)
     for k0 in range(p * BK, K, P * BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        x2, gp, gpp = _gelu_grads(tl.load(_kblock(z1_p, k0, CS, K, BK)), DT)
+        x2, gp, gpp = _gelu_grads(tl.load(_wtile(work, _W_Z1, k0, CS, K, BK)), DT)
         x2 = x2.to(DT)
-        tl.store(_kblock(x2_p, k0, CS, K, BK), x2)
-        tl.store(_kblock(gp_p, k0, CS, K, BK), gp)
-        g1pre = _dot(gz2_dt, tl.trans(w2), DT, PREC)
-        tl.store(_kblock(dz1_p, k0, CS, K, BK), g1pre * gpp)  # (b1) multiplies it by dL/dgZ1
+        tl.store(_wtile(acts, _A_X2, k0, CS, K, BK), x2)
+        tl.store(_wtile(work, _W_GP, k0, CS, K, BK), gp)
+        g1pre = _dot(gz2, tl.trans(w2), DT, PREC)
+        tl.store(_wtile(work, _W_DZ1, k0, CS, K, BK), g1pre * gpp)  # (b1) multiplies it by dL/dgZ1
         gz1 = g1pre * gp
-        tl.store(_kblock(gz1_p, k0, CS, K, BK), gz1)
+        tl.store(_wtile(work, _W_GZ1, k0, CS, K, BK), gz1)
         zq1 = _dot(a1, -gz1, DT, PREC, _dot(xq, w1, DT, PREC) + b1[None, :])  # dual form
         xq2, gqp, _ = _gelu_grads(zq1, DT)
         xq2 = xq2.to(DT)
-        tl.store(_kblock(xq2_p, k0, CS, K, BK), xq2)
-        tl.store(_kblock(gqp_p, k0, CS, K, BK), gqp)
+        tl.store(_wtile(acts, _A_XQ2, k0, CS, K, BK), xq2)
+        tl.store(_wtile(work, _W_GQP, k0, CS, K, BK), gqp)
         zq2 = _dot(xq2, w2, DT, PREC, zq2)
         a2raw = _dot(xq2, tl.trans(x2), DT, PREC, a2raw)
+    tile = _tile_offs(CS, F)
     _xput(xb, ex, p, _xoff(_XT1, CS, F) + tile, zq2, P, CS, F)
     _xput(xb, ex, p, _xoff(_XSQ, CS, F) + _tile_offs(CS, CS), a2raw, P, CS, F)
     _xsync(cnt, ex, P)
     zq2 = _xsum(xb, ex, _xoff(_XT1, CS, F) + tile, P, CS, F)
     a2raw = _xsum(xb, ex, _xoff(_XSQ, CS, F) + _tile_offs(CS, CS), P, CS, F)
-    ex += 1
-    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)  # reloaded (L1): not held through pass 2 (fewer spills)
-    a2 = (eta * (a2raw + 1.0)).to(DT)
-    xhq, rstdq = _ln_stats(_dot(a2, -gz2_dt, DT, PREC, zq2 + tl.load(b2_p + fc)[None, :]), F, F_REAL)
+    return zq2, a2raw, ex + 1
 
-    # output LayerNorm and the dual-form product A2 gZ2
+
+@triton.jit
+def _bwd_output_ln(dout_p, zq2, a2, gz2, b2_p, lnw_p, dsums, p, DT: tl.constexpr, PREC: tl.constexpr,
+                   CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr):
+    """Reverse through the output LayerNorm: Zq2 = (Zq2 sum) + b2 - A2 gZ2 normalised, out = XQ + gamma xhq +
+    beta. Program 0 adds to the gamma and beta sums (dsums); returns dout (fp32) and dL/dZq2."""
+    fc = tl.arange(0, F)
+    dlnw_p, dlnb_p, _ = dsums
+    xhq, rstdq = _ln_stats(_dot(a2, -gz2, DT, PREC, zq2 + tl.load(b2_p + fc)[None, :]), F, F_REAL)
     dout = _load_tokens(dout_p, CS, F).to(tl.float32)
-    first = p == 0
     tl.store(dlnw_p + fc, tl.load(dlnw_p + fc) + tl.sum(dout * xhq, 0), mask=_first(fc, p))
     tl.store(dlnb_p + fc, tl.load(dlnb_p + fc) + tl.sum(dout, 0), mask=_first(fc, p))
-    dzq2 = _ln_bwd(dout * tl.load(lnw_p + fc)[None, :], xhq, rstdq, F, F_REAL)
-    da2 = -_dot(dzq2, tl.trans(gz2_dt), DT, PREC)  # [CS, CS]
-    tl.store(_tile_ptrs(deta_p, CS, CS), da2 * (a2raw + 1.0))
-    da2raw = (da2 * eta).to(DT)
-    # the partial sums over K start with the full terms in program 0 only, so that the exchange adds them once
-    de = tl.where(first, -tl.sum(gz2 * tl.load(db2s_p + fc)[None, :], 1), 0.0)  # d L / d e, e = last row of eta
-    egz2 = (e[:, None] * gz2).to(DT)
-    dzq2_dt = dzq2.to(DT)
-    dxq = tl.where(first, dout, 0.0)
+    return dout, _ln_bwd(dout * tl.load(lnw_p + fc)[None, :], xhq, rstdq, F, F_REAL)
+
+
+@triton.jit
+def _bwd_outputs_to_zq1(da2raw, dzq2, dxq, state, work, acts, xch, ex, p, DT: tl.constexpr, PREC: tl.constexpr,
+                        CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+    """Pass 3a, reverse through the outputs' inner MLP (second layer, GELU, first layer in the dual form):
+    dZq1 = (dZq2 W2^T + dA2raw X2) gelu'(Zq1) (to work), the partials of dXQ (dxq: program 0's full term on
+    entry) and dA1, which go to the next exchange's slot (not live through 3b)."""
+    w1_p, b1_p, w2_p, _ = state
     da1 = tl.zeros([CS, CS], tl.float32)
     tl.debug_barrier()
-
-    # third pass over K, in three parts so that fewer tiles are live at once (the forward values come from
-    # the scratch; unused loads of a _load_block are dropped by the compiler): everything but the dL/dZ2
-    # terms, which need dgZ2 summed over all of K.
-    # (a) through the outputs: dZq1, dXQ, dA1
     for k0 in range(p * BK, K, P * BK):
         w1, _, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        x2 = tl.load(_kblock(x2_p, k0, CS, K, BK))
-        gqp = tl.load(_kblock(gqp_p, k0, CS, K, BK))
-        dzq1 = _dot(da2raw, x2, DT, PREC, _dot(dzq2_dt, tl.trans(w2), DT, PREC)) * gqp
+        x2 = tl.load(_wtile(acts, _A_X2, k0, CS, K, BK))
+        gqp = tl.load(_wtile(work, _W_GQP, k0, CS, K, BK))
+        dzq1 = _dot(da2raw, x2, DT, PREC, _dot(dzq2, tl.trans(w2), DT, PREC)) * gqp
         dxq = _dot(dzq1, tl.trans(w1), DT, PREC, dxq)
-        da1 = _dot(-dzq1, tl.trans(tl.load(_kblock(gz1_p, k0, CS, K, BK))), DT, PREC, da1)
-        tl.store(_kblock(dzq1_p, k0, CS, K, BK), dzq1)
-    # the dXQ and dA1 partials go to the next exchange's slot now, so that their tiles are not live in (b)
-    _xput(xb, ex, p, _xoff(_XT2, CS, F) + tile, dxq, P, CS, F)
-    _xput(xb, ex, p, _xoff(_XSQ, CS, F) + _tile_offs(CS, CS), da1, P, CS, F)
-    db2n = tl.load(db2s_p + fc)
-    dgz2 = tl.where(first, -_dot(tl.trans(a2), dzq2, DT, PREC) - e[:, None] * db2n[None, :], 0.0)
-    tl.store(db2s_p + fc, db2n + tl.sum(dzq2, 0))
-    dzq2 = dzq2_dt
+        da1 = _dot(-dzq1, tl.trans(tl.load(_wtile(work, _W_GZ1, k0, CS, K, BK))), DT, PREC, da1)
+        tl.store(_wtile(work, _W_DZQ1, k0, CS, K, BK), dzq1)
+    _xput(xch[0], ex, p, _xoff(_XT2, CS, F) + _tile_offs(CS, F), dxq, P, CS, F)
+    _xput(xch[0], ex, p, _xoff(_XSQ, CS, F) + _tile_offs(CS, CS), da1, P, CS, F)
+
+
+@triton.jit
+def _bwd_state_update_w1(xq, xk, e, a1, dgz2, de, state, dstate, work, small, xch, ex, p, DT: tl.constexpr,
+                         PREC: tl.constexpr, CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                         P: tl.constexpr):
+    """Pass 3b1, reverse through W1' = W1 - XK^T (e gZ1) and gZ1 = (gZ2 W2^T) gelu'(Z1): H1 = XK dW1' + db1',
+    de, dXK's state term, dL/dgZ1 = -A1^T dZq1 - e H1, dL/dG1 (to work), dgZ2 += dG1 W2, the gelu'' part of
+    dZ1 (work); the carry dW1' += XQ^T dZq1, db1' += sum dZq1 in place. dgZ2 and de (program 0's full terms
+    on entry) go to the exchange slot, dXK's partial to `small` (not live through 3b2)."""
+    w1_p, b1_p, w2_p, _ = state
+    dw1_p, db1_p, dw2_p, _ = dstate
     dxk = tl.zeros([CS, F], tl.float32)
-    h2 = tl.zeros([CS, F], tl.float32)  # X2 dW2', summed over K blocks
     tl.debug_barrier()
-    # (b) through the state update (reads the carry dW1', dW2'), then the carry becomes dW of the start state
-    # (b1) through W1' = W1 - XK^T (e gZ1) and gZ1 = (gZ2 W2^T) * gelu'(Z1): dL/dgZ1 has a term through the
-    # outputs (-A1^T dZq1) and one through W1' (-e H1); dL/dG1 is parked for (b2)
     for k0 in range(p * BK, K, P * BK):
         _, _, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
         dw1, db1, _ = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
-        gz1 = tl.load(_kblock(gz1_p, k0, CS, K, BK))
+        gz1 = tl.load(_wtile(work, _W_GZ1, k0, CS, K, BK))
         h1 = _dot(xk, dw1, DT, PREC) + db1[None, :]
         de -= tl.sum(h1 * gz1, 1)
         dxk = _dot(e[:, None] * gz1, tl.trans(-dw1), DT, PREC, dxk)
-        dzq1 = tl.load(_kblock(dzq1_p, k0, CS, K, BK))
+        dzq1 = tl.load(_wtile(work, _W_DZQ1, k0, CS, K, BK))
         dgz1 = _dot(tl.trans(a1), -dzq1, DT, PREC) - e[:, None] * h1
-        dg1pre = dgz1 * tl.load(_kblock(gp_p, k0, CS, K, BK))
+        dg1pre = dgz1 * tl.load(_wtile(work, _W_GP, k0, CS, K, BK))
         dgz2 = _dot(dg1pre, w2, DT, PREC, dgz2)
-        tl.store(_kblock(dg1_p, k0, CS, K, BK), dg1pre)
-        dz1 = dgz1 * tl.load(_kblock(dz1_p, k0, CS, K, BK))  # the gelu'' part: dL/dgZ1 G1 gelu''(Z1)
+        tl.store(_wtile(work, _W_DG1, k0, CS, K, BK), dg1pre)
+        dz1 = dgz1 * tl.load(_wtile(work, _W_DZ1, k0, CS, K, BK))  # the gelu'' part: dL/dgZ1 G1 gelu''(Z1)
         tl.debug_barrier()  # every thread has read the carried block and G1 gelu'' before they are overwritten
-        tl.store(_kblock(dz1_p, k0, CS, K, BK), dz1)
+        tl.store(_wtile(work, _W_DZ1, k0, CS, K, BK), dz1)
         dw1, db1, _ = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
         _store_w1(dw1_p, db1_p, k0, _dot(tl.trans(xq), dzq1, DT, PREC, dw1), db1 + tl.sum(dzq1, 0), F, K, BK)
-    # dgZ2 and de are complete here: to their exchange slot; dXK's partial to the program's scratch until pass 4
-    _xput(xb, ex, p, _xoff(_XT1, CS, F) + tile, dgz2, P, CS, F)
-    _xput(xb, ex, p, _xoff(_XVEC, CS, F) + rows, de, P, CS, F)
-    tl.store(_tile_ptrs(dxk_park, CS, F), dxk)
+    _xput(xch[0], ex, p, _xoff(_XT1, CS, F) + _tile_offs(CS, F), dgz2, P, CS, F)
+    _xput(xch[0], ex, p, _xoff(_XVEC, CS, F) + tl.arange(0, CS), de, P, CS, F)
+    tl.store(_stile(small, _S_DXK, CS, F), dxk)
+
+
+@triton.jit
+def _bwd_state_update_w2(egz2, da2raw, gz2, dzq2, dstate, work, acts, p, DT: tl.constexpr, PREC: tl.constexpr,
+                         CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+    """Pass 3b2, reverse through X2 (in Zq2's dual form and in W2' = W2 - X2^T (e gZ2)) and W2' (gZ2, dZq2,
+    e gZ2 in the input dtype): dZ1 += (dA2raw^T Xq2 - (e gZ2) dW2'^T) gelu'(Z1) (work), the carry
+    dW2' += Xq2^T dZq2 + dG1^T gZ2 in place. Returns this program's partial of H2 = X2 dW2'."""
+    dw1_p, db1_p, dw2_p, _ = dstate
+    h2 = tl.zeros([CS, F], tl.float32)  # X2 dW2', summed over K blocks
     tl.debug_barrier()
-    # (b2) through X2 (in Zq2's dual form and in W2' = W2 - X2^T (e gZ2)) and W2'
     for k0 in range(p * BK, K, P * BK):
         _, _, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
-        x2 = tl.load(_kblock(x2_p, k0, CS, K, BK))
-        xq2 = tl.load(_kblock(xq2_p, k0, CS, K, BK))
+        x2 = tl.load(_wtile(acts, _A_X2, k0, CS, K, BK))
+        xq2 = tl.load(_wtile(acts, _A_XQ2, k0, CS, K, BK))
         h2 = _dot(x2, dw2, DT, PREC, h2)
         dx2 = _dot(egz2, tl.trans(-dw2), DT, PREC, _dot(tl.trans(da2raw), xq2, DT, PREC))
-        dz1 = tl.load(_kblock(dz1_p, k0, CS, K, BK)) + dx2 * tl.load(_kblock(gp_p, k0, CS, K, BK))
-        dg1pre = tl.load(_kblock(dg1_p, k0, CS, K, BK))
+        dz1 = tl.load(_wtile(work, _W_DZ1, k0, CS, K, BK)) + dx2 * tl.load(_wtile(work, _W_GP, k0, CS, K, BK))
+        dg1pre = tl.load(_wtile(work, _W_DG1, k0, CS, K, BK))
         tl.debug_barrier()  # every thread has read the carried block and dz1 before they are overwritten
-        tl.store(_kblock(dz1_p, k0, CS, K, BK), dz1)
+        tl.store(_wtile(work, _W_DZ1, k0, CS, K, BK), dz1)
         _, _, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
-        _store_w2(dw2_p, k0, _dot(tl.trans(xq2), dzq2, DT, PREC, _dot(tl.trans(dg1pre), gz2_dt, DT, PREC, dw2)),
+        _store_w2(dw2_p, k0, _dot(tl.trans(xq2), dzq2, DT, PREC, _dot(tl.trans(dg1pre), gz2, DT, PREC, dw2)),
                   F, BK)
+    return h2
+
+
+@triton.jit
+def _bwd_exchange(h2, xch, ex, p, P: tl.constexpr, CS: tl.constexpr, F: tl.constexpr):
+    """The exchange of pass 3 between the P programs of a head (h2 joins the partials 3a and 3b1 parked in the
+    slot): returns the sums H2, dL/dgZ2 (without -e H2), de (without -rowsum(H2 gZ2)), dA1 and dXQ (without
+    dA1raw XK)."""
+    xb, cnt = xch
+    tile = _tile_offs(CS, F)
     _xput(xb, ex, p, tile, h2, P, CS, F)
     _xsync(cnt, ex, P)
     h2 = _xsum(xb, ex, tile, P, CS, F)
     dgz2 = _xsum(xb, ex, _xoff(_XT1, CS, F) + tile, P, CS, F)
-    de = _xsum(xb, ex, _xoff(_XVEC, CS, F) + rows, P, CS, F)
+    de = _xsum(xb, ex, _xoff(_XVEC, CS, F) + tl.arange(0, CS), P, CS, F)
     da1 = _xsum(xb, ex, _xoff(_XSQ, CS, F) + _tile_offs(CS, CS), P, CS, F)
     dxq = _xsum(xb, ex, _xoff(_XT2, CS, F) + tile, P, CS, F)
-    ex += 1
+    return h2, dgz2, de, da1, dxq
 
-    gz2 = tl.load(_tile_ptrs(gz2_p, CS, F))
+
+@triton.jit
+def _bwd_inner_loss(h2, dgz2, de, e, rstd, small, ln, dsums, db2s_p, p, CS: tl.constexpr, F: tl.constexpr,
+                    F_REAL: tl.constexpr):
+    """Reverse through the inner loss gradient gZ2 (its LN values from `small`), after the H2 terms of dgZ2 and
+    de: program 0 adds to the gamma and beta sums, every program to its b2 gradient copy (db2s_p). Returns
+    dL/dZ2, de and dL/dtarget."""
+    fc = tl.arange(0, F)
+    lnw_p, lnb_p = ln
+    dlnw_p, dlnb_p, _ = dsums
+    gz2 = tl.load(_stile(small, _S_GZ2, CS, F))
     de -= tl.sum(h2 * gz2, 1)
     dgz2 -= e[:, None] * h2
-    dz2, dgm, dbt, dtarget = _inner_loss_grad_bwd(dgz2, tl.load(_tile_ptrs(xh_p, CS, F)), rstd, gz2,
+    dz2, dgm, dbt, dtarget = _inner_loss_grad_bwd(dgz2, tl.load(_stile(small, _S_XH, CS, F)), rstd, gz2,
                                                   tl.load(lnw_p + fc), tl.load(lnb_p + fc),
-                                                  tl.load(_tile_ptrs(target_p, CS, F)), F, F_REAL)
+                                                  tl.load(_stile(small, _S_TARGET, CS, F)), F, F_REAL)
     tl.store(dlnw_p + fc, tl.load(dlnw_p + fc) + dgm, mask=_first(fc, p))
     tl.store(dlnb_p + fc, tl.load(dlnb_p + fc) + dbt, mask=_first(fc, p))
     tl.store(db2s_p + fc, tl.load(db2s_p + fc) + tl.sum(dz2, 0))
-    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
-    xq = _load_tokens(xq_p, CS, F)  # reloaded: not held through pass 3 (fewer spills)
-    xk = _load_tokens(xk_p, CS, F)
-    deta = tl.load(_tile_ptrs(deta_p, CS, CS)) + da1 * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)
+    return dz2, de, dtarget
+
+
+@triton.jit
+def _bwd_rates_and_tokens(xq, xk, eta, lr, da1, dxq, de, dtarget, ts_p, dtok, dts_p, small, p,
+                          CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, CS: tl.constexpr,
+                          F: tl.constexpr):
+    """The learning-rate gradients (deta from `small` and dA1, de folded into eta's last row: dlr, and program
+    0's sum of dts when causal) and the token gradients dXV, dXQ (program 0's stores). Returns dXK so far
+    (this program's parked partial plus program 0's full terms dA1raw^T XQ - dtarget)."""
+    rows = tl.arange(0, CS)
+    first = p == 0
+    dxq_p, _, dxv_p, dlr_p = dtok
+    tile = _tile_offs(CS, F)
+    deta = tl.load(_tile_ptrs(small + _soff(_S_DETA, CS, F), CS, CS)) + da1 * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)
     da1raw = da1 * eta
-    dxk = tl.load(_tile_ptrs(dxk_park, CS, F)) + tl.where(first, _dot(tl.trans(da1raw), xq, DT, PREC) - dtarget,
-                                                          0.0)  # full terms: program 0
+    dxk = tl.load(_stile(small, _S_DXK, CS, F)) + tl.where(first, _dot(tl.trans(da1raw), xq, DT, PREC) - dtarget,
+                                                           0.0)  # full terms: program 0
     if CAUSAL:  # eta[i, j] = ts[i] lr[j] (j <= i), e = ts[CS-1] lr
         ts = tl.load(ts_p + rows)
         deta = tl.where(rows[None, :] <= rows[:, None], deta, 0.0)
@@ -644,19 +730,32 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
     _store_tokens(dxv_p, dtarget, CS, F, _first(tile, p))
     _store_tokens(dxq_p, _dot(da1raw, xk, DT, PREC, dxq), CS, F, _first(tile, p))
     tl.store(dlr_p + rows, dlr.to(dlr_p.dtype.element_ty), mask=_first(rows, p))
-    tl.debug_barrier()  # the dz1 scratch and carried blocks are visible to every thread
+    return dxk
 
-    # fourth pass over K: the dL/dZ2 terms
+
+@triton.jit
+def _bwd_inner_mlp(dz2, xk, dxk, state, dstate, work, acts, xch, ex, dxk_p, p, DT: tl.constexpr,
+                   PREC: tl.constexpr, CS: tl.constexpr, F: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                   P: tl.constexpr):
+    """Pass 4, reverse through the inner MLP from dL/dZ2: its second layer (dX2 = dZ2 W2^T, dW2 += X2^T dZ2),
+    the GELU (dZ1 completes the scratch's part) and its first layer (dXK += dZ1 W1^T, dW1 += XK^T dZ1,
+    db1); the carry becomes the gradient of the start state. dXK is exchanged and program 0 stores it.
+    Returns the next exchange."""
+    w1_p, b1_p, w2_p, _ = state
+    dw1_p, db1_p, dw2_p, _ = dstate
+    xb, cnt = xch
+    tl.debug_barrier()  # the dz1 scratch and carried blocks are visible to every thread
     dz2 = dz2.to(DT)
     for k0 in range(p * BK, K, P * BK):
         w1, b1, w2 = _load_block(w1_p, b1_p, w2_p, k0, F, K, BK)
-        dz1 = (tl.load(_kblock(dz1_p, k0, CS, K, BK))
-               + _dot(dz2, tl.trans(w2), DT, PREC) * tl.load(_kblock(gp_p, k0, CS, K, BK)))
+        dz1 = (tl.load(_wtile(work, _W_DZ1, k0, CS, K, BK))
+               + _dot(dz2, tl.trans(w2), DT, PREC) * tl.load(_wtile(work, _W_GP, k0, CS, K, BK)))
         dxk = _dot(dz1, tl.trans(w1), DT, PREC, dxk)
         tl.debug_barrier()
         dw1, db1, dw2 = _load_block(dw1_p, db1_p, dw2_p, k0, F, K, BK)
         _store_block(dw1_p, db1_p, dw2_p, k0, _dot(tl.trans(xk), dz1, DT, PREC, dw1), db1 + tl.sum(dz1, 0),
-                     _dot(tl.trans(tl.load(_kblock(x2_p, k0, CS, K, BK))), dz2, DT, PREC, dw2), F, K, BK)
+                     _dot(tl.trans(tl.load(_wtile(acts, _A_X2, k0, CS, K, BK))), dz2, DT, PREC, dw2), F, K, BK)
+    tile = _tile_offs(CS, F)
     _xput(xb, ex, p, tile, dxk, P, CS, F)
     _xsync(cnt, ex, P)
     dxk = _xsum(xb, ex, tile, P, CS, F)
@@ -665,17 +764,82 @@ def _backward_step(xq_p, xk_p, xv_p, lr_p, ts_p, dout_p, dxq_p, dxk_p, dxv_p, dl
 
 
 @triton.jit
-def _ttt_remat_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, w1_s, b1_s, w2_s, b2_s, work, xbuf,
-                      cnt, ck, NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                      CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                      P: tl.constexpr):
-    """The start states of checkpoint group ck's mini-batches, rematerialised from checkpoint ck into the
-    scratch w1_s..b2_s [B*NH, G, ...] by the state-only forward step. work [B*NH, 2, CS, K]: Z1 of two
-    mini-batches; xbuf, cnt: the exchanges (as in the forward kernel)."""
+def _backward_step(tok, dtok, rates, ln, dsums, state, dstate, scratch, xch, ex, p, CAUSAL: tl.constexpr,
+                   DT: tl.constexpr, PREC: tl.constexpr, CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr,
+                   K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
+    """Reverse of one mini-batch from its start state, in stages (passes over K: docs/ttt_mlp.md). Pointers:
+    tok = (xq, xk, xv, dout) its tokens, dtok = (dxq, dxk, dxv, dlr) their gradients (program 0 writes them),
+    rates = (lr, ts), ln = (gamma, beta), dsums = (dgamma, dbeta, dts) running sums (program 0 adds to them),
+    state = (w1, b1, w2, b2) the start state, dstate = (dw1, db1, dw2, db2s): the carried gradient of the next
+    state, which each program turns in place into that of the start state in its own blocks (db2s: its own
+    [F] copy of the b2 gradient), scratch = (work, acts, small) (regions _W_*, _A_*, _S_*), xch = (xbuf, cnt)
+    the head's exchanges (four per mini-batch). Returns the next exchange's index. The [F] vectors (LN
+    weights, b2 and the sums) are loaded where they are used, not held: in the matmul layouts each takes ~16
+    registers a thread, which spilled. GELU and its derivatives are evaluated once per mini-batch, in pass 2."""
+    xq_p, xk_p, xv_p, dout_p = tok
+    lr_p, ts_p = rates
+    work, acts, small = scratch
+    db2s_p = dstate[3]
+    fc = tl.arange(0, F)
+    first = p == 0
+    xq = _load_tokens(xq_p, CS, F)  # [CS, F] input dtype
+    xk = _load_tokens(xk_p, CS, F)
+    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
+    gz2, rstd, ex = _bwd_recompute_inner_loss(xk, xv_p, state, ln, work, small, xch, ex, p, DT, PREC, CS, F, F_REAL,
+                                              K, BK, P)
+    a1 = (eta * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)).to(DT)  # [CS, CS]
+    gz2_dt = gz2.to(DT)
+    zq2, a2raw, ex = _bwd_recompute_outputs(xq, a1, gz2_dt, state, work, acts, xch, ex, p, DT, PREC, CS, F, K, BK,
+                                            P)
+    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)  # reloaded (L1): not held through pass 2 (fewer spills)
+    a2 = (eta * (a2raw + 1.0)).to(DT)
+    dout, dzq2 = _bwd_output_ln(dout_p, zq2, a2, gz2_dt, state[3], ln[0], dsums, p, DT, PREC, CS, F, F_REAL)
+    # the dual-form product A2 gZ2
+    da2 = -_dot(dzq2, tl.trans(gz2_dt), DT, PREC)  # [CS, CS]
+    tl.store(_tile_ptrs(small + _soff(_S_DETA, CS, F), CS, CS), da2 * (a2raw + 1.0))
+    da2raw = (da2 * eta).to(DT)
+    # the partial sums over K start with the full terms in program 0 only, so that the exchange adds them once
+    de = tl.where(first, -tl.sum(gz2 * tl.load(db2s_p + fc)[None, :], 1), 0.0)  # d L / d e, e = last row of eta
+    egz2 = (e[:, None] * gz2).to(DT)
+    dzq2_dt = dzq2.to(DT)
+    _bwd_outputs_to_zq1(da2raw=da2raw, dzq2=dzq2_dt, dxq=tl.where(first, dout, 0.0), state=state, work=work,
+                        acts=acts, xch=xch, ex=ex, p=p, DT=DT, PREC=PREC, CS=CS, F=F, K=K, BK=BK, P=P)
+    db2n = tl.load(db2s_p + fc)
+    dgz2 = tl.where(first, -_dot(tl.trans(a2), dzq2, DT, PREC) - e[:, None] * db2n[None, :], 0.0)
+    tl.store(db2s_p + fc, db2n + tl.sum(dzq2, 0))
+    _bwd_state_update_w1(xq=xq, xk=xk, e=e, a1=a1, dgz2=dgz2, de=de, state=state, dstate=dstate, work=work,
+                         small=small, xch=xch, ex=ex, p=p, DT=DT, PREC=PREC, CS=CS, F=F, K=K, BK=BK, P=P)
+    h2 = _bwd_state_update_w2(egz2=egz2, da2raw=da2raw, gz2=gz2_dt, dzq2=dzq2_dt, dstate=dstate, work=work,
+                              acts=acts, p=p, DT=DT, PREC=PREC, CS=CS, F=F, K=K, BK=BK, P=P)
+    h2, dgz2, de, da1, dxq = _bwd_exchange(h2, xch, ex, p, P, CS, F)
+    ex += 1
+    dz2, de, dtarget = _bwd_inner_loss(h2, dgz2, de, e, rstd, small, ln, dsums, db2s_p, p, CS, F, F_REAL)
+    eta, e, lr = _eta(lr_p, ts_p, CAUSAL, CS)
+    xq = _load_tokens(xq_p, CS, F)  # reloaded: not held through pass 3 (fewer spills)
+    xk = _load_tokens(xk_p, CS, F)
+    dxk = _bwd_rates_and_tokens(xq, xk, eta, lr, da1, dxq, de, dtarget, ts_p, dtok, dsums[2], small, p, CAUSAL, DT,
+                                PREC, CS, F)
+    return _bwd_inner_mlp(dz2=dz2, xk=xk, dxk=dxk, state=state, dstate=dstate, work=work, acts=acts, xch=xch,
+                          ex=ex, dxk_p=dtok[1], p=p, DT=DT, PREC=PREC, CS=CS, F=F, K=K, BK=BK, P=P)
+
+
+@triton.jit
+def _ttt_remat_kernel(tokens, rates, ln, ckpt, states, work, xch, ck, dims, CAUSAL: tl.constexpr,
+                      PREC: tl.constexpr, CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr,
+                      BK: tl.constexpr, P: tl.constexpr):
+    """The start states of checkpoint group ck's mini-batches, rematerialised from checkpoint ck (ckpt =
+    (w1_c, b1_c, w2_c, b2_c)) into the scratch states = (w1_s, b1_s, w2_s, b2_s) [B*NH, G, ...] by the
+    state-only forward step. tokens, rates, ln, dims, xch: as in the forward kernel; work [B*NH, 2, CS, K]:
+    Z1 of two mini-batches."""
+    xq, xk, xv = tokens
+    lr, ts = rates
+    w1_c, b1_c, w2_c, b2_c = ckpt
+    w1_s, b1_s, w2_s, b2_s = states
+    NH, NC, G = dims
     p, bh, h, NK = _program(NH, NC, G, P)
     fc = tl.arange(0, F)
-    gamma = tl.load(ln_w + h * F + fc)
-    beta = tl.load(ln_b + h * F + fc)
+    gamma = tl.load(ln[0] + h * F + fc)
+    beta = tl.load(ln[1] + h * F + fc)
     n0 = ck * G
     glen = tl.minimum(G, NC - n0)
     c = bh * NK + ck
@@ -684,8 +848,8 @@ def _ttt_remat_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, w1
     w2_s += bh * G * K * F
     b2_s += bh * G * F
     work += bh * 2 * CS * K
-    xb = xbuf + bh * 2 * P * _xoff(_XEND, CS, F)
-    cnt += bh
+    xb = xch[0] + bh * 2 * P * _xoff(_XEND, CS, F)
+    cnt = xch[1] + bh
     w1 = w1_c + c * F * K
     b1 = b1_c + c * K
     w2 = w2_c + c * K * F
@@ -700,31 +864,41 @@ def _ttt_remat_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, w1_c, b1_c, w2_c, b2_c, w1
         tok = (bh * NC + n0 + t - 1) * CS * F
         has_next = t + 1 < glen
         tl.debug_barrier()  # the previous step's stores are visible to every thread
-        z2, b2v, ex = _forward_step(xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t - 1) * CS, ts, xq, gamma,
-                                    beta, z2, b2v, w1_s + (t - 1) * F * K, b1_s + (t - 1) * K, w2_s + (t - 1) * K * F,
-                                    w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F,
-                                    work + ((t - 1) % 2) * CS * K, xk + tok + has_next.to(tl.int64) * CS * F,
-                                    work + (t % 2) * CS * K, has_next, w1_c, b1_c, w2_c, b2_c, False,
-                                    xb, cnt, ex, p, False, CAUSAL, xq.dtype.element_ty, PREC, CS, F, F_REAL, K, BK,
-                                    P)
+        z2, b2v, ex = _forward_step(
+            tok=(xq + tok, xk + tok, xv + tok, xq), rates=(lr + (bh * NC + n0 + t - 1) * CS, ts), ln=(gamma, beta),
+            carry=(z2, b2v, ex), src=(w1_s + (t - 1) * F * K, b1_s + (t - 1) * K, w2_s + (t - 1) * K * F),
+            dst=(w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F),
+            z1=(work + ((t - 1) % 2) * CS * K, xk + tok + has_next.to(tl.int64) * CS * F, work + (t % 2) * CS * K,
+                has_next),
+            ckpt=(w1_c, b1_c, w2_c, b2_c, False), xch=(xb, cnt), p=p, WITH_OUTPUT=False, CAUSAL=CAUSAL,
+            DT=xq.dtype.element_ty, PREC=PREC, CS=CS, F=F, F_REAL=F_REAL, K=K, BK=BK, P=P)
         if p == 0:
             tl.store(b2_s + t * F + fc, b2v)
 
 
 @triton.jit
-def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, dout, w1_s, b1_s, w2_s, b2_s, work, acts, small, xbuf, cnt,
-                    dw1, db1, dw2, db2, dxq, dxk, dxv, dlr, dts, dln_w, dln_b,
-                    ck, NH, NC, G, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                    CS: tl.constexpr, F: tl.constexpr, F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                    P: tl.constexpr):
+def _ttt_bwd_kernel(tokens, rates, ln, dout, states, scratch, xch, dstate, dtokens, dsums, ck, dims,
+                    CAUSAL: tl.constexpr, PREC: tl.constexpr, CS: tl.constexpr, F: tl.constexpr,
+                    F_REAL: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, P: tl.constexpr):
     """Backward of checkpoint group ck (the launcher goes through the groups in reverse), from its start
-    states w1_s..b2_s [B*NH, G, ...] (_ttt_remat_kernel); program pid = bh * P + p owns the K blocks p*BK,
-    (p+P)*BK, ... of head bh. dw1..db2 hold the gradient of the state after the group on entry and that
-    of the state before it on exit (the last group: of the final state; group 0: of the initial state).
-    dts [B*NH, CS], dln_w, dln_b [B*NH, F]: per (batch, head) sums over the mini-batches (program 0 zeroes
-    them in the first launch and adds to them). work [B*NH, _W_END, CS, K] fp32, acts [B*NH, 2, CS, K] input
-    dtype, small [B*NH*P, _soff(_S_END)] (regions: _W_*, _S_*); small also holds the program's copy of
-    the b2 gradient from launch to launch. xbuf [B*NH, 2, P, XSZ], cnt [B*NH] int32 zeros: the exchanges."""
+    states states = (w1_s, b1_s, w2_s, b2_s) [B*NH, G, ...] (_ttt_remat_kernel); program pid = bh * P + p owns
+    the K blocks p*BK, (p+P)*BK, ... of head bh. tokens = (xq, xk, xv), rates = (lr, ts), ln = (ln_w, ln_b),
+    dout; dims = (NH, NC, G). dstate = (dw1, db1, dw2, db2) holds the gradient of the state after the group on
+    entry and that of the state before it on exit (the last group: of the final state; group 0: of the
+    initial state). dtokens = (dxq, dxk, dxv, dlr); dsums = (dln_w, dln_b [B*NH, F], dts [B*NH, CS]): per
+    (batch, head) sums over the mini-batches (program 0 zeroes them in the first launch and adds to them).
+    scratch = (work [B*NH, _W_END, CS, K] fp32, acts [B*NH, _A_END, CS, K] input dtype, small
+    [B*NH*P, _soff(_S_END)]) (regions: _W_*, _A_*, _S_*); small also holds the program's copy of the b2
+    gradient from launch to launch. xch = (xbuf [B*NH, 2, P, XSZ], cnt [B*NH] int32 zeros): the exchanges."""
+    xq, xk, xv = tokens
+    lr, ts = rates
+    ln_w, ln_b = ln
+    w1_s, b1_s, w2_s, b2_s = states
+    work, acts, small = scratch
+    dw1, db1, dw2, db2 = dstate
+    dxq, dxk, dxv, dlr = dtokens
+    dln_w, dln_b, dts = dsums
+    NH, NC, G = dims
     p, bh, h, NK = _program(NH, NC, G, P)
     fc = tl.arange(0, F)
     ln_w += h * F
@@ -734,10 +908,10 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, dout, w1_s, b1_s, w2_s, b2_s
     w2_s += bh * G * K * F
     b2_s += bh * G * F
     work += bh * _W_END * CS * K
-    acts += bh * 2 * CS * K
+    acts += bh * _A_END * CS * K
     small += (bh * P + p) * _soff(_S_END, CS, F)
-    xb = xbuf + bh * 2 * P * _xoff(_XEND, CS, F)
-    cnt += bh
+    xb = xch[0] + bh * 2 * P * _xoff(_XEND, CS, F)
+    cnt = xch[1] + bh
     dw1 += bh * F * K
     db1 += bh * K
     dw2 += bh * K * F
@@ -758,13 +932,14 @@ def _ttt_bwd_kernel(xq, xk, xv, lr, ts, ln_w, ln_b, dout, w1_s, b1_s, w2_s, b2_s
     for tt in range(glen):
         t = glen - 1 - tt
         tok = (bh * NC + n0 + t) * CS * F
+        rate = (bh * NC + n0 + t) * CS
         tl.debug_barrier()
         ex = _backward_step(
-            xq + tok, xk + tok, xv + tok, lr + (bh * NC + n0 + t) * CS, ts, dout + tok,
-            dxq + tok, dxk + tok, dxv + tok, dlr + (bh * NC + n0 + t) * CS, ln_w, ln_b,
-            w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F,
-            dw1, db1, dw2, db2s, work, acts, small, dln_w, dln_b, dts, xb, cnt, ex, p,
-            CAUSAL, xq.dtype.element_ty, PREC, CS, F, F_REAL, K, BK, P)
+            tok=(xq + tok, xk + tok, xv + tok, dout + tok), dtok=(dxq + tok, dxk + tok, dxv + tok, dlr + rate),
+            rates=(lr + rate, ts), ln=(ln_w, ln_b), dsums=(dln_w, dln_b, dts),
+            state=(w1_s + t * F * K, b1_s + t * K, w2_s + t * K * F, b2_s + t * F), dstate=(dw1, db1, dw2, db2s),
+            scratch=(work, acts, small), xch=(xb, cnt), ex=ex, p=p, CAUSAL=CAUSAL, DT=xq.dtype.element_ty,
+            PREC=PREC, CS=CS, F=F, F_REAL=F_REAL, K=K, BK=BK, P=P)
     if ck == 0:  # the last launch
         tl.debug_barrier()  # the last step's stores of the b2 gradient are visible to every thread
         if p == 0:
@@ -835,19 +1010,27 @@ def _sequential(device: torch.device) -> bool:
     return device.type != "cuda" or interpreting()
 
 
-def _config(K: int, block_k, num_warps, num_stages, split, heads: int, device: torch.device, backward: bool):
-    """K block, warps, software-pipelining stages and programs per head (split): the caller's (a
-    benchmark's sweep) or the defaults chosen by bench_ttt's sweep (benchmarks/results/ttt.md; why:
-    docs/ttt_mlp.md): the forward is fastest with one warp group, the backward, with far more live
-    tiles, with two. One stage: pipelined K loops multiply the shared memory (the backward then needs more
-    than the 227 KB an H100 block can have). split P: the P programs of a head exchange their partial sums
-    through global memory and wait for each other. The interpreter runs programs one after another: P = 1.
-    On the GPU a head's chain of small matmuls is latency bound and P programs shorten it, but only while
-    they have SMs of their own: the default is the largest P (a divisor of the block count) with heads * P
-    programs resident at once. Both kernels use all 255 registers a thread may have, so an SM holds 2
-    programs of 4 warps, 1 of 8. A head's programs must all be resident at once: CTAs start in pid order, so
-    at most one head is partly resident and the others finish and make room (the tests launch more programs
-    than fit)."""
+class LaunchOptions(NamedTuple):
+    """The launch configuration of ttt_mlp_fwd / ttt_mlp_bwd (their `launch=`); None: the default (_config)."""
+    block_k: Optional[int] = None  # K block: a power of two >= 16 dividing K = 4F
+    num_warps: Optional[int] = None
+    num_stages: Optional[int] = None  # software-pipelining stages
+    split: Optional[int] = None  # programs per head P: a divisor of K // block_k
+
+
+def _config(K: int, launch, heads: int, device: torch.device, backward: bool):
+    """K block, warps, software-pipelining stages and programs per head (split): the caller's LaunchOptions (a
+    benchmark's sweep) or, for launch None or a field None, the defaults chosen by bench_ttt's sweep
+    (benchmarks/results/ttt.md; why: docs/ttt_mlp.md): the forward is fastest with one warp group, the backward,
+    with far more live tiles, with two. One stage: pipelined K loops multiply the shared memory (the backward then
+    needs more than the 227 KB an H100 block can have). split P: the P programs of a head exchange their partial
+    sums through global memory and wait for each other. The interpreter runs programs one after another: P = 1. On
+    the GPU a head's chain of small matmuls is latency bound and P programs shorten it, but only while they have SMs
+    of their own: the default is the largest P (a divisor of the block count) with heads * P programs resident at
+    once. Both kernels use all 255 registers a thread may have, so an SM holds 2 programs of 4 warps, 1 of 8. A
+    head's programs must all be resident at once: CTAs start in pid order, so at most one head is partly resident
+    and the others finish and make room (the tests launch more programs than fit)."""
+    block_k, num_warps, num_stages, split = launch or LaunchOptions()
     block_k = block_k or min(K, 64)  # K = 4F: a multiple of 64 for every head dim the kernels take
     if block_k < 16 or block_k & (block_k - 1) or K % block_k:
         raise ValueError(f"block_k: expected a power of two >= 16 dividing K = {K}, got {block_k}")
@@ -974,7 +1157,7 @@ def _backward_groups(NK, remat, backward, device):
 
 def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2, *, causal,
                 checkpoint_group_size, out=None, w1_ckpt=None, b1_ckpt=None, w2_ckpt=None, b2_ckpt=None,
-                block_k=None, num_warps=None, num_stages=None, split=None):
+                launch: Optional[LaunchOptions] = None):
     """Forward scan. Returns (out, (w1, b1, w2, b2) checkpoints [B, NH, NK, ...], final state)."""
     B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, (w1, b1, w2, b2), causal,
                                      checkpoint_group_size)
@@ -998,10 +1181,10 @@ def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
         last = [_pad(n, t, F, FP) for n, t in zip(_STATE, state)]
         k_out = torch.empty_like(xq)  # [B, NH, NC, CS, FP]
         k_ckpt = [torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, FP, K, (NK,))]
-    BK, warps, stages, P = _config(K, block_k, num_warps, num_stages, split, B * NH, dev, backward=False)
+    BK, warps, stages, P = _config(K, launch, B * NH, dev, backward=False)
     work = torch.empty(B * NH, 2, CS, K, dtype=torch.float32, device=dev)  # per head: Z1 of 2 mini-batches
-    _ttt_fwd_kernel[(B * NH * P,)](xq, xk, xv, lr, ts, lnw, lnb, *last, *k_ckpt, k_out, work,
-                                   *_exchange(B, NH, CS, FP, P, dev), NH, NC, G, CAUSAL=bool(causal),
+    _ttt_fwd_kernel[(B * NH * P,)]((xq, xk, xv), (lr, ts), (lnw, lnb), tuple(last), tuple(k_ckpt), k_out, work,
+                                   _exchange(B, NH, CS, FP, P, dev), (NH, NC, G), CAUSAL=bool(causal),
                                    PREC=_precision(xq), CS=CS, F=FP, F_REAL=F, K=K, BK=BK, P=P, num_warps=warps,
                                    num_stages=stages)
     if FP != F:
@@ -1012,46 +1195,45 @@ def ttt_mlp_fwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1, b1, w2, b2,
     return out, tuple(ckpt), tuple(last)
 
 
-def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out,
-                grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last, *, causal, checkpoint_group_size,
-                grads=None, block_k=None, num_warps=None, num_stages=None, split=None):
-    """Backward scan with rematerialisation from the checkpoints. Returns a dict of gradients (see module
-    tether.functional.ttt_mlp); ln_weight/ln_bias gradients are per batch element, [B, NH, F]."""
-    B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias,
-                                     (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt), causal, checkpoint_group_size,
-                                     checkpoints=True)
-    G = checkpoint_group_size
-    NK = cdiv(NC, G)
-    K, FP = 4 * F, _padded(F)
-    dev = xq.device
-    ckpt = [t.contiguous() for t in (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt)]
-    shapes = _state_shapes(B, NH, F, K)
-    grad_last = (grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last)
-    check_ttt_grads(grad_out, grad_last, xq, torch.float32,
-                    names=("grad_out",) + tuple(f"grad_{n}_last" for n in _STATE))
-    grad_last = [t.contiguous() for t in grad_last]
+def _grad_buffers(grads, xq, lr, B, NH, F, K, device):
+    """The caller's gradient buffers (grads), checked, and new ones for the others (token_scale: _finish_grads);
+    the ln_weight/ln_bias gradients are per batch element, [B, NH, F]. Returns the dict and the names of the
+    gradients the backward kernel writes, in order."""
     grads = dict(grads or {})
     specs = {"xq": (xq.shape, xq.dtype), "xk": (xq.shape, xq.dtype), "xv": (xq.shape, xq.dtype),
              "lr": (lr.shape, lr.dtype), "ln_weight": ((B, NH, F), torch.float32),
              "ln_bias": ((B, NH, F), torch.float32),
-             **{n: (s, torch.float32) for n, s in zip(_STATE, shapes)}}
+             **{n: (s, torch.float32) for n, s in zip(_STATE, _state_shapes(B, NH, F, K))}}
     for name, (shape, dtype) in specs.items():
-        grads[name] = _buffer(f"grads['{name}']", grads.get(name), shape, dtype, dev)
-    if NK == 0 or B * NH == 0:  # nothing to launch: no mini-batch (or no head) between the state and the output
-        if causal and grads.get("token_scale") is None:
-            grads["token_scale"] = torch.empty(CS, dtype=torch.float32, device=dev)
-        for g in grads.values():
-            g.zero_()
-        for name, g in zip(_STATE, grad_last):
-            grads[name].copy_(g)  # the initial state is the final one
-        if not causal:
-            grads["token_scale"] = None
-        return grads
+        grads[name] = _buffer(f"grads['{name}']", grads.get(name), shape, dtype, device)
+    return grads, tuple(specs)
+
+
+def _grads_without_launch(grads, grad_last, causal, CS, device):
+    """Nothing to launch: no mini-batch (or no head) between the state and the output, so the gradients are
+    zero and the initial state's is the final state's."""
+    if causal and grads.get("token_scale") is None:
+        grads["token_scale"] = torch.empty(CS, dtype=torch.float32, device=device)
+    for g in grads.values():
+        g.zero_()
+    for name, g in zip(_STATE, grad_last):
+        grads[name].copy_(g)  # the initial state is the final one
+    if not causal:
+        grads["token_scale"] = None
+    return grads
+
+
+def _bwd_operands(inputs, grad_out, ckpt, grad_last, k_grads, causal, F, FP):
+    """The backward kernels' operands from inputs = (xq, xk, xv, lr, token_scale, ln_weight, ln_bias):
+    contiguous, and where F is not a power of two zero-padded to FP features, with padded gradient buffers
+    in k_grads that _finish_grads crops (docs/ttt_padding.md). The carried state gradient starts as that of
+    the final state. Returns (xq, xk, xv), (lr, ts), (ln_weight, ln_bias), grad_out, the checkpoints and the
+    kernel's gradient buffers."""
+    xq, xk, xv, lr, token_scale, ln_weight, ln_bias = inputs
     xq, xk, xv, lr, grad_out = (t.contiguous() for t in (xq, xk, xv, lr, grad_out.to(xq.dtype)))
     lnw, lnb = ln_weight.contiguous(), ln_bias.contiguous()
-    ts = token_scale.contiguous() if causal else lr
-    k_grads = {n: grads[n] for n in specs}  # the kernel's gradient buffers
-    if FP != F:  # the kernels run on zero-padded copies (docs/ttt_padding.md); gradients cropped after them
+    ts = token_scale.contiguous() if causal else lr  # not read when non-causal
+    if FP != F:
         xq, xk, xv, lnw, lnb, grad_out = (_pad(n, t, F, FP) for n, t in
                                           zip(_ACTS + _LN + ("grad_out",), (xq, xk, xv, lnw, lnb, grad_out)))
         ckpt = [_pad(n, t, F, FP) for n, t in zip(_STATE, ckpt)]
@@ -1059,36 +1241,28 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
         k_grads = {n: g.new_empty(_padded_shape(n, g.shape, FP)) if _F_DIMS[n] else g for n, g in k_grads.items()}
     for name, g in zip(_STATE, grad_last):
         k_grads[name].copy_(g)  # the carried state gradient starts as that of the final state
-    BK, warps, stages, P = _config(K, block_k, num_warps, num_stages, split, B * NH, dev, backward=True)
-    # rematerialisation: one program per head, which waits for no other program (see _backward_groups)
-    rBK, rwarps, _, _ = _config(K, None, None, None, 1, B * NH, dev, backward=False)
-    # two sets of a group's start states (W1, b1, W2, b2 per head, blocks by owner): the next group's are
-    # rematerialised while this group's are read
-    states = [[torch.empty(s, dtype=torch.float32, device=dev) for s in _state_shapes(B, NH, FP, K, (G,))]
+    return (xq, xk, xv), (lr, ts), (lnw, lnb), grad_out, ckpt, k_grads
+
+
+def _bwd_scratch(B, NH, G, NK, CS, FP, K, P, dtype, device):
+    """The backward's scratch (docs/ttt_mlp.md#scratch-layout-backward): two sets of a group's start states
+    (W1, b1, W2, b2 per head, blocks by owner: the next group's are rematerialised while this group's are
+    read), the remat's Z1 of 2 mini-batches, (work, acts, small) (regions _W_*, _A_*, _S_*), the per-head
+    token_scale gradient sums, and the exchanges of the remat (one program per head) and of the backward (one
+    counter row per launch)."""
+    states = [tuple(torch.empty(s, dtype=torch.float32, device=device) for s in _state_shapes(B, NH, FP, K, (G,)))
               for _ in range(2)]
-    rwork = torch.empty(B * NH, 2, CS, K, dtype=torch.float32, device=dev)  # remat: Z1 of 2 mini-batches
-    work = torch.empty(B * NH, _W_END.value, CS, K, dtype=torch.float32, device=dev)  # per head, columns by owner
-    acts = torch.empty(B * NH, 2, CS, K, dtype=xq.dtype, device=dev)  # gelu(Z1), gelu(Zq1): matmul operands
-    small = torch.empty(B * NH * P, _small_size(CS, FP), dtype=torch.float32, device=dev)  # per program
-    dts = torch.empty(B * NH, CS, dtype=torch.float32, device=dev)
-    rxbuf, rcnt = _exchange(B, NH, CS, FP, 1, dev, NK)
-    xbuf, cnt = _exchange(B, NH, CS, FP, P, dev, NK)
-    common = dict(CAUSAL=bool(causal), PREC=_precision(xq), CS=CS, F=FP, F_REAL=F, K=K, num_stages=stages)
+    rwork = torch.empty(B * NH, 2, CS, K, dtype=torch.float32, device=device)
+    work = torch.empty(B * NH, _W_END.value, CS, K, dtype=torch.float32, device=device)  # per head, by owner
+    acts = torch.empty(B * NH, _A_END.value, CS, K, dtype=dtype, device=device)  # gelu(Z1), gelu(Zq1)
+    small = torch.empty(B * NH * P, _small_size(CS, FP), dtype=torch.float32, device=device)  # per program
+    dts = torch.empty(B * NH, CS, dtype=torch.float32, device=device)
+    return (states, rwork, (work, acts, small), dts, _exchange(B, NH, CS, FP, 1, device, NK),
+            _exchange(B, NH, CS, FP, P, device, NK))
 
-    def remat(ck):
-        _ttt_remat_kernel[(B * NH,)](xq, xk, xv, lr, ts, lnw, lnb, *ckpt, *states[ck % 2], rwork, rxbuf, rcnt[ck],
-                                     ck, NH, NC, G, BK=rBK, P=1, num_warps=rwarps, **common)
 
-    def backward(ck):
-        g = k_grads
-        kernel = _ttt_bwd_kernel[(B * NH * P,)](xq, xk, xv, lr, ts, lnw, lnb, grad_out, *states[ck % 2], work, acts,
-                                                small, xbuf, cnt[ck], g["w1"], g["b1"], g["w2"], g["b2"], g["xq"],
-                                                g["xk"], g["xv"], g["lr"], dts, g["ln_weight"], g["ln_bias"], ck, NH,
-                                                NC, G, BK=BK, P=P, num_warps=warps, **common)
-        if not _sequential(dev):
-            _prefer_l1(kernel)
-
-    _backward_groups(NK, remat, backward, dev)
+def _finish_grads(grads, k_grads, dts, causal, F):
+    """The padded gradients cropped into the caller's buffers; token_scale's summed over batch and heads."""
     for name, g in k_grads.items():
         if g is not grads[name]:
             grads[name].copy_(_crop(name, g, F))
@@ -1099,3 +1273,49 @@ def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckp
     else:
         grads["token_scale"].copy_(dts.sum(0))
     return grads
+
+
+def ttt_mlp_bwd(xq, xk, xv, lr, token_scale, ln_weight, ln_bias, w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt, grad_out,
+                grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last, *, causal, checkpoint_group_size,
+                grads=None, launch: Optional[LaunchOptions] = None):
+    """Backward scan with rematerialisation from the checkpoints. Returns a dict of gradients (see module
+    tether.functional.ttt_mlp); ln_weight/ln_bias gradients are per batch element, [B, NH, F]."""
+    B, NH, NC, CS, F = _check_inputs(xq, xk, xv, lr, token_scale, ln_weight, ln_bias,
+                                     (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt), causal, checkpoint_group_size,
+                                     checkpoints=True)
+    G = checkpoint_group_size
+    NK = cdiv(NC, G)
+    K, FP = 4 * F, _padded(F)
+    dev = xq.device
+    ckpt = [t.contiguous() for t in (w1_ckpt, b1_ckpt, w2_ckpt, b2_ckpt)]
+    grad_last = (grad_w1_last, grad_b1_last, grad_w2_last, grad_b2_last)
+    check_ttt_grads(grad_out, grad_last, xq, torch.float32,
+                    names=("grad_out",) + tuple(f"grad_{n}_last" for n in _STATE))
+    grad_last = [t.contiguous() for t in grad_last]
+    grads, names = _grad_buffers(grads, xq, lr, B, NH, F, K, dev)
+    if NK == 0 or B * NH == 0:
+        return _grads_without_launch(grads, grad_last, causal, CS, dev)
+    tokens, rates, ln, grad_out, ckpt, k_grads = _bwd_operands((xq, xk, xv, lr, token_scale, ln_weight, ln_bias),
+                                                               grad_out, ckpt, grad_last,
+                                                               {n: grads[n] for n in names}, causal, F, FP)
+    BK, warps, stages, P = _config(K, launch, B * NH, dev, backward=True)
+    # rematerialisation: one program per head, which waits for no other program (see _backward_groups)
+    rBK, rwarps, _, _ = _config(K, LaunchOptions(split=1), B * NH, dev, backward=False)
+    states, rwork, scratch, dts, rxch, (xbuf, cnt) = _bwd_scratch(B, NH, G, NK, CS, FP, K, P, tokens[0].dtype, dev)
+    common = dict(CAUSAL=bool(causal), PREC=_precision(tokens[0]), CS=CS, F=FP, F_REAL=F, K=K, num_stages=stages)
+    g = k_grads
+
+    def remat(ck):
+        _ttt_remat_kernel[(B * NH,)](tokens, rates, ln, tuple(ckpt), states[ck % 2], rwork, (rxch[0], rxch[1][ck]),
+                                     ck, (NH, NC, G), BK=rBK, P=1, num_warps=rwarps, **common)
+
+    def backward(ck):
+        kernel = _ttt_bwd_kernel[(B * NH * P,)](
+            tokens, rates, ln, grad_out, states[ck % 2], scratch, (xbuf, cnt[ck]), (g["w1"], g["b1"], g["w2"], g["b2"]),
+            (g["xq"], g["xk"], g["xv"], g["lr"]), (g["ln_weight"], g["ln_bias"], dts), ck, (NH, NC, G), BK=BK, P=P,
+            num_warps=warps, **common)
+        if not _sequential(dev):
+            _prefer_l1(kernel)
+
+    _backward_groups(NK, remat, backward, dev)
+    return _finish_grads(grads, k_grads, dts, causal, F)
