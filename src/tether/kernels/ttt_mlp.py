@@ -317,8 +317,8 @@ def _forward_update_pass(x, eta, e, gz2, egz2, src, dst, z1, ckpt, p, WITH_OUTPU
     xq, xk, xk_next = x
     w1_s, b1_s, w2_s = src
     w1_d, b1_d, w2_d = dst
-    z1_p, _, z1_next_p, has_next = z1
-    w1_c, b1_c, w2_c, _, save_ckpt = ckpt
+    z1_p, _z1_unused, z1_next_p, has_next = z1
+    w1_c, b1_c, w2_c, _ckpt_unused, save_ckpt = ckpt
     a2raw = tl.zeros([CS, CS], tl.float32)  # Xq2 X2^T, summed over K blocks (causal outputs only)
     if WITH_OUTPUT and CAUSAL:
         a1 = (eta * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)).to(DT)  # [CS, CS]
@@ -542,7 +542,7 @@ def _bwd_recompute_outputs(xq, a1, gz2, state, work, acts, xch, ex, p, DT: tl.co
     """Recompute of the outputs in the dual form, pass 2 over K (gZ2 in the input dtype): the only place GELU is
     evaluated. Stores gelu(Z1), gelu(Zq1) (acts), gelu'(Z1), G1 gelu''(Z1), gZ1, gelu'(Zq1) (work); returns
     the exchanged sums Zq2 (without b2 and the A2 gZ2 term) and A2raw = Xq2 X2^T, and the next exchange."""
-    w1_p, b1_p, w2_p, _ = state
+    w1_p, b1_p, w2_p, _b2_unused = state
     xb, cnt = xch
     zq2 = tl.zeros([CS, F], tl.float32)
     a2raw = tl.zeros([CS, CS], tl.float32)
@@ -578,7 +578,7 @@ def _bwd_output_ln(dout_p, zq2, a2, gz2, b2_p, lnw_p, dsums, p, DT: tl.constexpr
     """Reverse through the output LayerNorm: Zq2 = (Zq2 sum) + b2 - A2 gZ2 normalised, out = XQ + gamma xhq +
     beta. Program 0 adds to the gamma and beta sums (dsums); returns dout (fp32) and dL/dZq2."""
     fc = tl.arange(0, F)
-    dlnw_p, dlnb_p, _ = dsums
+    dlnw_p, dlnb_p, _dsums_unused = dsums
     xhq, rstdq = _ln_stats(_dot(a2, -gz2, DT, PREC, zq2 + tl.load(b2_p + fc)[None, :]), F, F_REAL)
     dout = _load_tokens(dout_p, CS, F).to(tl.float32)
     tl.store(dlnw_p + fc, tl.load(dlnw_p + fc) + tl.sum(dout * xhq, 0), mask=_first(fc, p))
@@ -592,7 +592,7 @@ def _bwd_outputs_to_zq1(da2raw, dzq2, dxq, state, work, acts, xch, ex, p, DT: tl
     """Pass 3a, reverse through the outputs' inner MLP (second layer, GELU, first layer in the dual form):
     dZq1 = (dZq2 W2^T + dA2raw X2) gelu'(Zq1) (to work), the partials of dXQ (dxq: program 0's full term on
     entry) and dA1, which go to the next exchange's slot (not live through 3b)."""
-    w1_p, b1_p, w2_p, _ = state
+    w1_p, b1_p, w2_p, _b2_unused = state
     da1 = tl.zeros([CS, CS], tl.float32)
     tl.debug_barrier()
     for k0 in range(p * BK, K, P * BK):
@@ -615,8 +615,8 @@ def _bwd_state_update_w1(xq, xk, e, a1, dgz2, de, state, dstate, work, small, xc
     de, dXK's state term, dL/dgZ1 = -A1^T dZq1 - e H1, dL/dG1 (to work), dgZ2 += dG1 W2, the gelu'' part of
     dZ1 (work); the carry dW1' += XQ^T dZq1, db1' += sum dZq1 in place. dgZ2 and de (program 0's full terms
     on entry) go to the exchange slot, dXK's partial to `small` (not live through 3b2)."""
-    w1_p, b1_p, w2_p, _ = state
-    dw1_p, db1_p, dw2_p, _ = dstate
+    w1_p, b1_p, w2_p, _b2_unused = state
+    dw1_p, db1_p, dw2_p, _db2_unused = dstate
     dxk = tl.zeros([CS, F], tl.float32)
     tl.debug_barrier()
     for k0 in range(p * BK, K, P * BK):
@@ -647,7 +647,7 @@ def _bwd_state_update_w2(egz2, da2raw, gz2, dzq2, dstate, work, acts, p, DT: tl.
     """Pass 3b2, reverse through X2 (in Zq2's dual form and in W2' = W2 - X2^T (e gZ2)) and W2' (gZ2, dZq2,
     e gZ2 in the input dtype): dZ1 += (dA2raw^T Xq2 - (e gZ2) dW2'^T) gelu'(Z1) (work), the carry
     dW2' += Xq2^T dZq2 + dG1^T gZ2 in place. Returns this program's partial of H2 = X2 dW2'."""
-    dw1_p, db1_p, dw2_p, _ = dstate
+    dw1_p, db1_p, dw2_p, _db2_unused = dstate
     h2 = tl.zeros([CS, F], tl.float32)  # X2 dW2', summed over K blocks
     tl.debug_barrier()
     for k0 in range(p * BK, K, P * BK):
@@ -691,7 +691,7 @@ def _bwd_inner_loss(h2, dgz2, de, e, rstd, small, ln, dsums, db2s_p, p, CS: tl.c
     dL/dZ2, de and dL/dtarget."""
     fc = tl.arange(0, F)
     lnw_p, lnb_p = ln
-    dlnw_p, dlnb_p, _ = dsums
+    dlnw_p, dlnb_p, _dsums_unused = dsums
     gz2 = tl.load(_stile(small, _S_GZ2, CS, F))
     de -= tl.sum(h2 * gz2, 1)
     dgz2 -= e[:, None] * h2
@@ -713,7 +713,7 @@ def _bwd_rates_and_tokens(xq, xk, eta, lr, da1, dxq, de, dtarget, ts_p, dtok, dt
     (this program's parked partial plus program 0's full terms dA1raw^T XQ - dtarget)."""
     rows = tl.arange(0, CS)
     first = p == 0
-    dxq_p, _, dxv_p, dlr_p = dtok
+    dxq_p, _dxk_unused, dxv_p, dlr_p = dtok
     tile = _tile_offs(CS, F)
     deta = tl.load(_tile_ptrs(small + _soff(_S_DETA, CS, F), CS, CS)) + da1 * (_dot(xq, tl.trans(xk), DT, PREC) + 1.0)
     da1raw = da1 * eta
@@ -741,8 +741,8 @@ def _bwd_inner_mlp(dz2, xk, dxk, state, dstate, work, acts, xch, ex, dxk_p, p, D
     the GELU (dZ1 completes the scratch's part) and its first layer (dXK += dZ1 W1^T, dW1 += XK^T dZ1,
     db1); the carry becomes the gradient of the start state. dXK is exchanged and program 0 stores it.
     Returns the next exchange."""
-    w1_p, b1_p, w2_p, _ = state
-    dw1_p, db1_p, dw2_p, _ = dstate
+    w1_p, b1_p, w2_p, _b2_unused = state
+    dw1_p, db1_p, dw2_p, _db2_unused = dstate
     xb, cnt = xch
     tl.debug_barrier()  # the dz1 scratch and carried blocks are visible to every thread
     dz2 = dz2.to(DT)
