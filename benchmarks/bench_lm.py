@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import markdown_table, write_results
+from benchmarks.common import markdown_table, saved_bytes, write_results
 from tether.generate import Decoder, _tensors
 from tether.models import LMConfig, build_model
 from tether.step import TrainStep, make_optimizer
@@ -65,6 +65,20 @@ def measure_training(cfg: LMConfig, batch: int, path: str, iters: int) -> dict:
     seconds = sorted(times)[1]
     return {"mixer": cfg.mixer, "batch": batch, "path": path, "warmup_s": warmup_s, "ms_per_step": seconds * 1e3, "tokens_per_s": batch * cfg.block_size / seconds,
             "peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20, "loss": loss, "firing_rate": rate}
+
+
+def saved_per_token(cfg: LMConfig, device: str = "cuda") -> float:
+    """Bytes autograd saves for backward per token of a training forward (bf16 autocast; common.saved_bytes),
+    activations only: the difference between batch 16 and batch 8 over the 8 * T extra tokens (weights and
+    their bf16 copies cancel)."""
+    model = build_model(cfg).to(device).train()
+
+    def saved(batch):
+        idx = torch.randint(cfg.vocab_size, (batch, cfg.block_size + 1), device=device)  # [B, T + 1]
+        with torch.autocast(device, torch.bfloat16):
+            return saved_bytes(lambda: model(idx[:, :-1], idx[:, 1:])[1])
+
+    return (saved(16) - saved(8)) / (8 * cfg.block_size)
 
 
 def profile_training(cfg: LMConfig, batch: int, compile: bool, steps: int = 3) -> str:
@@ -183,6 +197,7 @@ def main():
     mixers = args.mixers.split(",")
     contexts = [int(c) for c in args.contexts.split(",")]
     training, generation, trainer = [], [], []
+    saved = {}  # (mixer, ttt mini-batch) -> KiB saved for backward per token
     for mixer in mixers if not args.skip_training else ():
         for batch in map(int, args.batches.split(",")):
             for path in args.paths.split(","):
@@ -191,6 +206,10 @@ def main():
                 for size in sizes:
                     row = measure_training(replace(cfg, mixer=mixer, ttt_mini_batch=size), batch, path, iters)
                     row["ttt_mini_batch"] = size if mixer == "ttt-mlp" else None
+                    key = (mixer, size)
+                    if key not in saved:
+                        saved[key] = saved_per_token(replace(cfg, mixer=mixer, ttt_mini_batch=size)) / 1024
+                    row["saved_kib_per_token"] = saved[key]
                     training.append(row)
                     print(row, flush=True)
     for mixer in (args.gen_mixers or args.mixers).split(",") if not args.skip_generation else ():
@@ -234,9 +253,10 @@ def report(cfg: LMConfig, training: list, trainer: list, generation: list, profi
         row["vs_bench_step"] = row["tokens_per_s_steady"] / bench[0]["tokens_per_s"] if bench else None
     table = (f"Default model (d_model {cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head} heads, "
              f"{cfg.block_size} tokens), bf16 autocast, AdamW (fused, capturable), grad clip 1. Median of 3 rounds "
-             f"of {args['iters']} steps. `cuda graph`: the step replayed from a CUDA graph (tether.step.TrainStep).\n\n"
+             f"of {args['iters']} steps. `cuda graph`: the step replayed from a CUDA graph (tether.step.TrainStep). "
+             f"`saved_kib_per_token`: activations autograd keeps for backward per token, all layers (saved_tensors_hooks).\n\n"
              + markdown_table(training, ["mixer", "ttt_mini_batch", "batch", "path", "warmup_s", "ms_per_step", "tokens_per_s", "peak_mib",
-                                         "vs_softmax_eager_b64", "vs_softmax_same", "memory_vs_softmax_same"])
+                                         "saved_kib_per_token", "vs_softmax_eager_b64", "vs_softmax_same", "memory_vs_softmax_same"])
              + "\n\n`tether train` (default model and arguments, --max-iters "
              f"{args['trainer_iters']}): steady tokens/s (median of its log intervals) vs the bench's compile + cuda graph step at batch 64.\n\n"
              + (markdown_table(trainer, ["mixer", "steps", "tokens_per_s_steady", "tokens_per_s_mean",
