@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (bench_ms, rel_err, ceilings, environment, lif_launch, markdown_table, peak_extra_bytes,
-                               saved_bytes, write_results)
+                               saved_bytes, write_launch_file, write_results)
 from tether.functional.lif import lif
 from tether.kernels import lif as kernels
 from tether.reference import lif as reference
@@ -464,16 +464,11 @@ def as_json(table):
 
 
 def write_launch_table(table, path=None):
-    """Write table as the shipped launch table (src/tether/kernels/launch_lif.json, or path), keeping the shipped
-    file's "about"; one line per (kernel, element bytes)."""
-    shipped = Path(kernels.__file__).with_name(kernels.LAUNCH_FILE)
-    lines = ["{", f'  "about": {json.dumps(json.loads(shipped.read_text())["about"])},']
-    for kernel, end in (("forward", ","), ("backward", "")):
-        rows = [f'    "{size}": {json.dumps([list(row) for row in table[kernel, size]])}' for size in (4, 2)]
-        lines += [f'  "{kernel}": {{', ",\n".join(rows), "  }" + end]
-    path = Path(path or shipped)
-    path.write_text("\n".join(lines + ["}"]) + "\n")
-    print("wrote", path, flush=True)
+    """Write table as the LIF rows of the shipped launch file (src/tether/kernels/launch_lif.json, or path),
+    keeping the shipped file's "about" and norm_lif's rows (common.write_launch_file)."""
+    from tether.kernels import norm_lif as norm_kernels
+
+    write_launch_file(table, norm_kernels.read_launch_table(), path)
 
 
 def int64_check():

@@ -27,6 +27,39 @@ def lif_launch(table: dict):
         kernels.LAUNCH = shipped
 
 
+@contextlib.contextmanager
+def norm_lif_launch(rows: list):
+    """Run the fused LayerNorm -> LIF kernels with `rows` ([(min N, BLOCK, WARPS)], a sweep's candidate) in place
+    of the shipped rows (launch_lif.json's "norm_lif"), which are back on exit. For sweeps only."""
+    from tether.kernels import norm_lif as kernels
+
+    shipped = kernels.LAUNCH
+    kernels.LAUNCH = rows
+    try:
+        yield
+    finally:
+        kernels.LAUNCH = shipped
+
+
+def write_launch_file(lif_table: dict, norm_lif_rows: list, path=None, about=None) -> Path:
+    """Write the shipped launch file (src/tether/kernels/launch_lif.json, or path): the LIF table
+    ({(kernel, element bytes): rows}, one line per kernel and size) and norm_lif's rows (one line), with the
+    shipped file's "about" unless about is given. The one writer of that file (bench_lif, bench_norm_lif)."""
+    from tether.kernels import lif as kernels
+
+    shipped = Path(kernels.__file__).with_name(kernels.LAUNCH_FILE)
+    about = json.loads(shipped.read_text())["about"] if about is None else about
+    lines = ["{", f'  "about": {json.dumps(about)},']
+    for kernel in ("forward", "backward"):
+        rows = [f'    "{size}": {json.dumps([list(row) for row in lif_table[kernel, size]])}' for size in (4, 2)]
+        lines += [f'  "{kernel}": {{', ",\n".join(rows), "  },"]
+    lines.append(f'  "norm_lif": {json.dumps([list(row) for row in norm_lif_rows])}')
+    path = Path(path or shipped)
+    path.write_text("\n".join(lines + ["}"]) + "\n")
+    print("wrote", path, flush=True)
+    return path
+
+
 def environment() -> dict:
     """What the numbers were measured on."""
     import triton

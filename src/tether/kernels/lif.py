@@ -341,10 +341,16 @@ def lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, save, v_init_ptr, decay, t
 LAUNCH_FILE = "launch_lif.json"
 
 
-def read_launch_table(path=None) -> dict:
-    """The launch table in launch_lif.json (or path): {(kernel, element bytes): [(min N, BLOCK, CHUNK, WARPS)]}."""
+def read_launch_file(path=None) -> dict:
+    """The shipped launch file launch_lif.json (or path) as parsed JSON: the LIF kernels' rows under "forward" /
+    "backward" and the fused LayerNorm -> LIF kernels' under "norm_lif" (read by tether.kernels.norm_lif)."""
     source = resources.files(__package__).joinpath(LAUNCH_FILE) if path is None else Path(path)
-    data = json.loads(source.read_text())
+    return json.loads(source.read_text())
+
+
+def read_launch_table(path=None) -> dict:
+    """The LIF launch table in launch_lif.json (or path): {(kernel, element bytes): [(min N, BLOCK, CHUNK, WARPS)]}."""
+    data = read_launch_file(path)
     return {(kernel, int(size)): [tuple(row) for row in rows]
             for kernel in ("forward", "backward") for size, rows in data[kernel].items()}
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import Launcher, cdiv
-from .lif import _neurons, _reset, _row, _tile, _vector, surrogate_grad
+from .lif import _neurons, _reset, _row, _tile, _vector, read_launch_file, surrogate_grad
 
 SEG = 16  # steps per membrane checkpoint (and rows per loaded tile)
 
@@ -127,9 +127,23 @@ def norm_lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, x_ptr, norm, ckpt_ptr
     tl.store(grad_v_init_ptr + offs, gv, mask=mask)
 
 
+# (min N, BLOCK, WARPS), first row with N >= min N wins; both kernels launch the same. BLOCK = 32 x WARPS x
+# neurons per thread. The rows live under "norm_lif" in launch_lif.json, the LIF kernels' shipped launch file,
+# which `python -m benchmarks.bench_norm_lif --write-table` writes from its sweep at the LM's shapes
+# (benchmarks/results/norm_lif.md; docs/norm_lif.md).
+def read_launch_table(path=None) -> list:
+    """norm_lif's rows in launch_lif.json (or path): [(min N, BLOCK, WARPS)], min N decreasing to 0."""
+    return [tuple(row) for row in read_launch_file(path)["norm_lif"]]
+
+
+LAUNCH = read_launch_table()
+
+
 def launch_config(N: int):
-    """(BLOCK, WARPS): one neuron a thread, enough programs to fill the GPU's SMs several times over."""
-    return (128, 4) if N >= 131072 else (64, 2)
+    """(BLOCK, WARPS) for N neurons, from LAUNCH (the shipped table)."""
+    for min_n, block, warps in LAUNCH:
+        if N >= min_n:
+            return block, warps
 
 
 def checkpoints(T: int, N: int, like) -> torch.Tensor:
