@@ -66,7 +66,7 @@ def test_backward_reaches_every_parameter():
         assert p.grad.abs().sum() > 0, name
 
 
-LAUNCHERS = [("tether.kernels.norm_lif", "norm_lif_forward"), ("tether.kernels.norm_lif", "norm_lif_backward"),
+LAUNCHERS = [("tether.kernels.lif", "lif_forward"), ("tether.kernels.lif", "lif_backward"),
              ("tether.kernels.spike_attention", "spike_attention_forward"),
              ("tether.kernels.spike_attention", "spike_attention_backward"),
              ("tether.kernels.pack", "pack_spikes"), ("tether.kernels.pack", "unpack_spikes")]

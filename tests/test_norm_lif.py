@@ -110,6 +110,30 @@ def test_compile_fullgraph(device, kernel_calls):
     assert kernel_calls["forward"] >= 2 and kernel_calls["backward"] >= 2
 
 
+def test_norm_lif_module_fused_or_not(device, kernel_calls):
+    """tether.nn NormLIF(fuse_norm=True) (the norm_lif kernels) == fuse_norm=False (LayerNorm, then lif): spikes,
+    membrane and gradients of x and the norm's affine."""
+    from tether.nn.attention import NormLIF
+
+    torch.manual_seed(0)
+    plain, fused = NormLIF(16), NormLIF(16, fuse_norm=True)
+    fused.load_state_dict(plain.state_dict())
+    plain, fused = plain.to(device), fused.to(device)
+    x = (2 * torch.randn(12, 3, 16, device=device)).requires_grad_()
+    results = []
+    for module in (plain, fused):
+        spikes, v = module(x)
+        (spikes * torch.arange(16, device=device)).sum().add(v.sum()).backward()
+        results.append((spikes, v, x.grad.clone(), module.norm.weight.grad, module.norm.bias.grad))
+        x.grad = None
+    (s_plain, v_plain, *g_plain), (s_fused, v_fused, *g_fused) = results
+    torch.testing.assert_close(s_fused, s_plain, atol=0, rtol=0)
+    torch.testing.assert_close(v_fused, v_plain, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_fused, g_plain):  # the norm's backward from saved statistics: fp32 rounding apart
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    assert kernel_calls["forward"] == 1 and kernel_calls["backward"] == 1  # only the fused module ran them
+
+
 def test_opcheck(device):
     x, weight, bias, v_init = (t.detach() for t in inputs(5, 2, 8, torch.float32, device))
     args = (x, weight, bias, v_init, 1e-5, 0.5, 1.0, "arctan", 2.0, True, 0.0, torch.float32, True)

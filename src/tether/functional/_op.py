@@ -24,6 +24,7 @@ import inspect
 from typing import Callable, NamedTuple, Optional, Union, get_args, get_origin
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 _SCHEMA_TYPES = {float: "float", int: "int", bool: "bool", str: "str", torch.dtype: "ScalarType"}
 
@@ -131,7 +132,7 @@ class Op:
         return Function
 
     def __call__(self, *tensors, cfg=NO_CONFIG):
-        if self.kernel and torch.compiler.is_compiling():
+        if self.kernel and (torch.compiler.is_compiling() or any(is_fake(t) for t in tensors)):
             result = _tuple(self._op(*tensors, *cfg))
         elif self.differentiable and torch.is_grad_enabled() and any(
                 isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from tether._checks import FORMS
-from tether.functional.lif import lif_eager
+from tether.functional.lif import lif, lif_eager
 from tether.functional.norm_lif import norm_lif
 from tether.functional.spike_attention import (output_scale, spike_attention, spike_attention_qkv,
                                                spike_attention_qkv_eager)
@@ -33,34 +33,39 @@ class NormLIF(nn.Module):
 
     Every group of neurons sits behind a norm so that its input has unit scale whatever the firing rates and
     weights upstream (a fixed threshold of 1 then fires at a useful rate from the first step on).
-    ``backend="fused"``: ``tether.functional.norm_lif`` (norm and neurons in one pair of Triton kernels);
+    ``backend="fused"``: nn.LayerNorm, then ``tether.functional.lif`` (the LIF kernels); with
+    ``fuse_norm=True``, ``tether.functional.norm_lif`` (norm and neurons in one pair of Triton kernels: less
+    memory, but slower in the training step on the H200 so far, benchmarks/results/block_ops.md);
     ``"eager"``: nn.LayerNorm, then the reference Python loop.
     forward(x ``[T, B, channels]``, membrane ``[B, channels]`` or None) -> (spikes like x, membrane fp32).
     ``rate``: mean of the last spikes (0-d device tensor, no sync).
     """
 
     def __init__(self, channels: int, *, decay: float = 0.5, threshold: float = 1.0,
-                 surrogate: str = "arctan", backend: str = "fused"):
+                 surrogate: str = "arctan", backend: str = "fused", fuse_norm: bool = False):
         super().__init__()
         _check_backend(backend)
         self.norm = nn.LayerNorm(channels)
         self.decay, self.threshold, self.surrogate, self.backend = decay, threshold, surrogate, backend
+        self.fuse_norm = fuse_norm
         self.rate = None
 
     def forward(self, x: torch.Tensor, membrane: Optional[torch.Tensor] = None):
         # spikes in the autocast dtype: half the traffic, and what the next layer reads or saves is half too
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if self.backend == "fused":  # one op: the normalized input is never stored
+        if self.backend == "fused" and self.fuse_norm:  # one op: the normalized input is never stored
             spikes, membrane = norm_lif(x, self.norm.weight, self.norm.bias, self.decay, self.threshold, membrane,
                                         eps=self.norm.eps, surrogate=self.surrogate, dtype=dtype)
         else:
             x = self.norm(x).to(dtype)  # the norm runs in fp32 even under autocast
-            spikes, membrane = lif_eager(x, self.decay, self.threshold, membrane, surrogate=self.surrogate)
+            neurons = lif if self.backend == "fused" else lif_eager
+            spikes, membrane = neurons(x, self.decay, self.threshold, membrane, surrogate=self.surrogate)
         self.rate = spikes.detach().mean(dtype=torch.float32)
         return spikes, membrane
 
     def extra_repr(self) -> str:
-        return f"decay={self.decay}, threshold={self.threshold}, surrogate={self.surrogate!r}, backend={self.backend!r}"
+        return (f"decay={self.decay}, threshold={self.threshold}, surrogate={self.surrogate!r}, backend={self.backend!r}"
+                + (", fuse_norm=True" if self.fuse_norm else ""))
 
 
 # Expected share of firing inputs at init (P(z >= 1) for a unit normal z: a LayerNorm'd input crossing threshold 1).
