@@ -4,13 +4,15 @@ Variants of the default spiking LM (bf16 autocast, AdamW; benchmarks.bench_lm.me
 softmax baseline of the same size in the same run:
 - ``unfused``: LayerNorm, then the LIF (the normalised input stored between them), attention output scaled
   by plain ops (its fp32 input kept for backward), q/k/v kept as bf16 for the attention backward;
-- ``fused`` (what ships): ``norm_lif``, ``output_scale``, q/k/v kept as bits (``binary=True``).
+- ``shipped``: the model as tether.nn builds it (LayerNorm, then the LIF; ``output_scale``; q/k/v kept as bits);
+- ``fused``: the shipped model with ``NormLIF(fuse_norm=True)`` (``norm_lif``: the normalised input never stored).
 Reported: ms a step, tokens/s, peak memory and bytes saved for backward per token.
 
 Run, from the repository root: PYTHONPATH=src:. python -m benchmarks.bench_block_ops
 Writes block_ops.json and .md under benchmarks/results (or $OUT).
 """
 import contextlib
+import functools
 import sys
 
 import torch
@@ -18,16 +20,8 @@ import torch
 import tether.nn.attention as attention
 from benchmarks.bench_lm import measure_training, saved_per_token
 from benchmarks.common import markdown_table, write_results
-from tether.functional import lif, spike_attention_qkv
+from tether.functional import spike_attention_qkv
 from tether.models import LMConfig
-
-
-def _unfused_norm_lif(self, x, membrane=None):
-    """NormLIF.forward as two ops: the normalised input is stored for the LIF's backward."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    spikes, membrane = lif(self.norm(x).to(dtype), self.decay, self.threshold, membrane, surrogate=self.surrogate)
-    self.rate = spikes.detach().mean(dtype=torch.float32)
-    return spikes, membrane
 
 
 def _plain_scale(out, gamma, dtype=None):
@@ -35,15 +29,27 @@ def _plain_scale(out, gamma, dtype=None):
 
 
 @contextlib.contextmanager
-def unfused():
-    """The block as it was before the fused ops (restored on exit)."""
-    saved = attention.NormLIF.forward, attention.output_scale, attention.ATTENTION_OPS["fused"]
-    attention.NormLIF.forward, attention.output_scale = _unfused_norm_lif, _plain_scale
-    attention.ATTENTION_OPS["fused"] = spike_attention_qkv
+def _patched(target, **attrs):
+    """Set attributes of target for the duration (restored on exit)."""
+    saved = {name: getattr(target, name) for name in attrs}
+    for name, value in attrs.items():
+        setattr(target, name, value)
     try:
         yield
     finally:
-        attention.NormLIF.forward, attention.output_scale, attention.ATTENTION_OPS["fused"] = saved
+        for name, value in saved.items():
+            setattr(target, name, value)
+
+
+def unfused():
+    """The block before its memory ops: plain output scale, q/k/v kept as they are."""
+    return _patched(attention, output_scale=_plain_scale,
+                    ATTENTION_OPS={**attention.ATTENTION_OPS, "fused": spike_attention_qkv})
+
+
+def fused():
+    """Every NormLIF built inside is NormLIF(..., fuse_norm=True)."""
+    return _patched(attention.NormLIF, __init__=functools.partialmethod(attention.NormLIF.__init__, fuse_norm=True))
 
 
 PLAN = [(64, ("eager", "compile + cuda graph")), (256, ("eager", "compile + cuda graph"))]
@@ -51,8 +57,8 @@ PLAN = [(64, ("eager", "compile + cuda graph")), (256, ("eager", "compile + cuda
 
 def run(plan=PLAN, iters: int = 10) -> list:
     rows = []
-    for variant, mixer, scope in (("unfused", "spiking", unfused), ("fused", "spiking", contextlib.nullcontext),
-                                  ("softmax", "softmax", contextlib.nullcontext)):
+    for variant, mixer, scope in (("unfused", "spiking", unfused), ("shipped", "spiking", contextlib.nullcontext),
+                                  ("fused", "spiking", fused), ("softmax", "softmax", contextlib.nullcontext)):
         with scope():
             saved = saved_per_token(LMConfig(mixer=mixer)) / 1024
             for batch, paths in plan:
@@ -77,8 +83,9 @@ def main():
     torch.manual_seed(0)
     rows = run()
     table = ("Default model (d_model 384, 4 layers, 8 heads, 256 tokens), bf16 autocast, AdamW; median of 3 rounds "
-             "of 10 steps. `unfused`: LayerNorm then LIF, plain output scale, q/k/v kept in bf16; `fused`: "
-             "norm_lif, output_scale, q/k/v kept as bits. `saved_kib_per_token`: activations kept for backward per "
+             "of 10 steps. `unfused`: LayerNorm then LIF, plain output scale, q/k/v kept in bf16; `shipped`: "
+             "LayerNorm then LIF, output_scale, q/k/v kept as bits; `fused`: shipped with norm_lif. "
+             "`saved_kib_per_token`: activations kept for backward per "
              "token, all layers.\n\n"
              + markdown_table(rows, ["variant", "batch", "path", "ms_per_step", "tokens_per_s", "peak_mib",
                                      "saved_kib_per_token", "vs_softmax_eager", "memory_vs_softmax_same_path"]))

@@ -130,7 +130,7 @@ def _lif_grads(ctx, grad_outputs, needs, backward):
     return grad_x, grad_v, grad_decay, grad_threshold
 
 
-_lif = Op("tether::cpu_lif", tensors="", returns=5, outputs=2, kernel=False, forward=_lif_forward, save=_lif_save,
+_lif = Op("tether::cpu_lif", outputs=2, kernel=False, forward=_lif_forward, save=_lif_save,
           grads=_lif_grads)
 
 
@@ -185,7 +185,7 @@ def _attention_grads(ctx, grad_outputs, needs, backward):
     return tuple(None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
 
 
-_attention = Op("tether::cpu_spike_attention", tensors="", returns=7, outputs=2, kernel=False,
+_attention = Op("tether::cpu_spike_attention", outputs=2, kernel=False,
                 forward=_attention_forward, save=_attention_save, grads=_attention_grads)
 
 

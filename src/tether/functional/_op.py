@@ -78,9 +78,10 @@ def _custom_op(name: str, tensors: str, config: type, returns: int, impl: Callab
 
 class Op:
     """See the module's docstring. ``op(*tensors, cfg=cfg)`` -> the first ``outputs`` outputs of forward (one
-    tensor when outputs is 1)."""
+    tensor when outputs is 1). A kernel op's schema: ``tensors`` (its tensor arguments, as schema text) and
+    ``returns`` (how many tensors forward returns); an ATen op (kernel=False) needs neither."""
 
-    def __init__(self, name: str, *, tensors: str, config: type = _NoConfig, returns: int, outputs: int,
+    def __init__(self, name: str, *, outputs: int, tensors: str = "", config: type = _NoConfig, returns: int = 0,
                  forward: Callable, fake: Optional[Callable] = None, save: Optional[Callable] = None,
                  grads: Optional[Callable] = None, kernel: bool = True, backward: Optional[Callable] = None,
                  fake_backward: Optional[Callable] = None, backward_tensors: str = "",

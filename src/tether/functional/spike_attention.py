@@ -187,8 +187,8 @@ def _scale_grads(ctx, grad_outputs, needs, backward):
     return grad_out, grad_gamma
 
 
-_output_scale = Op("tether::output_scale", tensors="Tensor out, Tensor gamma", config=_ScaleConfig, returns=1,
-                   outputs=1, kernel=False, forward=_scale_forward, save=_scale_save, grads=_scale_grads)
+_output_scale = Op("tether::output_scale", outputs=1, kernel=False, forward=_scale_forward, save=_scale_save,
+                   grads=_scale_grads)
 
 
 def output_scale(out, gamma, dtype=None):

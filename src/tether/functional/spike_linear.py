@@ -49,8 +49,7 @@ def _grads(ctx, grad_outputs, needs, backward):
     return grad_spikes, grad_weight, grad_bias
 
 
-_spike_linear = Op("tether::spike_linear", tensors="Tensor spikes, Tensor weight, Tensor? bias", returns=2,
-                   outputs=1, kernel=False, forward=_forward, save=_save, grads=_grads)
+_spike_linear = Op("tether::spike_linear", outputs=1, kernel=False, forward=_forward, save=_save, grads=_grads)
 
 
 def spike_linear(spikes: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

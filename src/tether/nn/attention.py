@@ -23,6 +23,11 @@ ATTENTION_OPS = {"fused": _fused_attention, "eager": spike_attention_qkv_eager}
 BACKENDS = tuple(ATTENTION_OPS)
 
 
+def _autocast_dtype(x: torch.Tensor, default: torch.dtype) -> torch.dtype:
+    """The dtype autocast computes in on x's device, else default."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else default
+
+
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -52,7 +57,7 @@ class NormLIF(nn.Module):
 
     def forward(self, x: torch.Tensor, membrane: Optional[torch.Tensor] = None):
         # spikes in the autocast dtype: half the traffic, and what the next layer reads or saves is half too
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = _autocast_dtype(x, x.dtype)
         if self.backend == "fused" and self.fuse_norm:  # one op: the normalized input is never stored
             spikes, membrane = norm_lif(x, self.norm.weight, self.norm.bias, self.decay, self.threshold, membrane,
                                         eps=self.norm.eps, surrogate=self.surrogate, dtype=dtype)
@@ -64,8 +69,8 @@ class NormLIF(nn.Module):
         return spikes, membrane
 
     def extra_repr(self) -> str:
-        return (f"decay={self.decay}, threshold={self.threshold}, surrogate={self.surrogate!r}, backend={self.backend!r}"
-                + (", fuse_norm=True" if self.fuse_norm else ""))
+        return (f"decay={self.decay}, threshold={self.threshold}, surrogate={self.surrogate!r}, "
+                f"backend={self.backend!r}" + (", fuse_norm=True" if self.fuse_norm else ""))
 
 
 # Expected share of firing inputs at init (P(z >= 1) for a unit normal z: a LayerNorm'd input crossing threshold 1).
@@ -161,7 +166,7 @@ class SpikingSelfAttention(nn.Module):
         else:
             out, memory = ATTENTION_OPS[self.backend](qkv, gamma, memory)  # out [T, B, H, D] fp32
         # [T, B, H, D], in [0, 1]; in the autocast dtype (what proj reads), the only copy kept for backward
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else out.dtype
+        dtype = _autocast_dtype(x, out.dtype)
         out = output_scale(out, gamma, dtype)
         return self.proj(out.reshape(T, B, C)), (v_input, v_qkv, memory)
 
