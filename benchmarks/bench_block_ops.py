@@ -8,9 +8,11 @@ softmax baseline of the same size in the same run:
 - ``fused``: the shipped model with ``NormLIF(fuse_norm=True)`` (``norm_lif``: the normalised input never stored).
 Reported: ms a step, tokens/s, peak memory and bytes saved for backward per token.
 
-Run, from the repository root: PYTHONPATH=src:. python -m benchmarks.bench_block_ops
+Run, from the repository root: PYTHONPATH=src:. python -m benchmarks.bench_block_ops [--variants shipped,fused]
+[--paths "compile + cuda graph"] (default: every variant and path; softmax always runs beside them)
 Writes block_ops.json and .md under benchmarks/results (or $OUT).
 """
+import argparse
 import contextlib
 import functools
 import sys
@@ -52,17 +54,19 @@ def fused():
     return _patched(attention.NormLIF, __init__=functools.partialmethod(attention.NormLIF.__init__, fuse_norm=True))
 
 
-PLAN = [(64, ("eager", "compile + cuda graph")), (256, ("eager", "compile + cuda graph"))]
+PATHS = ("eager", "compile + cuda graph")
+PLAN = [(64, PATHS), (256, PATHS)]
+VARIANTS = {"unfused": unfused, "shipped": contextlib.nullcontext, "fused": fused}
 
 
-def run(plan=PLAN, iters: int = 10) -> list:
+def run(plan=PLAN, iters: int = 10, variants=tuple(VARIANTS)) -> list:
     rows = []
-    for variant, mixer, scope in (("unfused", "spiking", unfused), ("shipped", "spiking", contextlib.nullcontext),
-                                  ("fused", "spiking", fused), ("softmax", "softmax", contextlib.nullcontext)):
+    for variant, mixer, scope in ([(v, "spiking", VARIANTS[v]) for v in variants]
+                                  + [("softmax", "softmax", contextlib.nullcontext)]):
         with scope():
             saved = saved_per_token(LMConfig(mixer=mixer)) / 1024
             for batch, paths in plan:
-                for path in paths if mixer == "spiking" else ("eager", "compile + cuda graph"):
+                for path in paths if mixer == "spiking" else PATHS:
                     row = measure_training(LMConfig(mixer=mixer), batch, path, iters)
                     row.update(variant=variant, saved_kib_per_token=saved)
                     rows.append(row)
@@ -78,10 +82,18 @@ def run(plan=PLAN, iters: int = 10) -> list:
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
+    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated, of " + ", ".join(PATHS))
+    args = parser.parse_args()
+    variants, paths = args.variants.split(","), tuple(args.paths.split(","))
+    for name, given, allowed in (("--variants", variants, VARIANTS), ("--paths", paths, PATHS)):
+        if not set(given) <= set(allowed):
+            parser.error(f"{name}: expected some of {', '.join(allowed)}, got {', '.join(given)}")
     if not torch.cuda.is_available():
         sys.exit("bench_block_ops: needs a CUDA GPU")
     torch.manual_seed(0)
-    rows = run()
+    rows = run([(batch, paths) for batch, _ in PLAN], variants=variants)
     table = ("Default model (d_model 384, 4 layers, 8 heads, 256 tokens), bf16 autocast, AdamW; median of 3 rounds "
              "of 10 steps. `unfused`: LayerNorm then LIF, plain output scale, q/k/v kept in bf16; `shipped`: "
              "LayerNorm then LIF, output_scale, q/k/v kept as bits; `fused`: shipped with norm_lif. "

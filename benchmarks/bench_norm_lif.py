@@ -4,7 +4,7 @@ then tether.functional.lif, at the spiking LM's shapes, and the sweep that write
 On the GPU machine, from the repository root:
   PYTHONPATH=src:. python -m benchmarks.bench_norm_lif [--write-table]
 Order: each shape's outputs checked against the peer (shipped table); the launch sweep, forward + backward for
-every candidate (BLOCK, WARPS) on every shape, each installed by common.norm_lif_launch (the shipped table is back
+every candidate (BLOCK, WARPS, SEG) on every shape, each installed by common.norm_lif_launch (the shipped table is back
 after each); the winners per N range (lowest summed time over the range's shapes); with --write-table they are
 written to the shipped table (src/tether/kernels/launch_lif.json, key "norm_lif", LIF rows kept) and the rest of
 the run times them; last, the shipped table against the peer on every shape.
@@ -28,7 +28,10 @@ T = 256
 # wider ones; spikes are bf16 throughout.
 SHAPES = [(64, 384, torch.float32), (64, 1152, torch.bfloat16), (64, 1536, torch.bfloat16),
           (256, 384, torch.float32), (256, 1536, torch.bfloat16)]
-CANDIDATES = [(32, 1), (64, 1), (64, 2), (128, 1), (128, 2), (128, 4), (256, 2), (256, 4), (256, 8)]
+# (BLOCK, WARPS, SEG), at least 2 neurons a thread (docs/norm_lif.md: with one, the tiles' time rows spread over
+# threads)
+CANDIDATES = [(64, 1, 8), (128, 1, 8), (128, 2, 8), (256, 2, 8), (256, 4, 8), (64, 1, 16), (128, 2, 16),
+              (256, 4, 16)]
 RANGES = (131_072, 0)  # min N of the table's rows, decreasing, ending with 0
 DECAY, THRESHOLD, EPS = 0.5, 1.0, 1e-5
 OUT_DTYPE = torch.bfloat16
@@ -40,7 +43,8 @@ def fused_fn(x, w, b):
 
 
 def peer_fn(x, w, b):
-    return lif(F.layer_norm(x, (x.shape[-1],), w, b, EPS).to(OUT_DTYPE), DECAY, THRESHOLD)[0]
+    """What the model's NormLIF runs by default: the norm in fp32 (autocast upcasts a bf16 x), then the LIF."""
+    return lif(F.layer_norm(x.float(), (x.shape[-1],), w, b, EPS).to(OUT_DTYPE), DECAY, THRESHOLD)[0]
 
 
 def fwd_bwd(fn, x, w, b, g):
@@ -61,7 +65,7 @@ def normalized(x, w, b):
     w + b in fp32 from torch.var_mean, then rounded: tests/test_norm_lif.py's oracle, which the kernels match
     bit for bit). They differ where the fp32 value sits at a rounding boundary of OUT_DTYPE."""
     x, w, b = x.detach(), w.detach(), b.detach()
-    peer = F.layer_norm(x, (x.shape[-1],), w, b, EPS).to(OUT_DTYPE)
+    peer = F.layer_norm(x.float(), (x.shape[-1],), w, b, EPS).to(OUT_DTYPE)
     var, mean = torch.var_mean(x.float(), dim=-1, correction=0, keepdim=True)
     ours = ((x.float() - mean) * torch.rsqrt(var + EPS) * w + b).to(OUT_DTYPE)
     return peer.flatten(1), ours.flatten(1)
@@ -111,10 +115,10 @@ def _shape(row):
 
 
 def pick_winners(rows, ranges=RANGES):
-    """The launch table from sweep rows ({"N", "BLOCK", "WARPS", "fwd_bwd_ms"}, one per shape and candidate):
-    per range [min N, next larger min N), the (BLOCK, WARPS) with the lowest fwd_bwd_ms summed over that range's
+    """The launch table from sweep rows ({"N", "BLOCK", "WARPS", "SEG", "fwd_bwd_ms"}, one per shape and candidate):
+    per range [min N, next larger min N), the (BLOCK, WARPS, SEG) with the lowest fwd_bwd_ms summed over that range's
     shapes, among the candidates timed on all of them (ties: the first in the rows' order). Ranges holding no
-    shape are left out; the last row's min N is 0. Returns [(min N, BLOCK, WARPS)], min N decreasing."""
+    shape are left out; the last row's min N is 0. Returns [(min N, BLOCK, WARPS, SEG)], min N decreasing."""
     ranges = sorted(ranges, reverse=True)
     assert ranges and ranges[-1] == 0, "ranges must end with min N 0"
     table = []
@@ -124,7 +128,7 @@ def pick_winners(rows, ranges=RANGES):
         shapes = {_shape(r) for r in inside}
         totals, seen, order = {}, {}, []
         for r in inside:
-            cfg = (r["BLOCK"], r["WARPS"])
+            cfg = (r["BLOCK"], r["WARPS"], r["SEG"])
             if cfg not in totals:
                 order.append(cfg)
                 totals[cfg], seen[cfg] = 0.0, set()
@@ -140,7 +144,7 @@ def pick_winners(rows, ranges=RANGES):
 
 
 def write_launch_table(rows, path=None):
-    """Write rows ([(min N, BLOCK, WARPS)]) as norm_lif's rows of the shipped launch file
+    """Write rows ([(min N, BLOCK, WARPS, SEG)]) as norm_lif's rows of the shipped launch file
     (src/tether/kernels/launch_lif.json, or path), keeping its "about" and the LIF rows (common.write_launch_file)."""
     write_launch_file(lif_kernels.read_launch_table(), rows, path)
 
@@ -148,9 +152,9 @@ def write_launch_table(rows, path=None):
 def sweep(data):
     rows = []
     for (B, C, dtype), (x, w, b, g) in data.items():
-        for block, warps in CANDIDATES:
-            with norm_lif_launch([(0, block, warps)]):
-                r = {**shape_row(B, C, dtype), "BLOCK": block, "WARPS": warps,
+        for block, warps, seg in CANDIDATES:
+            with norm_lif_launch([(0, block, warps, seg)]):
+                r = {**shape_row(B, C, dtype), "BLOCK": block, "WARPS": warps, "SEG": seg,
                      "fwd_bwd_ms": bench_ms(fwd_bwd(fused_fn, x, w, b, g), 10, 50)}
             rows.append(r)
             print("sweep", json.dumps(r), flush=True)
@@ -160,9 +164,10 @@ def sweep(data):
 def winners_rows(rows, table):
     """The winners as markdown rows: each row's range, its config and the summed time over the range."""
     out, high = [], float("inf")
-    for min_n, block, warps in table:
-        inside = [r for r in rows if min_n <= r["N"] < high and (r["BLOCK"], r["WARPS"]) == (block, warps)]
-        out.append({"min N": min_n, "BLOCK": block, "WARPS": warps, "shapes": len(inside),
+    for min_n, block, warps, seg in table:
+        inside = [r for r in rows if min_n <= r["N"] < high
+                  and (r["BLOCK"], r["WARPS"], r["SEG"]) == (block, warps, seg)]
+        out.append({"min N": min_n, "BLOCK": block, "WARPS": warps, "SEG": seg, "shapes": len(inside),
                     "summed fwd_bwd_ms": sum(r["fwd_bwd_ms"] for r in inside)})
         high = min_n
     return out
@@ -194,7 +199,7 @@ def run_benchmark(args):
     for (B, C, dtype), (x, w, b, g) in data.items():
         fused = bench_ms(fwd_bwd(fused_fn, x, w, b, g))
         peer = bench_ms(fwd_bwd(peer_fn, x, w, b, g))
-        r = {**shape_row(B, C, dtype), "launch (BLOCK, WARPS)": str(kernels.launch_config(B * C)),
+        r = {**shape_row(B, C, dtype), "launch (BLOCK, WARPS, SEG)": str(kernels.launch_config(B * C)),
              "norm_lif_ms": fused, "peer_ms": peer, "speedup": peer / fused}
         results["shapes"].append(r)
         print("shipped", json.dumps(r), flush=True)
@@ -207,10 +212,10 @@ def write_outputs(results):
              f"`tether.functional.lif`, forward + backward (to x, weight, bias), T={results['T']}, decay "
              f"{DECAY}, threshold {THRESHOLD}, arctan alpha 2, hard reset; do_bench medians.\n\n"
              "## Shipped table against the peer\n\n"
-             f"Launch rows [min N, BLOCK, WARPS] timed: {json.dumps(results['shipped'])} (src/tether/kernels/"
+             f"Launch rows [min N, BLOCK, WARPS, SEG] timed: {json.dumps(results['shipped'])} (src/tether/kernels/"
              f"launch_lif.json, \"norm_lif\"{', written by this run' if results['written'] else ''}; before the "
              f"run: {json.dumps(results['shipped_before'])}).\n\n"
-             + markdown_table(results["shapes"], shape_cols + ["launch (BLOCK, WARPS)", "norm_lif_ms", "peer_ms",
+             + markdown_table(results["shapes"], shape_cols + ["launch (BLOCK, WARPS, SEG)", "norm_lif_ms", "peer_ms",
                                                                 "speedup"]) +
              "\n\n## Check against the peer (shipped table)\n\n"
              "Spikes may differ from the peer's only in neurons whose first difference has the peer's membrane "
@@ -224,9 +229,9 @@ def write_outputs(results):
                                                                 "grad_w_rel_err", "grad_b_rel_err", "ok"]) +
              "\n\n## Launch sweep winners (lowest fwd+bwd time summed over the range's shapes)\n\n"
              + markdown_table(winners_rows(results["sweep"], results["winners"]),
-                              ["min N", "BLOCK", "WARPS", "shapes", "summed fwd_bwd_ms"]) +
+                              ["min N", "BLOCK", "WARPS", "SEG", "shapes", "summed fwd_bwd_ms"]) +
              "\n\n## Launch sweep\n\n"
-             + markdown_table(results["sweep"], shape_cols + ["BLOCK", "WARPS", "fwd_bwd_ms"]))
+             + markdown_table(results["sweep"], shape_cols + ["BLOCK", "WARPS", "SEG", "fwd_bwd_ms"]))
     write_results("norm_lif", results, table)
     print(table)
 

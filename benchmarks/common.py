@@ -29,7 +29,7 @@ def lif_launch(table: dict):
 
 @contextlib.contextmanager
 def norm_lif_launch(rows: list):
-    """Run the fused LayerNorm -> LIF kernels with `rows` ([(min N, BLOCK, WARPS)], a sweep's candidate) in place
+    """Run the fused LayerNorm -> LIF kernels with `rows` ([(min N, BLOCK, WARPS, SEG)], a sweep's candidate) in place
     of the shipped rows (launch_lif.json's "norm_lif"), which are back on exit. For sweeps only."""
     from tether.kernels import norm_lif as kernels
 

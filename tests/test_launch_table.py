@@ -80,24 +80,26 @@ def test_every_norm_lif_row_is_a_valid_launch():
     min_ns = [row[0] for row in rows]
     assert rows and min_ns == sorted(min_ns, reverse=True) and min_ns[-1] == 0, "rows must end with min N 0"
     assert len(set(min_ns)) == len(min_ns)
-    for min_n, block, warps in rows:
-        assert warps >= 1 and block & (block - 1) == 0 and block % (32 * warps) == 0, (block, warps)
+    for min_n, block, warps, seg in rows:
+        # two neurons a thread at least: with one, Triton lays the tiles' time rows across threads
+        assert warps >= 1 and block & (block - 1) == 0 and block % (64 * warps) == 0, (block, warps)
+        assert seg in (4, 8, 16, 32), seg
 
 
 @pytest.mark.parametrize("N", [1, 64 * 384, 131_071, 131_072, 256 * 1536, 10**7])
 def test_norm_lif_launch_config_reads_the_table(N, monkeypatch):
     expected = next(row[1:] for row in norm_kernels.LAUNCH if N >= row[0])
     assert norm_kernels.launch_config(N) == expected
-    monkeypatch.setattr(norm_kernels, "LAUNCH", [(0, 256, 8)])  # read at call time, not frozen at import
-    assert norm_kernels.launch_config(N) == (256, 8)
+    monkeypatch.setattr(norm_kernels, "LAUNCH", [(0, 256, 8, 4)])  # read at call time, not frozen at import
+    assert norm_kernels.launch_config(N) == (256, 8, 4)
 
 
 def test_norm_lif_launch_swap_restores_the_table():
     common = _bench("common")
     shipped = norm_kernels.LAUNCH
     with pytest.raises(RuntimeError):
-        with common.norm_lif_launch([(0, 32, 1)]):
-            assert norm_kernels.launch_config(10**6) == (32, 1)
+        with common.norm_lif_launch([(0, 64, 1, 8)]):
+            assert norm_kernels.launch_config(10**6) == (64, 1, 8)
             raise RuntimeError
     assert norm_kernels.LAUNCH is shipped
 
@@ -110,26 +112,27 @@ def fake_sweep():
     rows = []
     for T, B, C in FAKE_SHAPES:
         N = B * C
-        for block, warps in [(32, 1), (64, 1), (64, 2), (128, 4), (256, 4)]:
-            ms = 1.0 + abs(block - (256 if N >= 131_072 else 64)) / 64 + warps / 100
-            rows.append({"T": T, "B": B, "C": C, "N": N, "BLOCK": block, "WARPS": warps, "fwd_bwd_ms": ms})
+        for block, warps, seg in [(64, 1, 8), (64, 1, 16), (128, 2, 8), (256, 4, 16), (256, 4, 8)]:
+            ms = 1.0 + abs(block - (256 if N >= 131_072 else 64)) / 64 + warps / 100 + seg / 1000
+            rows.append({"T": T, "B": B, "C": C, "N": N, "BLOCK": block, "WARPS": warps, "SEG": seg,
+                         "fwd_bwd_ms": ms})
     return rows
 
 
 def test_norm_lif_sweep_picks_winners_per_range():
     bench = _bench("bench_norm_lif")
     winners = bench.pick_winners(fake_sweep(), (131_072, 0))
-    assert winners == [(131_072, 256, 4), (0, 64, 1)]
+    assert winners == [(131_072, 256, 4, 8), (0, 64, 1, 8)]
     # the lowest summed time over a range's shapes, not the most per-shape wins
-    rows = [{"N": n, "BLOCK": b, "WARPS": w, "fwd_bwd_ms": ms} for n, b, w, ms in
+    rows = [{"N": n, "BLOCK": b, "WARPS": w, "SEG": 16, "fwd_bwd_ms": ms} for n, b, w, ms in
             [(10, 64, 1, 1.0), (20, 64, 1, 1.0), (30, 64, 1, 9.0),
              (10, 128, 2, 1.1), (20, 128, 2, 1.1), (30, 128, 2, 1.1)]]
-    assert bench.pick_winners(rows, (0,)) == [(0, 128, 2)]
+    assert bench.pick_winners(rows, (0,)) == [(0, 128, 2, 16)]
     # a range no shape falls in takes the next range's winner (the table still ends with min N 0)
-    assert bench.pick_winners(fake_sweep(), (10**9, 131_072, 0)) == [(131_072, 256, 4), (0, 64, 1)]
+    assert bench.pick_winners(fake_sweep(), (10**9, 131_072, 0)) == [(131_072, 256, 4, 8), (0, 64, 1, 8)]
     # a config missing on one of a range's shapes is not compared on a partial sum
-    partial = [r for r in fake_sweep() if not (r["BLOCK"] == 64 and r["WARPS"] == 1 and r["C"] == 1152)]
-    assert bench.pick_winners(partial, (131_072, 0))[1][1:] != (64, 1)
+    partial = [r for r in fake_sweep() if not ((r["BLOCK"], r["WARPS"], r["SEG"]) == (64, 1, 8) and r["C"] == 1152)]
+    assert bench.pick_winners(partial, (131_072, 0))[1][1:] != (64, 1, 8)
 
 
 def test_norm_lif_sweep_writes_the_shipped_format(tmp_path):
@@ -138,7 +141,7 @@ def test_norm_lif_sweep_writes_the_shipped_format(tmp_path):
     bench.write_launch_table(norm_kernels.LAUNCH, path)
     assert path.read_text() == (ROOT / "src/tether/kernels/launch_lif.json").read_text()
     bench.write_launch_table(bench.pick_winners(fake_sweep(), bench.RANGES), path)
-    assert norm_kernels.read_launch_table(path) == [(131_072, 256, 4), (0, 64, 1)]
+    assert norm_kernels.read_launch_table(path) == [(131_072, 256, 4, 8), (0, 64, 1, 8)]
     assert kernels.read_launch_table(path) == kernels.LAUNCH  # the LIF rows are kept
     assert json.loads(path.read_text())["about"] == json.loads(
         (ROOT / "src/tether/kernels/launch_lif.json").read_text())["about"]

@@ -43,7 +43,7 @@ def spikes_and_grads(fn, x, weight, bias, v_init, grad_spikes, grad_v):
 
 
 # T: one step, one segment and a partial one, several segments; a channel count the block does not divide
-@pytest.mark.parametrize("T,rows,C", [(1, 2, 8), (21, 3, 40), (2 * kernels.SEG + 5, 2, 96)])
+@pytest.mark.parametrize("T,rows,C", [(1, 2, 8), (21, 3, 40), (37, 2, 96)])
 @pytest.mark.parametrize("dtype", OUT_DTYPES)
 @pytest.mark.parametrize("x_dtype", ["same", torch.float32])
 @pytest.mark.parametrize("reset,surrogate", [("hard", "arctan"), ("soft", "sigmoid")])
@@ -64,7 +64,7 @@ def test_matches_oracle(T, rows, C, dtype, x_dtype, reset, surrogate, device, ke
 
 
 def test_only_v_final_used(device):
-    x, weight, bias, v_init = inputs(kernels.SEG + 3, 2, 16, torch.float32, device)
+    x, weight, bias, v_init = inputs(19, 2, 16, torch.float32, device)
     _, v_final = norm_lif(x, weight, bias, 0.5, 1.0, v_init)
     _, v_ref = oracle(x, weight, bias, v_init, torch.float32)
     for g, e in zip(torch.autograd.grad(v_final.sum(), (x, weight, v_init)),
@@ -94,7 +94,7 @@ def test_unfused_cases_are_the_same_function(device):
 
 
 def test_compile_fullgraph(device, kernel_calls):
-    x, weight, bias, v_init = inputs(kernels.SEG + 2, 2, 8, torch.float32, device)
+    x, weight, bias, v_init = inputs(18, 2, 8, torch.float32, device)
 
     def step(x, weight, bias, v_init):
         spikes, v = norm_lif(x, weight, bias, 0.5, 1.0, v_init)

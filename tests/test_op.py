@@ -71,3 +71,32 @@ def test_opcheck():
     x = torch.randn(3, 4, requires_grad=True)
     torch.library.opcheck(toy._op, (x, 2.0, []), test_utils=("test_schema", "test_faketensor",
                                                           "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("op", ["lif", "output_scale"])
+def test_aten_ops_compile_with_their_gradients(op, monkeypatch):
+    """The CPU ops (Op kernel=False) traced by torch.compile give eager's gradients, also where their output
+    dtype is the input's (a no-op .to lost the gradient under torch 2.11: tether._math.cast)."""
+    import tether._backend
+    from tether.functional.lif import lif
+    from tether.functional.spike_attention import output_scale
+
+    monkeypatch.setattr(tether._backend, "interpreting", lambda: False)  # the CPU path, not the kernels
+    x = torch.randn(6, 2, 4, 8, requires_grad=True)  # [T, B, H, D]
+    weights = torch.randn(8)
+    gamma = torch.rand(4).requires_grad_()
+    if op == "lif":
+        def f(x, gamma):
+            return (lif(2 * x, 0.5, 1.0, None)[0] * weights).sum()
+    else:
+        def f(x, gamma):
+            return (output_scale(x, gamma, torch.float32) * weights).sum()
+    want = torch.autograd.grad(f(x, gamma), (x, gamma), allow_unused=True)
+    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(x, gamma), (x, gamma),
+                              allow_unused=True)
+    assert want[0].abs().sum() > 0
+    for w, g in zip(want, got):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w)

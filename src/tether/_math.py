@@ -5,6 +5,13 @@ import math
 import torch
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, a new tensor only where the dtype changes. An autograd.Function output made by a no-op
+    ``.to`` (t itself) gets no gradient under torch.compile with torch 2.11 (dynamo traces its backward with
+    zeros); tests/test_lm.py::test_torch_compile_fullgraph caught it."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def compute_dtype(*args) -> torch.dtype:
     """float64 when any tensor among args is float64 (gradcheck), else float32: spike counts, membranes and the
     TTT-MLP state accumulate in fp32. Non-tensors (a float gamma, a None state) are skipped."""

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from tether._math import compute_dtype, membrane_dtype, surrogate_grad
+from tether._math import cast, compute_dtype, membrane_dtype, surrogate_grad
 from tether.functional._op import Op
 
 
@@ -76,7 +76,7 @@ def _lif_forward(x, v_init, decay, threshold, cfg: LIFConfig):
     beta, theta = _as(decay, dtype), _as(threshold, dtype)
     v0 = torch.zeros(x.shape[1:], dtype=dtype, device=x.device) if v_init is None else v_init.to(dtype)
     h, keep, v_final = _lif_loop(x.to(dtype), v0, beta, theta, cfg)  # h, keep [T, *rest]
-    return torch.rsub(keep, 1).to(x.dtype), v_final, h, keep, v0
+    return cast(torch.rsub(keep, 1), x.dtype), v_final, h, keep, v0
 
 
 def _lif_save(ctx, tensors, cfg: LIFConfig, outputs):

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from tether._backend import use_triton
 from tether._checks import check_spike_attention_args
-from tether._math import compute_dtype, decay_matrix, gamma_per_head
+from tether._math import cast, compute_dtype, decay_matrix, gamma_per_head
 from tether.reference.spike_attention import spike_attention_cumsum
 from tether.functional import _cpu
 from tether.functional._op import Op
@@ -165,7 +165,7 @@ class _ScaleConfig(NamedTuple):
 
 
 def _scale_forward(out, gamma, cfg: _ScaleConfig):
-    return ((out * (1 - gamma)[:, None]).to(cfg.dtype),)  # [T, B, H, D]
+    return (cast(out * (1 - gamma)[:, None], cfg.dtype),)  # [T, B, H, D]
 
 
 def _scale_save(ctx, tensors, cfg: _ScaleConfig, outputs):

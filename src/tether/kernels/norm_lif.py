@@ -5,9 +5,9 @@ channels, the channel innermost); mean, rstd [T, R] fp32 (LayerNorm's row statis
 weight, bias [C] fp32. The kernels apply the norm themselves, y = ((x - mean) * rstd) * w + b rounded through
 the spikes' dtype (what LayerNorm followed by a cast makes), so y is never written.
 The forward keeps, instead of a per-step save, the membrane entering every SEG-th step (ckpt [ceil(T/SEG), N]
-fp32); the backward walks the segments last to first, recomputes each one's SEG steps forward from its
-checkpoint into registers, then runs them in reverse. Only the model's neuron is fused: float decay and
-threshold, reset detached from the graph.
+fp32; SEG from the launch table); the backward walks the segments last to first, recomputes each one's SEG
+steps forward from its checkpoint into registers, then runs them in reverse. Only the model's neuron is
+fused: float decay and threshold, reset detached from the graph.
 Grid: (cdiv(N, BLOCK),); one program owns BLOCK neurons for all T steps. The kernels take the norm's pointers as
 one tuple, norm = (mean, rstd, weight, bias); a pointer passed as None (v_init, grad_v_final, ckpt) is a
 compile-time constant: zeros in, or nothing saved.
@@ -21,21 +21,17 @@ import triton.language as tl
 from . import Launcher, cdiv
 from .lif import _neurons, _reset, _row, _tile, _vector, read_launch_file, surrogate_grad
 
-SEG = 16  # steps per membrane checkpoint (and rows per loaded tile)
-
-
 @triton.jit
-def _normed_tile(x_ptr, mean_ptr, rstd_ptr, w, b, t0, T, N, C, offs, mask, OUT_DTYPE: tl.constexpr,
-                 SEG: tl.constexpr):
-    """LayerNorm(x) rows t0 .. t0+SEG-1 as a [SEG, BLOCK] fp32 tile, rounded through OUT_DTYPE (0 outside
-    [0, T))."""
-    rows = t0 + tl.arange(0, SEG)
-    inside = (rows[:, None] >= 0) & (rows[:, None] < T) & mask[None, :]
-    x = _tile(x_ptr, t0, T, N, offs, mask, SEG).to(tl.float32)
-    token = rows.to(tl.int64)[:, None] * (N // C) + (offs // C)[None, :]  # [SEG, BLOCK] into [T, R]
+def _normed_row(x_tile, k, t, mean_ptr, rstd_ptr, w, b, T, R, C, offs, mask, OUT_DTYPE: tl.constexpr,
+                SEG: tl.constexpr):
+    """LayerNorm(x) at step t = row k of x_tile ([SEG, BLOCK], a compile-time k): a [BLOCK] fp32 vector rounded
+    through OUT_DTYPE. The row statistics are read per step as [BLOCK] vectors: gathered as a tile, their
+    layout would spread the tile's time rows over threads (a shuffle per row taken)."""
+    token = tl.cast(t, tl.int64) * R + offs // C  # [BLOCK] into [T, R]
+    inside = mask & (tl.zeros_like(offs) + t < T)
     mean = tl.load(mean_ptr + token, mask=inside, other=0.0)
     rstd = tl.load(rstd_ptr + token, mask=inside, other=0.0)
-    y = (x - mean) * rstd * w[None, :] + b[None, :]
+    y = (_row(x_tile, k, SEG).to(tl.float32) - mean) * rstd * w + b
     return y.to(OUT_DTYPE).to(tl.float32)
 
 
@@ -56,15 +52,16 @@ def norm_lif_fwd_kernel(x_ptr, norm, v_init_ptr, spikes_ptr, v_final_ptr, ckpt_p
     w, b = _affine(w_ptr, b_ptr, offs, mask, C)
     v = _vector(v_init_ptr, offs, mask, BLOCK)
     out_dtype = spikes_ptr.dtype.element_ty
-    tile = _normed_tile(x_ptr, mean_ptr, rstd_ptr, w, b, 0, T, N, C, offs, mask, out_dtype, SEG)
+    R = N // C
+    tile = _tile(x_ptr, 0, T, N, offs, mask, SEG)
     for t0 in range(0, T, SEG):
-        ahead = _normed_tile(x_ptr, mean_ptr, rstd_ptr, w, b, t0 + SEG, T, N, C, offs, mask, out_dtype, SEG)
+        ahead = _tile(x_ptr, t0 + SEG, T, N, offs, mask, SEG)
         if ckpt_ptr is not None:
             tl.store(ckpt_ptr + tl.cast(t0 // SEG, tl.int64) * N + offs, v, mask=mask)
         for k in tl.static_range(SEG):
-            h = decay * v + _row(tile, k, SEG)
-            fire = h >= threshold
             t = t0 + k
+            h = decay * v + _normed_row(tile, k, t, mean_ptr, rstd_ptr, w, b, T, R, C, offs, mask, out_dtype, SEG)
+            fire = h >= threshold
             tl.store(spikes_ptr + tl.cast(t, tl.int64) * N + offs, fire.to(tl.float32).to(out_dtype), mask=mask & (tl.zeros_like(offs) + t < T))
             v = tl.where(t < T, _reset(h, fire, threshold, v_reset, HARD), v)
         tile = ahead
@@ -72,20 +69,19 @@ def norm_lif_fwd_kernel(x_ptr, norm, v_init_ptr, spikes_ptr, v_final_ptr, ckpt_p
 
 
 @triton.jit
-def _recompute(tile, v, decay, threshold, v_reset, alpha, SURROGATE: tl.constexpr, HARD: tl.constexpr,
-               SEG: tl.constexpr):
-    """A segment's SEG steps forward from its entering membrane v: (sg'(h_t - threshold), spike) as two
-    [SEG, BLOCK] fp32 tiles."""
+def _recompute(tile, t0, v, norm, T, R, C, offs, mask, decay, threshold, v_reset, OUT_DTYPE: tl.constexpr,
+               HARD: tl.constexpr, SEG: tl.constexpr):
+    """A segment's SEG steps forward from its x tile and entering membrane v: h_t (the membrane before the
+    reset, from which the reverse walk takes the spike and sg'(h_t - threshold)) as a [SEG, BLOCK] fp32 tile."""
+    mean_ptr, rstd_ptr, w, b = norm
     rows = tl.arange(0, SEG)[:, None]
-    sg_tile = tl.zeros_like(tile)
-    fire_tile = tl.zeros_like(tile)
+    h_tile = tl.zeros(tile.shape, dtype=tl.float32)
     for k in tl.static_range(SEG):
-        h = decay * v + _row(tile, k, SEG)
-        fire = h >= threshold
-        sg_tile = tl.where(rows == k, surrogate_grad(h - threshold, alpha, SURROGATE)[None, :], sg_tile)
-        fire_tile = tl.where(rows == k, fire.to(tl.float32)[None, :], fire_tile)
-        v = _reset(h, fire, threshold, v_reset, HARD)
-    return sg_tile, fire_tile
+        y = _normed_row(tile, k, t0 + k, mean_ptr, rstd_ptr, w, b, T, R, C, offs, mask, OUT_DTYPE, SEG)
+        h = decay * v + y
+        h_tile = tl.where(rows == k, h[None, :], h_tile)
+        v = _reset(h, h >= threshold, threshold, v_reset, HARD)
+    return h_tile
 
 
 @triton.jit
@@ -102,23 +98,26 @@ def norm_lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, x_ptr, norm, ckpt_ptr
     w, b = _affine(w_ptr, b_ptr, offs, mask, C)
     gv = _vector(grad_v_final_ptr, offs, mask, BLOCK)
     out_dtype = grad_spikes_ptr.dtype.element_ty
+    R = N // C
     n_seg = tl.cdiv(T, SEG)
     t0 = (n_seg - 1) * SEG
-    tile = _normed_tile(x_ptr, mean_ptr, rstd_ptr, w, b, t0, T, N, C, offs, mask, out_dtype, SEG)
-    grads = _tile(grad_spikes_ptr, t0, T, N, offs, mask, SEG).to(tl.float32)
+    tile = _tile(x_ptr, t0, T, N, offs, mask, SEG)
+    grads = _tile(grad_spikes_ptr, t0, T, N, offs, mask, SEG)
     for i in range(n_seg):
         t0 = (n_seg - 1 - i) * SEG
         v = tl.load(ckpt_ptr + tl.cast(t0 // SEG, tl.int64) * N + offs, mask=mask, other=0.0)
         # the next segment down (t0 - SEG < 0 at the end: masked rows, never used)
-        ahead = _normed_tile(x_ptr, mean_ptr, rstd_ptr, w, b, t0 - SEG, T, N, C, offs, mask, out_dtype, SEG)
-        ahead_grads = _tile(grad_spikes_ptr, t0 - SEG, T, N, offs, mask, SEG).to(tl.float32)
-        sg_tile, fire_tile = _recompute(tile, v, decay, threshold, v_reset, alpha, SURROGATE, HARD, SEG)
+        ahead = _tile(x_ptr, t0 - SEG, T, N, offs, mask, SEG)
+        ahead_grads = _tile(grad_spikes_ptr, t0 - SEG, T, N, offs, mask, SEG)
+        h_tile = _recompute(tile, t0, v, (mean_ptr, rstd_ptr, w, b), T, R, C, offs, mask, decay, threshold, v_reset,
+                            out_dtype, HARD, SEG)
         for j in tl.static_range(SEG):
             k = SEG - 1 - j
             t = t0 + k
-            g_u = _row(grads, k, SEG) * _row(sg_tile, k, SEG)
+            h = _row(h_tile, k, SEG)
+            g_u = _row(grads, k, SEG).to(tl.float32) * surrogate_grad(h - threshold, alpha, SURROGATE)
             if HARD:
-                g_h = g_u + tl.where(_row(fire_tile, k, SEG) != 0, 0.0, gv)
+                g_h = g_u + tl.where(h >= threshold, 0.0, gv)
             else:
                 g_h = g_u + gv
             tl.store(grad_y_ptr + tl.cast(t, tl.int64) * N + offs, g_h.to(out_dtype), mask=mask & (tl.zeros_like(offs) + t < T))
@@ -127,12 +126,14 @@ def norm_lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, x_ptr, norm, ckpt_ptr
     tl.store(grad_v_init_ptr + offs, gv, mask=mask)
 
 
-# (min N, BLOCK, WARPS), first row with N >= min N wins; both kernels launch the same. BLOCK = 32 x WARPS x
-# neurons per thread. The rows live under "norm_lif" in launch_lif.json, the LIF kernels' shipped launch file,
-# which `python -m benchmarks.bench_norm_lif --write-table` writes from its sweep at the LM's shapes
+# (min N, BLOCK, WARPS, SEG), first row with N >= min N wins; both kernels launch the same. BLOCK = 32 x WARPS
+# x neurons per thread, at least 2 of them: with one, Triton lays a tile's time rows across threads and every
+# row taken is a shuffle. SEG: steps per membrane checkpoint and rows per loaded tile (registers grow with it).
+# The rows live under "norm_lif" in launch_lif.json, the LIF kernels' shipped launch file, which
+# `python -m benchmarks.bench_norm_lif --write-table` writes from its sweep at the LM's shapes
 # (benchmarks/results/norm_lif.md; docs/norm_lif.md).
 def read_launch_table(path=None) -> list:
-    """norm_lif's rows in launch_lif.json (or path): [(min N, BLOCK, WARPS)], min N decreasing to 0."""
+    """norm_lif's rows in launch_lif.json (or path): [(min N, BLOCK, WARPS, SEG)], min N decreasing to 0."""
     return [tuple(row) for row in read_launch_file(path)["norm_lif"]]
 
 
@@ -140,15 +141,15 @@ LAUNCH = read_launch_table()
 
 
 def launch_config(N: int):
-    """(BLOCK, WARPS) for N neurons, from LAUNCH (the shipped table)."""
-    for min_n, block, warps in LAUNCH:
+    """(BLOCK, WARPS, SEG) for N neurons, from LAUNCH (the shipped table)."""
+    for min_n, *config in LAUNCH:
         if N >= min_n:
-            return block, warps
+            return tuple(config)
 
 
 def checkpoints(T: int, N: int, like) -> torch.Tensor:
     """The empty [ceil(T / SEG), N] fp32 membrane checkpoints the forward fills (also the fake's shape)."""
-    return like.new_empty(cdiv(T, SEG), N, dtype=torch.float32)
+    return like.new_empty(cdiv(T, launch_config(N)[2]), N, dtype=torch.float32)
 
 
 _forward_kernel, _backward_kernel = Launcher(norm_lif_fwd_kernel), Launcher(norm_lif_bwd_kernel)
@@ -163,10 +164,10 @@ def norm_lif_forward(x, mean, rstd, weight, bias, v_init, *, decay: float, thres
     spikes = torch.empty(x.shape, device=x.device, dtype=out_dtype)  # [T, *rest, C]
     v_final = x.new_empty(x.shape[1:], dtype=torch.float32)  # [*rest, C]
     ckpt = checkpoints(T, N, x) if save else None
-    block, warps = launch_config(N)
+    block, warps, seg = launch_config(N)
     _forward_kernel[(cdiv(N, block),)](
         x, (mean, rstd, weight, bias), v_init, spikes, v_final, ckpt, T, N, C, decay, threshold, v_reset,
-        HARD=hard, BLOCK=block, SEG=SEG, WARPS=warps, num_warps=warps,
+        HARD=hard, BLOCK=block, SEG=seg, WARPS=warps, num_warps=warps,
         enable_fp_fusion=False)  # rounded op by op, as PyTorch does: spikes equal the reference's
     return spikes, v_final, ckpt
 
@@ -178,10 +179,10 @@ def norm_lif_backward(grad_spikes, grad_v_final, x, mean, rstd, weight, bias, ck
     T, N, C = x.shape[0], math.prod(x.shape[1:]), x.shape[-1]
     grad_y = torch.empty_like(grad_spikes)  # [T, *rest, C]
     grad_v_init = x.new_empty(x.shape[1:], dtype=torch.float32)  # [*rest, C]
-    block, warps = launch_config(N)
+    block, warps, seg = launch_config(N)
     _backward_kernel[(cdiv(N, block),)](
         grad_spikes, grad_v_final, x, (mean, rstd, weight, bias), ckpt, grad_y, grad_v_init,
         T, N, C, decay, threshold, v_reset, alpha,
-        SURROGATE=surrogate, HARD=hard, BLOCK=block, SEG=SEG, WARPS=warps, num_warps=warps,
+        SURROGATE=surrogate, HARD=hard, BLOCK=block, SEG=seg, WARPS=warps, num_warps=warps,
         enable_fp_fusion=False)
     return grad_y, grad_v_init
