@@ -2,7 +2,8 @@
 
 Where the kernels run, y = LayerNorm(x) is never stored: the forward kernel applies the norm as it reads x,
 and keeps for backward only x (which the norm's backward needs anyway), the row statistics and one membrane
-checkpoint every SEG steps (tether.kernels.norm_lif.launch_config); the backward kernel recomputes the membrane from them.
+checkpoint every SEG steps (tether.kernels.norm_lif.launch_config); the backward kernel recomputes the
+membrane from them.
 Elsewhere (the CPU, a tensor decay or threshold, a reset differentiated through the spike) it is
 ``F.layer_norm`` followed by ``tether.functional.lif``, the same function.
 """

@@ -22,11 +22,12 @@ from . import Launcher, cdiv
 from .lif import _neurons, _reset, _row, _tile, _vector, read_launch_file, surrogate_grad
 
 @triton.jit
-def _normed_row(x_tile, k, t, mean_ptr, rstd_ptr, w, b, T, R, C, offs, mask, OUT_DTYPE: tl.constexpr,
-                SEG: tl.constexpr):
+def _normed_row(x_tile, k, t, affine, T, R, C, offs, mask, OUT_DTYPE: tl.constexpr, SEG: tl.constexpr):
     """LayerNorm(x) at step t = row k of x_tile ([SEG, BLOCK], a compile-time k): a [BLOCK] fp32 vector rounded
-    through OUT_DTYPE. The row statistics are read per step as [BLOCK] vectors: gathered as a tile, their
-    layout would spread the tile's time rows over threads (a shuffle per row taken)."""
+    through OUT_DTYPE; affine = (mean, rstd pointers, weight, bias [BLOCK] vectors). The row statistics are
+    read per step as [BLOCK] vectors: gathered as a tile, their layout would spread the tile's time rows over
+    threads (a shuffle per row taken)."""
+    mean_ptr, rstd_ptr, w, b = affine
     token = tl.cast(t, tl.int64) * R + offs // C  # [BLOCK] into [T, R]
     inside = mask & (tl.zeros_like(offs) + t < T)
     mean = tl.load(mean_ptr + token, mask=inside, other=0.0)
@@ -52,7 +53,7 @@ def norm_lif_fwd_kernel(x_ptr, norm, v_init_ptr, spikes_ptr, v_final_ptr, ckpt_p
     w, b = _affine(w_ptr, b_ptr, offs, mask, C)
     v = _vector(v_init_ptr, offs, mask, BLOCK)
     out_dtype = spikes_ptr.dtype.element_ty
-    R = N // C
+    R, affine = N // C, (mean_ptr, rstd_ptr, w, b)
     tile = _tile(x_ptr, 0, T, N, offs, mask, SEG)
     for t0 in range(0, T, SEG):
         ahead = _tile(x_ptr, t0 + SEG, T, N, offs, mask, SEG)
@@ -60,7 +61,7 @@ def norm_lif_fwd_kernel(x_ptr, norm, v_init_ptr, spikes_ptr, v_final_ptr, ckpt_p
             tl.store(ckpt_ptr + tl.cast(t0 // SEG, tl.int64) * N + offs, v, mask=mask)
         for k in tl.static_range(SEG):
             t = t0 + k
-            h = decay * v + _normed_row(tile, k, t, mean_ptr, rstd_ptr, w, b, T, R, C, offs, mask, out_dtype, SEG)
+            h = decay * v + _normed_row(tile, k, t, affine, T, R, C, offs, mask, out_dtype, SEG)
             fire = h >= threshold
             tl.store(spikes_ptr + tl.cast(t, tl.int64) * N + offs, fire.to(tl.float32).to(out_dtype), mask=mask & (tl.zeros_like(offs) + t < T))
             v = tl.where(t < T, _reset(h, fire, threshold, v_reset, HARD), v)
@@ -69,15 +70,14 @@ def norm_lif_fwd_kernel(x_ptr, norm, v_init_ptr, spikes_ptr, v_final_ptr, ckpt_p
 
 
 @triton.jit
-def _recompute(tile, t0, v, norm, T, R, C, offs, mask, decay, threshold, v_reset, OUT_DTYPE: tl.constexpr,
+def _recompute(tile, t0, v, affine, T, R, C, offs, mask, decay, threshold, v_reset, OUT_DTYPE: tl.constexpr,
                HARD: tl.constexpr, SEG: tl.constexpr):
     """A segment's SEG steps forward from its x tile and entering membrane v: h_t (the membrane before the
     reset, from which the reverse walk takes the spike and sg'(h_t - threshold)) as a [SEG, BLOCK] fp32 tile."""
-    mean_ptr, rstd_ptr, w, b = norm
     rows = tl.arange(0, SEG)[:, None]
     h_tile = tl.zeros(tile.shape, dtype=tl.float32)
     for k in tl.static_range(SEG):
-        y = _normed_row(tile, k, t0 + k, mean_ptr, rstd_ptr, w, b, T, R, C, offs, mask, OUT_DTYPE, SEG)
+        y = _normed_row(tile, k, t0 + k, affine, T, R, C, offs, mask, OUT_DTYPE, SEG)
         h = decay * v + y
         h_tile = tl.where(rows == k, h[None, :], h_tile)
         v = _reset(h, h >= threshold, threshold, v_reset, HARD)
@@ -98,7 +98,7 @@ def norm_lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, x_ptr, norm, ckpt_ptr
     w, b = _affine(w_ptr, b_ptr, offs, mask, C)
     gv = _vector(grad_v_final_ptr, offs, mask, BLOCK)
     out_dtype = grad_spikes_ptr.dtype.element_ty
-    R = N // C
+    R, affine = N // C, (mean_ptr, rstd_ptr, w, b)
     n_seg = tl.cdiv(T, SEG)
     t0 = (n_seg - 1) * SEG
     tile = _tile(x_ptr, t0, T, N, offs, mask, SEG)
@@ -109,7 +109,7 @@ def norm_lif_bwd_kernel(grad_spikes_ptr, grad_v_final_ptr, x_ptr, norm, ckpt_ptr
         # the next segment down (t0 - SEG < 0 at the end: masked rows, never used)
         ahead = _tile(x_ptr, t0 - SEG, T, N, offs, mask, SEG)
         ahead_grads = _tile(grad_spikes_ptr, t0 - SEG, T, N, offs, mask, SEG)
-        h_tile = _recompute(tile, t0, v, (mean_ptr, rstd_ptr, w, b), T, R, C, offs, mask, decay, threshold, v_reset,
+        h_tile = _recompute(tile, t0, v, affine, T, R, C, offs, mask, decay, threshold, v_reset,
                             out_dtype, HARD, SEG)
         for j in tl.static_range(SEG):
             k = SEG - 1 - j
