@@ -24,7 +24,7 @@ import torch
 from benchmarks.common import markdown_table, saved_bytes, write_results
 from tether.generate import Decoder, _tensors
 from tether.models import LMConfig, build_model
-from tether.step import TrainStep, make_optimizer
+from tether.step import TrainStep, compile_model, make_optimizer
 
 MIXERS = ("spiking", "softmax", "ttt-mlp")
 
@@ -36,7 +36,9 @@ def make_step(cfg: LMConfig, batch: int, cuda_graph: bool, compile: bool = False
     """(step(), model): one training step of the default recipe on a fixed random batch."""
     model = build_model(cfg).cuda()
     opt = make_optimizer(model, 1e-3, 0.1, torch.device("cuda"))
-    step = TrainStep(torch.compile(model) if compile else model, model, opt, grad_clip=1.0, device=torch.device("cuda"), cuda_graph=cuda_graph)
+    cuda = torch.device("cuda")
+    step = TrainStep(compile_model(model, cuda) if compile else model, model, opt, grad_clip=1.0, device=cuda,
+                     cuda_graph=cuda_graph)
     idx = torch.randint(cfg.vocab_size, (batch, cfg.block_size + 1), device="cuda")  # [B, T + 1]
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
     return (lambda: step(x, y, 1e-3)), step
@@ -238,10 +240,12 @@ def main():
 
 def report(cfg: LMConfig, training: list, trainer: list, generation: list, profile, args: dict, env=None) -> None:
     """Ratios to the softmax baseline of the same run, the markdown table, JSON and plot."""
-    eager64 = {r["mixer"]: r["tokens_per_s"] for r in training if r["batch"] == 64 and r["path"] == "eager"}
+    eager = {r["batch"]: r["tokens_per_s"] for r in training if r["mixer"] == "softmax" and r["path"] == "eager"}
     for row in training:
-        if "softmax" in eager64:
-            row["vs_softmax_eager_b64"] = row["tokens_per_s"] / eager64["softmax"]
+        if 64 in eager:
+            row["vs_softmax_eager_b64"] = row["tokens_per_s"] / eager[64]
+        if row["batch"] in eager:
+            row["vs_softmax_eager_same_batch"] = row["tokens_per_s"] / eager[row["batch"]]
         same = [r for r in training if r["mixer"] == "softmax" and r["batch"] == row["batch"]
                 and r["path"] == row["path"]]
         if same:
@@ -256,7 +260,8 @@ def report(cfg: LMConfig, training: list, trainer: list, generation: list, profi
              f"of {args['iters']} steps. `cuda graph`: the step replayed from a CUDA graph (tether.step.TrainStep). "
              f"`saved_kib_per_token`: activations autograd keeps for backward per token, all layers (saved_tensors_hooks).\n\n"
              + markdown_table(training, ["mixer", "ttt_mini_batch", "batch", "path", "warmup_s", "ms_per_step", "tokens_per_s", "peak_mib",
-                                         "saved_kib_per_token", "vs_softmax_eager_b64", "vs_softmax_same", "memory_vs_softmax_same"])
+                                         "saved_kib_per_token", "vs_softmax_eager_b64", "vs_softmax_eager_same_batch", "vs_softmax_same",
+                                         "memory_vs_softmax_same"])
              + "\n\n`tether train` (default model and arguments, --max-iters "
              f"{args['trainer_iters']}): steady tokens/s (median of its log intervals) vs the bench's compile + cuda graph step at batch 64.\n\n"
              + (markdown_table(trainer, ["mixer", "steps", "tokens_per_s_steady", "tokens_per_s_mean",
@@ -266,6 +271,8 @@ def report(cfg: LMConfig, training: list, trainer: list, generation: list, profi
              "window restarts from its last 128 tokens when full). TTT-MLP: reruns its 256-token window.\n\n"
              + markdown_table(generation, ["mixer", "batch", "path", "context", "ms_per_token", "tokens_per_s",
                                            "state_kib_per_seq"]))
+    if args.get("note"):
+        table += "\n\n" + args["note"]
     payload = {"config": cfg.to_dict(), "training": training, "trainer": trainer, "generation": generation,
                "profile": profile}
     print(table)
@@ -276,7 +283,9 @@ def report(cfg: LMConfig, training: list, trainer: list, generation: list, profi
 
 
 def from_logs(logs: list, env: dict) -> None:
-    """The report of rows printed by earlier runs (one dict per line): runs split over several device calls."""
+    """The report of rows printed by earlier runs (one dict per line): runs split over several device calls.
+    ``env`` (JSON): the environment, plus ``trainer_iters`` and ``gen_tokens`` of those runs and a ``note``
+    for the report (where the rows come from)."""
     import ast
 
     rows = [ast.literal_eval(line) for log in logs for line in Path(log).read_text().splitlines()
@@ -287,7 +296,8 @@ def from_logs(logs: list, env: dict) -> None:
                        for r in rows if "ms_per_token" in r}.values())
     trainer = [r for r in rows if "tokens_per_s_steady" in r]
     report(LMConfig(), training, trainer, generation, None,
-           {"iters": 10, "trainer_iters": 250, "gen_tokens": 60, "logs": [Path(p).name for p in logs]}, env)
+           {"iters": 10, "trainer_iters": env.pop("trainer_iters", 300), "gen_tokens": env.pop("gen_tokens", 100),
+            "note": env.pop("note", "")}, env)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import torch
 
 from tether.generate import Decoder
 from tether.models import LMConfig, build_model
-from tether.step import TrainStep, make_optimizer
+from tether.step import COMPILE_OPTIONS, TrainStep, compile_model, make_optimizer
 
 # on the CPU the spiking model's ops run from PyTorch (backend "eager", the same function as the kernels, which
 # the interpreter runs too slowly for a training loop); the CUDA tests take the kernels
@@ -66,6 +66,22 @@ def test_sums_average_over_steps():
     assert loss == pytest.approx(sum(expected) / 3, rel=1e-5)
     assert 0.0 < rate < 1.0
     assert step.take_sums()[2] == 0
+
+
+def test_compile_options_are_inductor_settings_of_this_torch():
+    """compile_model drops a key inductor does not know (an older torch): here every key must still exist, so a
+    renamed setting cannot silently stop applying."""
+    known = torch._inductor.config.get_config_copy()
+    assert COMPILE_OPTIONS and all(key in known for key in COMPILE_OPTIONS)
+
+
+@pytest.mark.parametrize("device, options", [("cpu", None), ("cuda", COMPILE_OPTIONS)])
+def test_compile_model_passes_the_options_on_cuda(monkeypatch, device, options):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    model = torch.nn.Linear(2, 2)
+    assert compile_model(model, torch.device(device)) is model
+    assert calls == [{"options": options} if options else {}]
 
 
 def test_cuda_graph_needs_cuda():

@@ -24,6 +24,22 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+# Inductor settings of the compiled training step on CUDA (benchmarks/results/compile_settings.md):
+# inductor's mix-order reduction (a norm's row reductions and its weight-gradient column sums in one kernel)
+# ran the LayerNorm backwards of the spiking step ~3x off the copy bandwidth, and pointwise / reduction
+# kernels get their launch configs benchmarked (max_autotune_pointwise) instead of guessed.
+COMPILE_OPTIONS = {"triton.mix_order_reduction": False, "max_autotune_pointwise": True}
+
+
+def compile_model(model: torch.nn.Module, device: torch.device):
+    """``torch.compile(model)`` for the training step; on CUDA with ``COMPILE_OPTIONS`` (the keys this
+    torch's inductor knows: an older one runs its defaults)."""
+    if device.type != "cuda":
+        return torch.compile(model)
+    known = torch._inductor.config.get_config_copy()
+    return torch.compile(model, options={k: v for k, v in COMPILE_OPTIONS.items() if k in known})
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
     """AdamW, weight decay on matrices only; on CUDA fused and capturable with a device-tensor learning rate,
     so the same optimizer runs eagerly and inside a CUDA graph."""

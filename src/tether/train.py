@@ -31,7 +31,7 @@ from tether import checkpoint, cli
 from tether._checks import FORMS
 from tether.data import CharCorpus, DataError, read_text, sha256_of
 from tether.progress import ProgressBar
-from tether.step import TrainStep, autocast, make_optimizer
+from tether.step import TrainStep, autocast, compile_model, make_optimizer
 
 # Train arguments that differ between a GPU and a CPU run; anything given on the command line wins,
 # and on --resume the saved run's values come before these.
@@ -495,7 +495,7 @@ class Trainer:
             checkpoint.load_weights(resumed, self.raw, self.device)
             self.state = RunState.restore(state, self.optimizer, self.device, started)
         self.n_params = self.raw.num_params()
-        self.model = torch.compile(self.raw) if self.args.compile else self.raw
+        self.model = compile_model(self.raw, self.device) if self.args.compile else self.raw
         if self.world.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
