@@ -321,13 +321,13 @@ def write_outputs(results):
              + markdown_table(peer_rows, pcols) +
              "\n\n## Saved for backward, bytes per element (T=1024, N=65536, fp32)\n\n| case | B/elem |\n|---|---|\n"
              + saved + f"\n\nint64 offsets (T * N > 2**31): {json.dumps(results['int64_check'])}\n\n"
-             + launch_section(results["launch"]) +
+             + launch_section(results["launch"])
              + markdown_table(results["launch"]["sweep"], ["T", "N", "dtype", "BLOCK", "CHUNK", "WARPS", "fwd_ms",
                                                            "bwd_ms"])
              + "\n\n![LIF times](lif.png)")
     path = write_results("lif", results, table)
     if torch.cuda.is_available():  # a rewrite of the tables from lif.json elsewhere keeps the run's PNG
-        plot(peers, path.parent / "lif.png")
+        plot(peers, path.parent / "lif.png", results["environment"]["gpu"])
     print(table)
 
 
@@ -394,7 +394,7 @@ def targets(results):
     return "\n".join(lines)
 
 
-def plot(peers, path):
+def plot(peers, path, gpu: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -409,7 +409,7 @@ def plot(peers, path):
     ax.set_yscale("log")
     ax.set_ylabel("ms (log scale)")
     ax.set_xticks(list(pos), [n.replace(" (", "\n(") for n in names], fontsize=7, rotation=20)
-    ax.set_title(f"LIF, T={MAIN[0]}, N={MAIN[1]}, {torch.cuda.get_device_name()}")
+    ax.set_title(f"LIF, T={MAIN[0]}, N={MAIN[1]}, {gpu}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
