@@ -1,4 +1,6 @@
-"""TTT-MLP kernels vs peers on ttt-tk's test shape (B=1, NH=48, L=2048, CS=64, F=64, G=8, bf16) and B=8.
+"""TTT-MLP kernels vs peers on ttt-tk's test shape (B=1, NH=48, L=2048, CS=64, F=64, G=8, bf16) and B=8, or
+(--shape lm) on the TTT-MLP language model's (B=64, NH=8, L=256, CS=16, F=48 run padded to 64, G=4, causal)
+and B=256.
 
 Measures (protocol: ../shared/BENCHMARKS.md) forward and forward+backward time of the Triton launchers
 (tether.kernels.ttt_mlp), the peak memory of forward+backward, the relative error (norm-wise) of the bf16
@@ -8,11 +10,12 @@ reference (the latter with and without remat: its peak memory is the bar for our
 
 GPU, from the repository root:
     PYTHONPATH=src python3 -m benchmarks.bench_ttt [--configs default,BK:FWDWARPS:BWDWARPS:STAGES:SPLIT,...]
-    [--splits 1,2,4] [--no-peers]
+    [--splits 1,2,4] [--no-peers] [--shape ttt-tk|lm]
 A config is the K block, the warps of the forward and of the backward kernel, the pipelining stages and the
 programs per head (split); '-' leaves a field to the launchers. --splits runs every config at each split.
-Each config is measured in its own process at B=1; per split, the fastest is measured at B=8 too, and the
-fastest overall is compared with the peers.
+Each config is measured in its own process at the shape's first batch size (B=1; lm: 64); per split, the
+fastest is measured at the second (B=8; lm: 256) too, and the fastest overall is compared with the peers.
+Writes ttt.json / .md (lm: ttt_lm.json / .md).
 """
 import argparse
 import json
@@ -23,12 +26,23 @@ import sys
 import torch
 
 from benchmarks.common import bench_ms, rel_err, ceilings, environment, markdown_table, peak_extra_bytes, write_results
+from tether._checks import default_token_scale
 from tether.kernels import ttt_mlp as kernels
 from tether.reference import ttt_mlp as ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, for python -m
-NH, L, CS, F, G = 48, 2048, 64, 64, 8
-NC, K = L // CS, 4 * F
+# heads, tokens, mini-batch, head dim, checkpoint group, causal, (sweep batch, second batch)
+SHAPES = {"ttt-tk": dict(NH=48, L=2048, CS=64, F=64, G=8, CAUSAL=False, BATCHES=(1, 8)),
+          "lm": dict(NH=8, L=256, CS=16, F=48, G=4, CAUSAL=True, BATCHES=(64, 256))}
+
+
+def use_shape(name):
+    """Set the module's shape constants (NH, L, CS, F, G, CAUSAL, BATCHES, NC, K) to SHAPES[name]."""
+    globals().update(SHAPES[name], SHAPE=name)
+    globals().update(NC=L // CS, K=4 * F)
+
+
+use_shape("ttt-tk")
 GRADS = ("xq", "xk", "xv", "lr", "ln_weight", "ln_bias", "w1", "b1", "w2", "b2")
 
 
@@ -51,16 +65,20 @@ def make_inputs(B, seed=0):
     return x, upstream
 
 
+def token_scale():
+    return default_token_scale(CS, "cuda") if CAUSAL else None
+
+
 def kernel_fwd(x, cfg):
-    return kernels.ttt_mlp_fwd(x["xq"], x["xk"], x["xv"], x["lr"], None, x["ln_weight"], x["ln_bias"],
-                               x["w1"], x["b1"], x["w2"], x["b2"], causal=False, checkpoint_group_size=G,
+    return kernels.ttt_mlp_fwd(x["xq"], x["xk"], x["xv"], x["lr"], token_scale(), x["ln_weight"], x["ln_bias"],
+                               x["w1"], x["b1"], x["w2"], x["b2"], causal=CAUSAL, checkpoint_group_size=G,
                                launch=kernels.LaunchOptions(cfg[0], cfg[1], cfg[3], cfg[4]))
 
 
 def kernel_fwd_bwd(x, up, cfg):
     out, ckpts, last = kernel_fwd(x, cfg)
-    grads = kernels.ttt_mlp_bwd(x["xq"], x["xk"], x["xv"], x["lr"], None, x["ln_weight"], x["ln_bias"], *ckpts,
-                                up["out"], *up["last"], causal=False, checkpoint_group_size=G,
+    grads = kernels.ttt_mlp_bwd(x["xq"], x["xk"], x["xv"], x["lr"], token_scale(), x["ln_weight"], x["ln_bias"],
+                                *ckpts, up["out"], *up["last"], causal=CAUSAL, checkpoint_group_size=G,
                                 launch=kernels.LaunchOptions(cfg[0], cfg[2], cfg[3], cfg[4]))
     return out, last, grads
 
@@ -68,7 +86,8 @@ def kernel_fwd_bwd(x, up, cfg):
 def reference_fwd_bwd(x, up, group=None, dtype=torch.float32):
     """Eager reference in `dtype` (inputs upcast); returns (out, final state, grads)."""
     leaves = {n: x[n].detach().to(dtype).requires_grad_() for n in GRADS}
-    out, last, _ = ref.ttt_mlp(*(leaves[n] for n in GRADS), causal=False, checkpoint_group_size=group)
+    out, last, _ = ref.ttt_mlp(*(leaves[n] for n in GRADS), causal=CAUSAL, token_scale=token_scale(),
+                               checkpoint_group_size=group)
     torch.autograd.backward([out, *last], [up["out"].to(dtype), *up["last"]])
     return out, last, {n: leaves[n].grad for n in GRADS}
 
@@ -83,7 +102,7 @@ def compiled_step_scan():
         for c in range(NC):
             out, state = step(leaves["xq"][:, :, c], leaves["xk"][:, :, c], leaves["xv"][:, :, c],
                               leaves["lr"][:, :, c], leaves["ln_weight"], leaves["ln_bias"], state,
-                              causal=False, token_scale=None)
+                              causal=CAUSAL, token_scale=token_scale())
             outs.append(out)
         return torch.stack(outs, 2), state
     return scan
@@ -123,7 +142,8 @@ def measure_in_subprocess(B, cfg):
     """One config in its own process: a config that fails to compile or run (or hangs: its programs wait
     for each other) is reported, not fatal."""
     try:
-        run = subprocess.run([sys.executable, "-m", "benchmarks.bench_ttt", "--measure", f"{B}:{config_name(cfg)}"],
+        run = subprocess.run([sys.executable, "-m", "benchmarks.bench_ttt", "--shape", SHAPE,
+                              "--measure", f"{B}:{config_name(cfg)}"],
                              cwd=ROOT, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired:
         print(f"B={B} config {config_name(cfg)} timed out", flush=True)
@@ -144,8 +164,10 @@ def main():
                              "launchers' choice), comma separated")
     parser.add_argument("--splits", default=None, help="programs per head, comma separated: each config at each")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--shape", default="ttt-tk", choices=list(SHAPES))
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    use_shape(args.shape)
     if args.measure:
         B, *cfg = args.measure.split(":")
         print(json.dumps(measure_kernel(int(B), parse_config(":".join(cfg)))))
@@ -155,15 +177,17 @@ def main():
         configs = [(*c[:4], int(p)) for c in configs for p in args.splits.split(",")]
     env = environment()
     peaks = ceilings()
-    payload = {"environment": env, "ceilings": peaks, "shape": dict(NH=NH, L=L, CS=CS, F=F, G=G), "results": []}
-    sweep = [r for r in (measure_in_subprocess(1, c) for c in configs) if r is not None]
-    payload["sweep_B1"] = sweep
+    first, second = BATCHES
+    payload = {"environment": env, "ceilings": peaks, "results": [],
+               "shape": dict(name=SHAPE, NH=NH, L=L, CS=CS, F=F, G=G, causal=CAUSAL)}
+    sweep = [r for r in (measure_in_subprocess(first, c) for c in configs) if r is not None]
+    payload[f"sweep_B{first}"] = sweep
     best = min(sweep, key=lambda r: r["fwd_bwd_ms"])
     rows = []
     for split in dict.fromkeys(r["config"][4] for r in sweep):  # per split, in the order given: its fastest
         res1 = min((r for r in sweep if r["config"][4] == split), key=lambda r: r["fwd_bwd_ms"])
-        for B in (1, 8):
-            res = res1 if B == 1 else measure_in_subprocess(8, tuple(res1["config"]))
+        for B in BATCHES:
+            res = res1 if B == first else measure_in_subprocess(B, tuple(res1["config"]))
             if res is None:
                 continue
             rows.append({"implementation": f"tether Triton, bf16 (config {config_name(res['config'])})", "B": B,
@@ -171,10 +195,10 @@ def main():
                          "out err": res["errors"]["out"], "max grad err": res["max_grad_err"]})
             payload["results"].append(res)
     if not args.no_peers:
-        best.update(measure_peers(1))
-        peers = [{"implementation": "torch.compile per mini-batch step, fp32", "B": 1,
+        best.update(measure_peers(first))
+        peers = [{"implementation": "torch.compile per mini-batch step, fp32", "B": first,
                   "fwd ms": best["compile_fwd_ms"], "fwd+bwd ms": best["compile_fwd_bwd_ms"]},
-                 {"implementation": "PyTorch eager reference, fp32 (peak: remat G=8)", "B": 1,
+                 {"implementation": f"PyTorch eager reference, fp32 (peak: remat G={G})", "B": first,
                   "fwd ms": best["eager_fwd_ms"], "fwd+bwd ms": best["eager_fwd_bwd_ms"],
                   "peak GB": best["eager_remat_peak_gb"]}]
         for r in peers:
@@ -184,16 +208,19 @@ def main():
     columns = ["implementation", "B", "fwd ms", "fwd+bwd ms", "ratio fwd", "ratio fwd+bwd", "peak GB",
                "out err", "max grad err"]
     table = markdown_table(rows, columns)
+    anchors = (f"ttt-tk (ThunderKittens, H100-only CUDA; not run here, anchors of BENCHMARKS.md, B=1): fwd 1.08 ms, "
+               f"fwd+bwd 9.89 ms, ratio {1.08 / best['fwd_ms']:.2f} and {9.89 / best['fwd_bwd_ms']:.2f}. "
+               if SHAPE == "ttt-tk" else "")
+    table = (f"Shape {SHAPE}: NH={NH}, L={L}, CS={CS}, F={F}, G={G}, causal={CAUSAL}, bf16 activations, fp32 "
+             f"state.\n\n" + table)
     table += (f"\n\nConfig = K block : forward warps : backward warps : stages : programs per head (split); "
-              f"'-' = the launchers' default. ratio = peer time / time of the fastest tether config at B=1 "
+              f"'-' = the launchers' default. ratio = peer time / time of the fastest tether config at B={first} "
               f"({config_name(best['config'])}). Errors: relative (norm-wise) vs the fp32 reference on the "
-              f"same inputs; per-gradient errors in ttt.json. ttt-tk (ThunderKittens, H100-only CUDA; not run "
-              f"here, anchors of BENCHMARKS.md, B=1): fwd 1.08 ms, fwd+bwd 9.89 ms, ratio {1.08 / best['fwd_ms']:.2f} "
-              f"and {9.89 / best['fwd_bwd_ms']:.2f}. Eager peak: fp32 copies of the inputs and all their "
-              f"gradients included. Forward {best['fwd_tflops']:.1f} TFLOP/s (22.5 GFLOP at B=1). Ceilings "
+              f"same inputs; per-gradient errors in the JSON. " + anchors + "Eager peak: fp32 copies of the "
+              f"inputs and all their gradients included. Forward {best['fwd_tflops']:.1f} TFLOP/s. Ceilings "
               f"here: copy {peaks['copy_gbs']:.0f} GB/s, bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s.")
     print(table)
-    write_results("ttt", payload, table)
+    write_results("ttt" if SHAPE == "ttt-tk" else "ttt_lm", payload, table)
 
 
 def measure_peers(B):
@@ -211,7 +238,8 @@ def measure_peers(B):
         res["compile_fwd_ms"] = bench_ms(lambda: scan(leaves), warmup=3, rep=10)
     res["compile_fwd_bwd_ms"] = bench_ms(compiled_fwd_bwd, warmup=3, rep=10)
     with torch.no_grad():
-        res["eager_fwd_ms"] = bench_ms(lambda: ref.ttt_mlp(*(leaves[n] for n in GRADS)), warmup=2, rep=5)
+        res["eager_fwd_ms"] = bench_ms(lambda: ref.ttt_mlp(*(leaves[n] for n in GRADS), causal=CAUSAL,
+                                                            token_scale=token_scale()), warmup=2, rep=5)
     res["eager_fwd_bwd_ms"] = bench_ms(lambda: reference_fwd_bwd(x, up), warmup=2, rep=5)
     res["eager_remat_peak_gb"] = peak_extra_bytes(lambda: reference_fwd_bwd(x, up, group=G)) / 1e9
     res["eager_peak_gb"] = peak_extra_bytes(lambda: reference_fwd_bwd(x, up)) / 1e9
