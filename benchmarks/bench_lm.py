@@ -32,24 +32,25 @@ MIXERS = ("spiking", "softmax", "ttt-mlp")
 PATHS = {"eager": (False, False), "cuda graph": (True, False), "compile + cuda graph": (True, True)}
 
 
-def make_step(cfg: LMConfig, batch: int, cuda_graph: bool, compile: bool = False):
-    """(step(), model): one training step of the default recipe on a fixed random batch."""
+def make_step(cfg: LMConfig, batch: int, cuda_graph: bool, compile: bool = False, compile_options=None):
+    """(step(), model): one training step of the default recipe on a fixed random batch; compile_options: the
+    inductor options of compile_model (None: the shipped COMPILE_OPTIONS)."""
     model = build_model(cfg).cuda()
     opt = make_optimizer(model, 1e-3, 0.1, torch.device("cuda"))
     cuda = torch.device("cuda")
-    step = TrainStep(compile_model(model, cuda) if compile else model, model, opt, grad_clip=1.0, device=cuda,
+    step = TrainStep(compile_model(model, cuda, compile_options) if compile else model, model, opt, grad_clip=1.0, device=cuda,
                      cuda_graph=cuda_graph)
     idx = torch.randint(cfg.vocab_size, (batch, cfg.block_size + 1), device="cuda")  # [B, T + 1]
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
     return (lambda: step(x, y, 1e-3)), step
 
 
-def measure_training(cfg: LMConfig, batch: int, path: str, iters: int) -> dict:
+def measure_training(cfg: LMConfig, batch: int, path: str, iters: int, compile_options=None) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    run, step = make_step(cfg, batch, *PATHS[path])
+    run, step = make_step(cfg, batch, *PATHS[path], compile_options=compile_options)
     start = time.perf_counter()
     for _ in range(step.warmup + 2):
         run()  # compile kernels, allocate optimizer state, capture the graph

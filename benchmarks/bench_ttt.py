@@ -60,25 +60,22 @@ def make_inputs(B, seed=0):
     x["ln_bias"] = randn(NH, F, scale=0.1)
     x.update(w1=randn(B, NH, F, K, scale=0.02), b1=randn(B, NH, 1, K, scale=0.02),
              w2=randn(B, NH, K, F, scale=0.02), b2=randn(B, NH, 1, F, scale=0.02))
+    x["token_scale"] = default_token_scale(CS, "cuda") if CAUSAL else None  # [CS], causal mode only
     upstream = {"out": randn(B, NH, NC, CS, F, dtype=torch.bfloat16),
                 "last": [randn(*x[n].shape, scale=0.01) for n in ("w1", "b1", "w2", "b2")]}
     return x, upstream
 
 
-def token_scale():
-    return default_token_scale(CS, "cuda") if CAUSAL else None
-
-
 def kernel_fwd(x, cfg):
-    return kernels.ttt_mlp_fwd(x["xq"], x["xk"], x["xv"], x["lr"], token_scale(), x["ln_weight"], x["ln_bias"],
+    return kernels.ttt_mlp_fwd(x["xq"], x["xk"], x["xv"], x["lr"], x["token_scale"], x["ln_weight"], x["ln_bias"],
                                x["w1"], x["b1"], x["w2"], x["b2"], causal=CAUSAL, checkpoint_group_size=G,
                                launch=kernels.LaunchOptions(cfg[0], cfg[1], cfg[3], cfg[4]))
 
 
 def kernel_fwd_bwd(x, up, cfg):
     out, ckpts, last = kernel_fwd(x, cfg)
-    grads = kernels.ttt_mlp_bwd(x["xq"], x["xk"], x["xv"], x["lr"], token_scale(), x["ln_weight"], x["ln_bias"],
-                                *ckpts, up["out"], *up["last"], causal=CAUSAL, checkpoint_group_size=G,
+    grads = kernels.ttt_mlp_bwd(x["xq"], x["xk"], x["xv"], x["lr"], x["token_scale"], x["ln_weight"],
+                                x["ln_bias"], *ckpts, up["out"], *up["last"], causal=CAUSAL, checkpoint_group_size=G,
                                 launch=kernels.LaunchOptions(cfg[0], cfg[2], cfg[3], cfg[4]))
     return out, last, grads
 
@@ -86,7 +83,7 @@ def kernel_fwd_bwd(x, up, cfg):
 def reference_fwd_bwd(x, up, group=None, dtype=torch.float32):
     """Eager reference in `dtype` (inputs upcast); returns (out, final state, grads)."""
     leaves = {n: x[n].detach().to(dtype).requires_grad_() for n in GRADS}
-    out, last, _ = ref.ttt_mlp(*(leaves[n] for n in GRADS), causal=CAUSAL, token_scale=token_scale(),
+    out, last, _ = ref.ttt_mlp(*(leaves[n] for n in GRADS), causal=CAUSAL, token_scale=x["token_scale"],
                                checkpoint_group_size=group)
     torch.autograd.backward([out, *last], [up["out"].to(dtype), *up["last"]])
     return out, last, {n: leaves[n].grad for n in GRADS}
@@ -102,7 +99,7 @@ def compiled_step_scan():
         for c in range(NC):
             out, state = step(leaves["xq"][:, :, c], leaves["xk"][:, :, c], leaves["xv"][:, :, c],
                               leaves["lr"][:, :, c], leaves["ln_weight"], leaves["ln_bias"], state,
-                              causal=CAUSAL, token_scale=token_scale())
+                              causal=CAUSAL, token_scale=leaves["token_scale"])
             outs.append(out)
         return torch.stack(outs, 2), state
     return scan
@@ -227,6 +224,7 @@ def measure_peers(B):
     """torch.compile of the reference step and the eager reference (fp32), on the same inputs."""
     x, up = make_inputs(B)
     leaves = {n: x[n].detach().float().requires_grad_() for n in GRADS}
+    leaves["token_scale"] = x["token_scale"]
     up32 = [up["out"].float(), *up["last"]]
     scan = compiled_step_scan()
 
@@ -239,7 +237,7 @@ def measure_peers(B):
     res["compile_fwd_bwd_ms"] = bench_ms(compiled_fwd_bwd, warmup=3, rep=10)
     with torch.no_grad():
         res["eager_fwd_ms"] = bench_ms(lambda: ref.ttt_mlp(*(leaves[n] for n in GRADS), causal=CAUSAL,
-                                                            token_scale=token_scale()), warmup=2, rep=5)
+                                                            token_scale=x["token_scale"]), warmup=2, rep=5)
     res["eager_fwd_bwd_ms"] = bench_ms(lambda: reference_fwd_bwd(x, up), warmup=2, rep=5)
     res["eager_remat_peak_gb"] = peak_extra_bytes(lambda: reference_fwd_bwd(x, up, group=G)) / 1e9
     res["eager_peak_gb"] = peak_extra_bytes(lambda: reference_fwd_bwd(x, up)) / 1e9

@@ -31,13 +31,14 @@ def autocast(device: torch.device):
 COMPILE_OPTIONS = {"triton.mix_order_reduction": False, "max_autotune_pointwise": True}
 
 
-def compile_model(model: torch.nn.Module, device: torch.device):
-    """``torch.compile(model)`` for the training step; on CUDA with ``COMPILE_OPTIONS`` (the keys this
-    torch's inductor knows: an older one runs its defaults)."""
+def compile_model(model: torch.nn.Module, device: torch.device, options: Optional[dict] = None):
+    """``torch.compile(model)`` for the training step; on CUDA with inductor ``options`` (default
+    ``COMPILE_OPTIONS``; the keys this torch's inductor knows: an older one runs its defaults)."""
     if device.type != "cuda":
         return torch.compile(model)
     known = torch._inductor.config.get_config_copy()
-    return torch.compile(model, options={k: v for k, v in COMPILE_OPTIONS.items() if k in known})
+    options = COMPILE_OPTIONS if options is None else options
+    return torch.compile(model, options={k: v for k, v in options.items() if k in known})
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
