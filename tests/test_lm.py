@@ -15,9 +15,10 @@ def _idx(B, T, V=65):
     return torch.randint(0, V, (B, T))
 
 
-@pytest.mark.parametrize("attention,T", [("elementwise", 7), ("matrix", 70)])  # 70: past the 64-token chunk
-def test_step_matches_full_sequence(attention, T):
-    model = build_model(LMConfig(**TINY, attention=attention)).eval()
+@pytest.mark.parametrize("attention,T,values", [("elementwise", 7, "spikes"), ("matrix", 70, "spikes"),  # 70: past
+                                                ("elementwise", 7, "real"), ("matrix", 70, "real")])  # the chunk
+def test_step_matches_full_sequence(attention, T, values):
+    model = build_model(LMConfig(**TINY, attention=attention, values=values)).eval()
     idx = _idx(2, T)
     with torch.no_grad():
         full, _ = model(idx)  # [B, T, V]
@@ -35,7 +36,9 @@ def _grads(module):
 
 @pytest.mark.parametrize("module_cls,kwargs", [(SpikingSelfAttention, {}), (SpikingTransformerBlock, {}),
                                                (SpikingSelfAttention, dict(form="matrix")),
-                                               (SpikingTransformerBlock, dict(attention="matrix"))])
+                                               (SpikingTransformerBlock, dict(attention="matrix")),
+                                               (SpikingSelfAttention, dict(values="real")),
+                                               (SpikingTransformerBlock, dict(attention="matrix", values="real"))])
 def test_chunked_equals_full(module_cls, kwargs):
     module = module_cls(16, 2, **kwargs)
     x = torch.randn(13, 2, 16)  # [T, B, C]
@@ -56,8 +59,9 @@ def test_chunked_equals_full(module_cls, kwargs):
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_backward_reaches_every_parameter():
-    model = build_model(LMConfig(**TINY))
+@pytest.mark.parametrize("values", ["spikes", "real"])
+def test_backward_reaches_every_parameter(values):
+    model = build_model(LMConfig(**TINY, values=values))
     idx = _idx(2, 9)
     _, loss = model(idx, _idx(2, 9))
     loss.backward()
@@ -78,10 +82,11 @@ def kernel_calls(monkeypatch):
     return count_launches(monkeypatch, {name: f"{module}.{name}" for module, name in LAUNCHERS})
 
 
-def test_fused_matches_eager(kernel_calls, device):
+@pytest.mark.parametrize("values", ["spikes", "real"])
+def test_fused_matches_eager(kernel_calls, device, values):
     # on the device the kernels run on (the interpreter on a CPU machine, CUDA on a GPU one)
-    fused = build_model(LMConfig(**TINY, backend="fused")).to(device)
-    eager = build_model(LMConfig(**TINY, backend="eager")).to(device)
+    fused = build_model(LMConfig(**TINY, backend="fused", values=values)).to(device)
+    eager = build_model(LMConfig(**TINY, backend="eager", values=values)).to(device)
     eager.load_state_dict(fused.state_dict())
     idx, targets = _idx(2, 10).to(device), _idx(2, 10).to(device)
 
@@ -147,6 +152,10 @@ def test_config_round_trip_and_errors():
         model(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="gamma: expected values in"):
         SpikingSelfAttention(16, 2, gamma=1.0)
+    with pytest.raises(ValueError, match="values: expected one of"):
+        LMConfig(values="graded")
+    old = {k: v for k, v in cfg.to_dict().items() if k != "values"}  # saved before `values` existed
+    assert LMConfig.from_dict(old).values == "spikes" and LMConfig().values == "real"
 
 
 def test_torch_compile_fullgraph(monkeypatch):

@@ -157,8 +157,8 @@ def test_custom_op_registration(device):
     gamma = torch.tensor([0.5, 0.9, 1.0], device=device, requires_grad=True)
     state = torch.randn(B, H, D, device=device, requires_grad=True)
     packed = torch.stack((q, k, v), 2).detach().requires_grad_()  # [T, B, 3, H, D], the op's layout
-    for binary in (False, True):
-        torch.library.opcheck(_elementwise._op, (packed, gamma, state, binary, False),
+    for binary_parts in (0, 2, 3):  # nothing, q and k, all three kept as bits
+        torch.library.opcheck(_elementwise._op, (packed, gamma, state, binary_parts, False),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
     compiled = torch.compile(spike_attention, fullgraph=True, backend="aot_eager")
@@ -168,15 +168,17 @@ def test_custom_op_registration(device):
     assert_same_grads((out, final), (ref_out, ref_final), [q, k, v, gamma, state], 1e-4)
 
 
-@pytest.mark.parametrize("binary", [False, True])
+@pytest.mark.parametrize("binary", [False, True, "qk"])
 def test_packed_qkv_is_the_same_op(device, binary):
     """spike_attention_qkv on the packed [T, B, 3, H, D] tensor == spike_attention on its three views, outputs
-    and gradients (the gradient of the packed input comes back packed); binary: the same numbers from qkv kept
-    as bits, eager and compiled."""
+    and gradients (the gradient of the packed input comes back packed); binary: the same numbers from qkv (or q
+    and k, with a real v) kept as bits, eager and compiled."""
     from tether.functional import spike_attention_qkv
 
     T, B, D = 2 * 32 + 3, 2, 8
     q, k, v = qkv(T, B, D, device=device)
+    if binary == "qk":
+        v = torch.randn_like(v)
     packed = torch.stack((q, k, v), 2).requires_grad_()
     gamma = torch.tensor([0.5, 0.9, 1.0], device=device, requires_grad=True)
     state = torch.randn(B, H, D, device=device, requires_grad=True)
@@ -189,12 +191,13 @@ def test_packed_qkv_is_the_same_op(device, binary):
         assert_same_grads((out, final), (ref_out, ref_final), [packed, gamma, state], 1e-4)
     with pytest.raises(ValueError, match=r"qkv: expected a \[T, B, 3, H, D\] tensor"):
         spike_attention_qkv(q, gamma, state)
-    with pytest.raises(TypeError, match="binary: expected a bool, got int"):
+    with pytest.raises(ValueError, match="binary: expected True, False or 'qk', got 1"):
         spike_attention_qkv(packed, gamma, state, binary=1)
 
 
 def test_binary_qkv_is_saved_as_bits(device):
-    """binary=True on the kernels' path: the backward keeps qkv as uint8 bits, no float copy of it."""
+    """binary=True on the kernels' path: the backward keeps qkv as uint8 bits, no float copy of it; binary="qk":
+    q and k as bits, a copy of v alone."""
     from tether.functional import spike_attention_qkv
 
     if not use_triton(torch.empty(0, device=device)):
@@ -202,12 +205,14 @@ def test_binary_qkv_is_saved_as_bits(device):
     T, B, D = 40, 2, 8
     packed = torch.stack(qkv(T, B, D, device=device), 2).to(torch.bfloat16).requires_grad_()
     gamma = torch.tensor([0.5, 0.9, 1.0], device=device, requires_grad=True)
-    for binary, kept in ((False, torch.bfloat16), (True, torch.uint8)):
+    n = packed.numel()
+    for binary, kept in ((False, [(torch.bfloat16, n)]), (True, [(torch.uint8, n // 8)]),
+                         ("qk", [(torch.uint8, n * 2 // 3 // 8), (torch.bfloat16, n // 3)])):
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             spike_attention_qkv(packed, gamma, binary=binary)
-        big = [t for t in saved if t.numel() >= T * B * 3 * H * D // 8]  # qkv-sized, not the [H] or chunk states
-        assert [(t.dtype, t.numel()) for t in big] == [(kept, packed.numel() // (8 if binary else 1))]
+        big = [t for t in saved if t.numel() >= T * B * 2 * H * D // 8]  # qkv-sized, not the [H] or chunk states
+        assert [(t.dtype, t.numel()) for t in big] == kept
 
 
 def test_reference_path_without_interpreter(monkeypatch, launches):

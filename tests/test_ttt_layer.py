@@ -199,8 +199,10 @@ def test_layer_kernel_path_matches_reference_path(device, monkeypatch):
     y_ref = layer_ref(x_ref)
     grads_ref = torch.autograd.grad(y_ref.square().sum(), [x_ref, *layer_ref.parameters()])
     torch.testing.assert_close(y.cpu(), y_ref, atol=1e-4, rtol=1e-4)
+    # fp32 parameter gradients are sums over every token, reduced in another order by the kernels than by the
+    # reference's BLAS (which differs between CPUs): 1e-3 relative, seen at 4.4e-4 on a [16] one
     for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g.cpu(), g_ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(g.cpu(), g_ref, atol=1e-4, rtol=1e-3)
 
 
 def test_layer_gradcheck_float64():

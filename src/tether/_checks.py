@@ -146,6 +146,7 @@ def check_lif_args(x, decay, threshold, v_init, surrogate, alpha, reset, v_reset
 # ---- spike attention (spec: docs/spec/spike_attention.md) ----------------------------------------------------
 
 FORMS = ("elementwise", "matrix")
+VALUES = ("spikes", "real")  # what spiking attention accumulates: v as spikes, or v as the normalized projection
 
 
 def check_gamma(gamma, H: int, device) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from tether import checkpoint, cli
-from tether._checks import FORMS
+from tether._checks import FORMS, VALUES
 from tether.data import CharCorpus, DataError, read_text, sha256_of
 from tether.progress import ProgressBar
 from tether.step import TrainStep, autocast, compile_model, make_optimizer
@@ -36,10 +36,11 @@ from tether.step import TrainStep, autocast, compile_model, make_optimizer
 # Train arguments that differ between a GPU and a CPU run; anything given on the command line wins,
 # and on --resume the saved run's values come before these.
 # GPU dropout 0.2: a GPU run sees the 1M-character corpus many times over and overfits without it
-# (docs/model.md; benchmarks/results/quality_3min.md).
+# (docs/model.md; benchmarks/results/quality_3min.md). GPU max_iters 6,000: the cosine ends where the
+# validation loss is lowest (docs/model.md#ablations-2026-12-04); the time budget is the backstop.
 # On a GPU the step is compiled (torch.compile fuses the norms, casts and dropout around the kernels) and
 # replayed from a CUDA graph: benchmarks/results/lm_bench.md.
-GPU_DEFAULTS = dict(batch_size=64, block_size=256, d_model=None, n_layer=4, lr=1e-3, max_iters=100_000,
+GPU_DEFAULTS = dict(batch_size=64, block_size=256, d_model=None, n_layer=4, lr=1e-3, max_iters=6_000,
                     time_budget=9.5, eval_interval=500, eval_iters=20, log_interval=10, dropout=0.2, compile=True)
 # CPU: the model width, batch, lr and dropout that reach the lowest validation loss in 3 minutes of 2 cores
 # (benchmarks/results/cpu_train.md); 1,000 steps of batch 32 see the corpus twice, too few for dropout to pay.
@@ -77,6 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, help="dropout rate (default: 0.2 on GPU, 0 on CPU)")
     p.add_argument("--attention", choices=FORMS,
                    help="spiking attention form (default elementwise)")
+    p.add_argument("--decay", type=float, help="LIF membrane decay of the spiking mixer, in [0, 1] (default 0.25)")
+    p.add_argument("--threshold", type=float, help="LIF firing threshold of the spiking mixer, > 0 (default 1)")
+    p.add_argument("--values", choices=VALUES,
+                   help="what the spiking attention accumulates: v real or as spikes (default real)")
     p.add_argument("--ttt-mini-batch", type=int, help="tokens per TTT-MLP inner step (ttt-mlp mixer; default 16)")
     p.add_argument("--eval-interval", type=int, help="steps between validation + checkpoint")
     p.add_argument("--eval-iters", type=int, help="batches per validation estimate")
@@ -146,6 +151,10 @@ def check_args(args, device: torch.device) -> None:
             raise ValueError(f"{flag(key)}: expected >= 0, got {getattr(args, key)}")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise ValueError(f"--dropout: expected a rate in [0, 1), got {args.dropout}")
+    if getattr(args, "decay", None) is not None and not 0 <= args.decay <= 1:
+        raise ValueError(f"--decay: expected a membrane decay in [0, 1], got {args.decay}")
+    if getattr(args, "threshold", None) is not None and not args.threshold > 0:
+        raise ValueError(f"--threshold: expected a firing threshold > 0, got {args.threshold}")
     n_head = LMConfig.n_head
     if args.d_model is not None and (args.d_model <= 0 or args.d_model % n_head):
         raise ValueError(f"--d-model: expected a positive multiple of the {n_head} heads, got {args.d_model}")
@@ -338,7 +347,8 @@ def model_config(args, vocab: str, saved: dict = None):
     if saved is not None:
         return LMConfig.from_dict({"vocab": vocab, **saved})  # a checkpoint from before the config held it
     overrides = {"d_model": args.d_model, "n_layer": args.n_layer, "dropout": args.dropout,
-                 "attention": args.attention, "ttt_mini_batch": args.ttt_mini_batch}
+                 "attention": args.attention, "values": args.values, "decay": args.decay,
+                 "threshold": args.threshold, "ttt_mini_batch": args.ttt_mini_batch}
     return LMConfig(vocab_size=len(vocab), vocab=vocab, block_size=args.block_size, mixer=args.mixer,
                     **{k: v for k, v in overrides.items() if v is not None})
 

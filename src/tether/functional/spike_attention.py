@@ -23,20 +23,26 @@ MATRIX_CHUNK = 64
 
 
 class _Config(NamedTuple):
-    binary: bool  # qkv are 0/1: keep them for the backward as bits
+    binary: int  # how many of q, k, v (from the front) hold only 0/1: 0, 2 (q and k) or 3; kept as bits
     need_dgamma: bool = False  # the backward's
 
 
+BINARY_PARTS = {False: 0, "qk": 2, True: 3}  # spike_attention_qkv's binary -> _Config.binary
+
+
 def _forward(qkv: Tensor, gamma: Tensor, state: Tensor, cfg: _Config):
-    """qkv [T, B, 3, H, D] -> out, final state, state entering each chunk, and (binary) qkv as packed bits
-    [T * B, 3 * H * D / 8] uint8, else an empty uint8 tensor: what the backward keeps."""
+    """qkv [T, B, 3, H, D] -> out, final state, state entering each chunk, the binary parts of qkv as packed bits
+    [T * B, parts * H * D / 8] uint8 and the other parts as a copy [T, B, 3 - parts, H, D] (empty where there is
+    no such part, or where no bits are kept and the backward reads qkv itself): what the backward keeps."""
     # kernels are imported on first use: triton is only a dependency on Linux, the CPU path needs none
     from tether.kernels.spike_attention import spike_attention_forward
 
     out, final, entering = spike_attention_forward(qkv, gamma, state)
     T, B = qkv.shape[:2]
-    bits = _pack_kernel(qkv.reshape(T * B, -1)) if cfg.binary else qkv.new_empty(0, dtype=torch.uint8)
-    return out, final, entering, bits
+    parts = cfg.binary
+    bits = _pack_kernel(qkv[:, :, :parts].reshape(T * B, -1)) if parts else qkv.new_empty(0, dtype=torch.uint8)
+    real = qkv[:, :, parts:].contiguous() if 0 < parts < 3 else qkv.new_empty(0)
+    return out, final, entering, bits, real
 
 
 def _fake_forward(qkv, gamma, state, cfg: _Config):
@@ -44,9 +50,11 @@ def _fake_forward(qkv, gamma, state, cfg: _Config):
     from tether.kernels.spike_attention import CHUNK
 
     T, B, _, H, D = qkv.shape
-    bits = qkv.new_empty((T * B, cdiv(3 * H * D, 8)) if cfg.binary else 0, dtype=torch.uint8)
+    parts = cfg.binary
+    bits = qkv.new_empty((T * B, cdiv(parts * H * D, 8)) if parts else 0, dtype=torch.uint8)
+    real = qkv.new_empty((T, B, 3 - parts, H, D) if 0 < parts < 3 else 0)
     return (qkv.new_empty(T, B, H, D, dtype=torch.float32), qkv.new_empty(B, H, D, dtype=torch.float32),
-            qkv.new_empty(cdiv(T, CHUNK), B, H, D, dtype=torch.float32), bits)
+            qkv.new_empty(cdiv(T, CHUNK), B, H, D, dtype=torch.float32), bits, real)
 
 
 def _backward(qkv, gamma, entering, dout, dfinal, cfg: _Config):
@@ -62,29 +70,33 @@ def _fake_backward(qkv, gamma, entering, dout, dfinal, cfg: _Config):
 
 def _save(ctx, tensors, cfg: _Config, outputs):
     qkv, gamma, _ = tensors
-    # saved: qkv as it came (2 B/elem of q, k and v each in bf16) or, binary, as bits (1/8 B/elem), and the
-    # fp32 chunk-entry states (4 / CHUNK B/elem)
-    ctx.save_for_backward(None if cfg.binary else qkv, outputs[3] if cfg.binary else None, gamma, outputs[2])
-    ctx.qkv_shape, ctx.qkv_dtype = qkv.shape, qkv.dtype
+    # saved: qkv's binary parts as bits (1/8 B/elem), the others as they came (2 B/elem in bf16; qkv itself when
+    # nothing is binary), and the fp32 chunk-entry states (4 / CHUNK B/elem)
+    bits, real = outputs[3:5]
+    ctx.save_for_backward(None if cfg.binary else qkv, bits if cfg.binary else None,
+                          real if 0 < cfg.binary < 3 else None, gamma, outputs[2])
+    ctx.qkv_shape, ctx.qkv_dtype, ctx.parts = qkv.shape, qkv.dtype, cfg.binary
 
 
 def _grads(ctx, grad_outputs, needs, backward):
     """dqkv, dgamma, dstate."""
     dout, dfinal = grad_outputs
-    qkv, bits, gamma, entering = ctx.saved_tensors
+    qkv, bits, real, gamma, entering = ctx.saved_tensors
     T, B, _, H, D = ctx.qkv_shape
-    if qkv is None:  # binary: 0/1 from the bits
-        qkv = unpack_spikes(bits, 3 * H * D, ctx.qkv_dtype).view(ctx.qkv_shape)
+    if qkv is None:  # 0/1 parts from the bits, then the real ones
+        qkv = unpack_spikes(bits, ctx.parts * H * D, ctx.qkv_dtype).view(T, B, ctx.parts, H, D)
+        if real is not None:
+            qkv = torch.cat((qkv, real), dim=2)
     if dout is None:  # only the final state was used
         dout = entering.new_zeros(T, B, H, D)
     if dfinal is None:  # only out was used
         dfinal = entering.new_zeros(entering.shape[1:])  # [B, H, D]
-    dqkv, dstate, dgamma = backward(qkv, gamma, entering, dout, dfinal, _Config(False, needs[1]))
+    dqkv, dstate, dgamma = backward(qkv, gamma, entering, dout, dfinal, _Config(0, needs[1]))
     return dqkv, dgamma if needs[1] else None, dstate
 
 
 _elementwise = Op("tether::spike_attention_elementwise", tensors="Tensor qkv, Tensor gamma, Tensor state",
-                  config=_Config, returns=4, outputs=2, forward=_forward, fake=_fake_forward, save=_save,
+                  config=_Config, returns=5, outputs=2, forward=_forward, fake=_fake_forward, save=_save,
                   grads=_grads, backward=_backward, fake_backward=_fake_backward,
                   backward_tensors="Tensor qkv, Tensor gamma, Tensor entering, Tensor dout, Tensor dfinal",
                   backward_config=_Config, backward_returns=3)
@@ -141,13 +153,13 @@ def spike_attention(q, k, v, gamma=1.0, state=None, *, form="elementwise"):
 def spike_attention_qkv(qkv, gamma=1.0, state=None, *, binary=False):
     """``spike_attention(q, k, v, gamma, state)`` (elementwise form) with ``q, k, v = qkv.unbind(2)`` for
     ``qkv [T, B, 3, H, D]``: the kernels read the packed tensor as it is, and its gradient comes back packed.
-    ``binary=True`` promises that qkv holds only 0 and 1 (spikes from an LIF): the kernels' path then keeps
-    it for the backward as bits (1/16 of a bf16 copy). Not checked (that would wait for the GPU): other
-    values get wrong gradients. The CPU path keeps qkv as it is."""
+    ``binary=True`` promises that qkv holds only 0 and 1 (spikes from an LIF), ``binary="qk"`` that q and k do
+    (v real): the kernels' path then keeps those parts for the backward as bits (1/16 of a bf16 copy). Not
+    checked (that would wait for the GPU): other values get wrong gradients. The CPU path keeps qkv as it is."""
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv: expected a [T, B, 3, H, D] tensor, got shape {tuple(qkv.shape)}")
-    if not isinstance(binary, bool):
-        raise TypeError(f"binary: expected a bool, got {type(binary).__name__}")
+    if not any(binary is key for key in (True, False)) and binary != "qk":
+        raise ValueError(f"binary: expected True, False or 'qk', got {binary!r}")
     if not use_triton(qkv):
         return spike_attention(*qkv.unbind(2), gamma, state)
     check_spike_attention_args(*qkv.unbind(2), gamma, state, "elementwise")
@@ -206,5 +218,5 @@ def _elementwise_op(qkv, gamma, state, binary=False):
     gamma = gamma_per_head(gamma, H, torch.float32, qkv.device)  # [H]
     state = torch.zeros(B, H, D, device=qkv.device, dtype=torch.float32) if state is None else state.float()
     # bits only where a backward will read them
-    binary = binary and torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, gamma, state))
-    return _elementwise(qkv, gamma, state, cfg=_Config(binary))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, gamma, state))
+    return _elementwise(qkv, gamma, state, cfg=_Config(BINARY_PARTS[binary] if grad else 0))

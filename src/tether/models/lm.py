@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tether._checks import FORMS, SURROGATES
+from tether._checks import FORMS, SURROGATES, VALUES
 from tether.nn.attention import BACKENDS, NormLIF
 from tether.nn.transformer import SpikingTransformerBlock
 
@@ -35,15 +35,16 @@ class LMConfig:
     backend: str = "fused"
     mlp_ratio: int = 4
     dropout: float = 0.2
-    decay: float = 0.5  # LIF membrane decay
+    decay: float = 0.25  # LIF membrane decay (0.25 trains better than 0.5: benchmarks/results/ablations)
     threshold: float = 1.0  # LIF firing threshold
     attention: str = "elementwise"  # spiking attention form: "elementwise" ([D] memory a head) or "matrix" ([D, D])
+    values: str = "real"  # what the spiking attention accumulates: "real" or "spikes" (q and k spike either way)
     ttt_mini_batch: int = 16  # tokens per TTT-MLP inner gradient step (ttt-mlp mixer)
     vocab: str = ""  # the characters of the token ids, in order ("" if unknown): a saved model can generate
 
     def __post_init__(self):
         for name, allowed in (("mixer", MIXERS), ("backend", BACKENDS), ("surrogate", tuple(SURROGATES)),
-                              ("attention", FORMS)):
+                              ("attention", FORMS), ("values", VALUES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.ttt_mini_batch, int) or self.ttt_mini_batch < 1:
@@ -56,6 +57,7 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LMConfig":
+        d = {"values": "spikes", **d}  # a config saved before `values` existed: its model accumulated spikes
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -314,7 +316,7 @@ class SpikingLM(LanguageModel):
         self.blocks = nn.ModuleList(
             SpikingTransformerBlock(cfg.d_model, cfg.n_head, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,
                                     decay=cfg.decay, threshold=cfg.threshold, surrogate=cfg.surrogate,
-                                    backend=cfg.backend, attention=cfg.attention)
+                                    backend=cfg.backend, attention=cfg.attention, values=cfg.values)
             for _ in range(cfg.n_layer))
         # found once: the trainer reads their rates every step, and a module walk is host time on every step
         self._neuron_groups = [m for m in self.blocks.modules() if isinstance(m, NormLIF)]

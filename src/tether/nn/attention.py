@@ -4,7 +4,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from tether._checks import FORMS
+from tether._checks import FORMS, VALUES
 from tether.functional.lif import lif, lif_eager
 from tether.functional.norm_lif import norm_lif
 from tether.functional.spike_attention import (output_scale, spike_attention, spike_attention_qkv,
@@ -14,12 +14,17 @@ from tether.nn.spike_linear import SpikeLinear
 # backend -> attention op on packed qkv [T, B, 3, H, D]: "fused" runs the Triton kernels (tether.functional
 # picks kernel or reference per device), "eager" is the same math from plain PyTorch ops on every device (the
 # benchmark's baseline); NormLIF picks its neurons the same way
-def _fused_attention(qkv, gamma, memory):
-    """qkv are an LIF's spikes (0/1): the kernels keep them for the backward as bits."""
-    return spike_attention_qkv(qkv, gamma, memory, binary=True)
+def _fused_attention(qkv, gamma, memory, *, binary):
+    """binary: which of q, k, v are an LIF's spikes (0/1: True all, "qk" q and k), which the kernels keep for the
+    backward as bits."""
+    return spike_attention_qkv(qkv, gamma, memory, binary=binary)
 
 
-ATTENTION_OPS = {"fused": _fused_attention, "eager": spike_attention_qkv_eager}
+def _eager_attention(qkv, gamma, memory, *, binary):
+    return spike_attention_qkv_eager(qkv, gamma, memory)
+
+
+ATTENTION_OPS = {"fused": _fused_attention, "eager": _eager_attention}
 BACKENDS = tuple(ATTENTION_OPS)
 
 
@@ -110,30 +115,39 @@ class SpikingSelfAttention(nn.Module):
     counts in ``C`` grow up to ``1 / (1 - gamma)``: this keeps ``o`` in [0, 1] for any T) -> output
     projection (real input).
 
+    ``values="real"``: only q and k spike; v is the LayerNorm'd projection itself, so the memory holds a
+    decayed sum of real features gated by k spikes and the output is that sum gated by q spikes (|o| <= the
+    largest |v|). Every linear layer still reads spikes (q, k, v come out of the same spike-fed
+    projection); only the attention's elementwise products see real values.
+
     ``form="matrix"``: ``S_t = gamma S_{t-1} + k_t^T v_t``, ``o_t = q_t S_t / D`` (a ``[D, D]`` memory per head
     that mixes channels; chunked PyTorch, no Triton kernel) -> times ``1 - gamma``, also in [0, 1].
 
     ``gamma``: None (per-head spread, ``default_gammas``), a float for every head, or ``[H]``; learnable
     (kept in (0, 1) as ``sigmoid(logit)``) unless ``learnable_gamma=False``.
     forward(x, state=None) -> (y ``[T, B, d_model]``, state); state = (input membrane ``[B, C]``,
-    q/k/v membrane ``[B, 3C]``, attention memory ``[B, H, D]`` or ``[B, H, D, D]`` (matrix)), all fp32; None
-    starts from zeros.
+    q/k/v membrane ``[B, 3C]`` (``[B, 2C]`` with real values), attention memory ``[B, H, D]`` or
+    ``[B, H, D, D]`` (matrix)), all fp32; None starts from zeros.
     """
 
     def __init__(self, d_model: int, n_heads: int, *, gamma=None, learnable_gamma: bool = True,
                  decay: float = 0.5, threshold: float = 1.0, surrogate: str = "arctan", backend: str = "fused",
-                 form: str = "elementwise"):
+                 form: str = "elementwise", values: str = "spikes"):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model: expected a multiple of n_heads={n_heads}, got {d_model}")
         _check_backend(backend)
         if form not in FORMS:
             raise ValueError(f"form: expected one of {FORMS}, got {form!r}")
-        self.d_model, self.n_heads, self.backend, self.form = d_model, n_heads, backend, form
+        if values not in VALUES:
+            raise ValueError(f"values: expected one of {VALUES}, got {values!r}")
+        self.d_model, self.n_heads, self.backend, self.form, self.values = d_model, n_heads, backend, form, values
         neurons = dict(decay=decay, threshold=threshold, surrogate=surrogate, backend=backend)
         self.input_neurons = NormLIF(d_model, **neurons)
         self.qkv = SpikeLinear(d_model, 3 * d_model, bias=False, pack=backend == "fused")
-        self.qkv_neurons = NormLIF(3 * d_model, **neurons)
+        self.n_spiking = 3 * d_model if values == "spikes" else 2 * d_model  # q, k (and v) spike
+        self.qkv_neurons = NormLIF(self.n_spiking, **neurons)
+        self.v_norm = nn.LayerNorm(d_model) if values == "real" else None
         self.proj = nn.Linear(d_model, d_model)
         init_spike_fed(self.qkv)
         init_residual_out(self.proj)
@@ -158,14 +172,22 @@ class SpikingSelfAttention(nn.Module):
         H, D = self.n_heads, C // self.n_heads
         v_input, v_qkv, memory = state if state is not None else (None, None, None)
         spikes, v_input = self.input_neurons(x, v_input)  # [T, B, C]
-        qkv, v_qkv = self.qkv_neurons(self.qkv(spikes), v_qkv)  # [T, B, 3C] spikes
+        projected = self.qkv(spikes)  # [T, B, 3C]
+        binary = True if self.v_norm is None else "qk"
+        if self.v_norm is None:
+            qkv, v_qkv = self.qkv_neurons(projected, v_qkv)  # [T, B, 3C] spikes
+        else:
+            qk, v_qkv = self.qkv_neurons(projected[..., :2 * C], v_qkv)  # [T, B, 2C] spikes
+            v = self.v_norm(projected[..., 2 * C:]).to(qk.dtype)  # [T, B, C] real
+            qkv = torch.cat((qk, v), dim=-1)  # [T, B, 3C]
         gamma = self.gamma  # [H]
         qkv = qkv.view(T, B, 3, H, D)
         if self.form == "matrix":  # plain PyTorch on both backends
             out, memory = spike_attention(*qkv.unbind(2), gamma, memory, form="matrix")
         else:
-            out, memory = ATTENTION_OPS[self.backend](qkv, gamma, memory)  # out [T, B, H, D] fp32
-        # [T, B, H, D], in [0, 1]; in the autocast dtype (what proj reads), the only copy kept for backward
+            out, memory = ATTENTION_OPS[self.backend](qkv, gamma, memory, binary=binary)  # out [T, B, H, D] fp32
+        # [T, B, H, D] (in [0, 1] for spikes); in the autocast dtype (what proj reads), the only copy kept for
+        # backward
         dtype = _autocast_dtype(x, out.dtype)
         out = output_scale(out, gamma, dtype)
         return self.proj(out.reshape(T, B, C)), (v_input, v_qkv, memory)
@@ -173,7 +195,7 @@ class SpikingSelfAttention(nn.Module):
     def init_state(self, batch_size: int, device) -> Tuple[torch.Tensor, ...]:
         C, H = self.d_model, self.n_heads
         memory = (batch_size, H, C // H) + ((C // H,) if self.form == "matrix" else ())
-        shapes = [(batch_size, C), (batch_size, 3 * C), memory]  # membranes, attention memory
+        shapes = [(batch_size, C), (batch_size, self.n_spiking), memory]  # membranes, attention memory
         return tuple(torch.zeros(shape, device=device) for shape in shapes)
 
     def synapses(self):
@@ -181,4 +203,5 @@ class SpikingSelfAttention(nn.Module):
         return [(self.qkv, True), (self.proj, False)]
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_heads={self.n_heads}, backend={self.backend!r}, form={self.form!r}"
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, backend={self.backend!r}, form={self.form!r}, "
+                f"values={self.values!r}")

@@ -51,11 +51,11 @@ class SpikingTransformerBlock(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, *, mlp_ratio: int = 4, dropout: float = 0.0,
                  decay: float = 0.5, threshold: float = 1.0, surrogate: str = "arctan", backend: str = "fused",
-                 gamma=None, learnable_gamma: bool = True, attention: str = "elementwise"):
+                 gamma=None, learnable_gamma: bool = True, attention: str = "elementwise", values: str = "spikes"):
         super().__init__()
         neurons = dict(decay=decay, threshold=threshold, surrogate=surrogate, backend=backend)
         self.attn = SpikingSelfAttention(d_model, n_heads, gamma=gamma, learnable_gamma=learnable_gamma,
-                                         form=attention, **neurons)
+                                         form=attention, values=values, **neurons)
         self.mlp = SpikingMLP(d_model, mlp_ratio * d_model, **neurons)
         self.dropout = nn.Dropout(dropout)
 

@@ -1,0 +1,91 @@
+"""Ablations of the LM (issue 10): several `tether train` runs side by side on one GPU, same seed and step count,
+one table of best / final validation loss.
+
+    python -m benchmarks.ablate --name ablation --steps 6000 --budget 5 \\
+        --run base= --run values_real="--values real" --run decay25="--decay 0.25"
+
+Each run is `python -m tether.train --max-iters STEPS --time-budget BUDGET --patience 0 --out OUT/NAME FLAGS`
+(the cosine follows the step count as long as the budget is not reached), started at once: their loss curves
+compare, their tokens/s do not (they share the GPU). The run directories (weights included) go under --runs-dir;
+NAME.json / NAME.md (write_results) and every run's log and metrics in NAME_logs.tar.gz go under $OUT (default
+benchmarks/results).
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, markdown_table, write_results
+
+COLUMNS = ["run", "flags", "params", "best_val_loss", "best_val_step", "val_loss", "steps", "tokens_per_s",
+           "wall_time_s"]
+
+
+def parse_run(text: str):
+    name, sep, flags = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"--run: expected NAME=FLAGS with NAME an identifier, got {text!r}")
+    return name, shlex.split(flags)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=parse_run, action="append", required=True, help="NAME=FLAGS (repeatable)")
+    p.add_argument("--steps", type=int, default=6000, help="optimizer steps of every run (the cosine length)")
+    p.add_argument("--budget", type=float, default=5.0, help="minutes at most per run")
+    p.add_argument("--name", default="ablation", help="result file stem")
+    p.add_argument("--note", default="", help="a line for the result file")
+    p.add_argument("--runs-dir", default="runs", help="where the runs' directories go (default runs/)")
+    args = p.parse_args(argv)
+    names = [name for name, _ in args.run]
+    if len(set(names)) != len(names):
+        p.error(f"--run: names must differ, got {names}")
+
+    out = Path(args.runs_dir) / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    results = Path(os.environ.get("OUT") or RESULTS)
+    results.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for name, flags in args.run:
+        cmd = [sys.executable, "-m", "tether.train", "--max-iters", str(args.steps), "--time-budget",
+               str(args.budget), "--patience", "0", "--out", str(out / name), "--force", *flags]
+        log = open(out / f"{name}.log", "w")
+        print(f"[{name}]", shlex.join(cmd), flush=True)
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, flags)
+    start = time.time()
+    rows = []
+    for name, (proc, log, flags) in procs.items():
+        code = proc.wait()
+        log.close()
+        summary_file = out / name / "summary.json"
+        row = {"run": name, "flags": " ".join(flags) or "(defaults)", "exit": code}
+        if code == 0 and summary_file.exists():
+            summary = json.loads(summary_file.read_text())
+            row.update({key: summary.get(key) for key in COLUMNS[2:]})
+        else:
+            print(f"[{name}] failed with exit code {code}; its log: {out / f'{name}.log'}", file=sys.stderr)
+        rows.append(row)
+        print(f"[{name}] done after {time.time() - start:.0f} s: best {row.get('best_val_loss')}", flush=True)
+
+    with tarfile.open(results / f"{args.name}_logs.tar.gz", "w:gz") as tar:
+        for name in names:
+            tar.add(out / f"{name}.log", arcname=f"{args.name}/{name}.log")
+            metrics = out / name / "metrics.jsonl"
+            if metrics.exists():
+                tar.add(metrics, arcname=f"{args.name}/{name}_metrics.jsonl")
+    header = (f"{len(rows)} `tether train` runs at once on one GPU, {args.steps} steps each (cosine over the steps, "
+              f"--patience 0, seed and data the same): their loss curves compare, their tokens/s do not.\n"
+              + (f"\n{args.note}\n" if args.note else "") + "\n")
+    write_results(args.name, {"steps": args.steps, "budget_min": args.budget, "note": args.note, "runs": rows},
+                  header + markdown_table(rows, COLUMNS), out_dir=results)
+    print(markdown_table(rows, ["run", "best_val_loss", "best_val_step", "val_loss", "steps"]))
+    return 0 if all(row["exit"] == 0 for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
