@@ -145,3 +145,17 @@ def test_train_on_any_text_then_generate_from_it(tmp_path, tiny, capsys, in_proc
     assert cli.main(["generate", "--checkpoint", str(out), "--prompt", "fox", "--tokens", "30", "--device", "cpu"]) == 0
     generated = capsys.readouterr().out
     assert generated.startswith("fox") and len(generated) == len("fox") + 30 + 1 and set(generated) <= set(vocab)
+
+
+def test_spiking_model_defaults_by_device():
+    """The GPU run trains the model of LMConfig's defaults (real values, decay 0.25); the CPU run keeps spike
+    values and decay 0.5, which train better in its 3 minutes (benchmarks/results/cpu_values_ab/); flags win."""
+    from tether.models import LMConfig
+
+    assert (train.GPU_DEFAULTS["values"], train.GPU_DEFAULTS["decay"]) == (LMConfig.values, LMConfig.decay)
+    args = train.resolve_args(train.build_parser().parse_args(["--device", "cpu"]), train.pick_device("cpu"))
+    cfg = train.model_config(args, "abc")
+    assert (cfg.values, cfg.decay) == ("spikes", 0.5)
+    args = train.resolve_args(train.build_parser().parse_args(["--device", "cpu", "--values", "real", "--decay", "0.1"]),
+                              train.pick_device("cpu"))
+    assert (train.model_config(args, "abc").values, train.model_config(args, "abc").decay) == ("real", 0.1)

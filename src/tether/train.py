@@ -41,12 +41,15 @@ from tether.step import TrainStep, autocast, compile_model, make_optimizer
 # On a GPU the step is compiled (torch.compile fuses the norms, casts and dropout around the kernels) and
 # replayed from a CUDA graph: benchmarks/results/lm_bench.md.
 GPU_DEFAULTS = dict(batch_size=64, block_size=256, d_model=None, n_layer=4, lr=1e-3, max_iters=6_000,
-                    time_budget=9.5, eval_interval=500, eval_iters=20, log_interval=10, dropout=0.2, compile=True)
+                    time_budget=9.5, eval_interval=500, eval_iters=20, log_interval=10, dropout=0.2, compile=True,
+                    values="real", decay=0.25)
 # CPU: the model width, batch, lr and dropout that reach the lowest validation loss in 3 minutes of 2 cores
 # (benchmarks/results/cpu_train.md); 1,000 steps of batch 32 see the corpus twice, too few for dropout to pay.
+# Spike values and decay 0.5 there: in those 3 minutes they train better than the GPU's real values and decay
+# 0.25 (benchmarks/results/cpu_values_ab/).
 CPU_DEFAULTS = dict(batch_size=32, block_size=64, d_model=128, n_layer=4, lr=3e-3, max_iters=1_000,
                     time_budget=3.0, eval_interval=250, eval_iters=10, log_interval=10, dropout=0.0,
-                    compile=False)
+                    compile=False, values="spikes", decay=0.5)
 COMMON_DEFAULTS = dict(data=None, mixer="spiking", out="runs/tether", seed=1337,
                        weight_decay=0.1, grad_clip=1.0, warmup_iters=100, sample_tokens=500, patience=4)
 SAMPLE_PROMPT = "ROMEO:"
@@ -78,10 +81,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, help="dropout rate (default: 0.2 on GPU, 0 on CPU)")
     p.add_argument("--attention", choices=FORMS,
                    help="spiking attention form (default elementwise)")
-    p.add_argument("--decay", type=float, help="LIF membrane decay of the spiking mixer, in [0, 1] (default 0.25)")
+    p.add_argument("--decay", type=float,
+                   help="LIF membrane decay of the spiking mixer, in [0, 1] (default: 0.25 on GPU, 0.5 on CPU)")
     p.add_argument("--threshold", type=float, help="LIF firing threshold of the spiking mixer, > 0 (default 1)")
     p.add_argument("--values", choices=VALUES,
-                   help="what the spiking attention accumulates: v real or as spikes (default real)")
+                   help="what the spiking attention accumulates: v real or as spikes (default: real on GPU, "
+                        "spikes on CPU)")
     p.add_argument("--ttt-mini-batch", type=int, help="tokens per TTT-MLP inner step (ttt-mlp mixer; default 16)")
     p.add_argument("--eval-interval", type=int, help="steps between validation + checkpoint")
     p.add_argument("--eval-iters", type=int, help="batches per validation estimate")

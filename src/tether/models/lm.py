@@ -35,7 +35,7 @@ class LMConfig:
     backend: str = "fused"
     mlp_ratio: int = 4
     dropout: float = 0.2
-    decay: float = 0.25  # LIF membrane decay (0.25 trains better than 0.5: benchmarks/results/ablations)
+    decay: float = 0.25  # LIF membrane decay (better than 0.5 on the GPU runs: docs/model.md#ablations-2026-12-04)
     threshold: float = 1.0  # LIF firing threshold
     attention: str = "elementwise"  # spiking attention form: "elementwise" ([D] memory a head) or "matrix" ([D, D])
     values: str = "real"  # what the spiking attention accumulates: "real" or "spikes" (q and k spike either way)
