@@ -8,7 +8,11 @@ Each run is `python -m tether.train --max-iters STEPS --time-budget BUDGET --pat
 (the cosine follows the step count as long as the budget is not reached), started at once: their loss curves
 compare, their tokens/s do not (they share the GPU). The run directories (weights included) go under --runs-dir;
 NAME.json / NAME.md (write_results) and every run's log and metrics in NAME_logs.tar.gz go under $OUT (default
-benchmarks/results).
+benchmarks/results), with NAME.png: every run's validation loss against the step.
+
+    python -m benchmarks.ablate --name curves --replot A_logs.tar.gz B_logs.tar.gz --only base,values_real
+
+draws that plot again from saved archives (the runs named in --only, default all).
 """
 import argparse
 import json
@@ -33,15 +37,68 @@ def parse_run(text: str):
     return name, shlex.split(flags)
 
 
+def val_curve(lines) -> list:
+    """metrics.jsonl lines -> [(step, validation loss)] of its periodic validations."""
+    rows = (json.loads(line) for line in lines if line.strip())
+    return [(r["step"], r["loss"]) for r in rows if r.get("split") == "val"]
+
+
+def plot_curves(curves: dict, path: Path, title: str) -> None:
+    """curves: {run name: [(step, loss)]} -> a PNG of validation loss against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, curve in curves.items():
+        if curve:
+            ax.plot(*zip(*curve), marker=".", label=name)
+    ax.set(xlabel="step", ylabel="validation loss (nats/char)", title=title)
+    losses = [loss for curve in curves.values() for _, loss in curve]
+    if losses:  # the part where runs differ: from the best to a little above the end
+        ax.set_ylim(min(losses) - 0.01, min(losses) + 0.12)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def replot(archives: list, only: list, name: str) -> int:
+    curves = {}
+    for archive in archives:
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                run = Path(member.name).name.removesuffix("_metrics.jsonl")
+                if member.name.endswith("_metrics.jsonl") and (not only or run in only):
+                    curves[run] = val_curve(tar.extractfile(member).read().decode().splitlines())
+    missing = [run for run in only if run not in curves]
+    if missing:
+        print(f"--only: no metrics for {missing} in {[str(a) for a in archives]}", file=sys.stderr)
+        return 2
+    results = Path(os.environ.get("OUT") or RESULTS)
+    results.mkdir(parents=True, exist_ok=True)
+    plot_curves({run: curves[run] for run in (only or curves)}, results / f"{name}.png", name)
+    print("wrote", results / f"{name}.png")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=parse_run, action="append", required=True, help="NAME=FLAGS (repeatable)")
+    p.add_argument("--run", type=parse_run, action="append", default=[], help="NAME=FLAGS (repeatable)")
+    p.add_argument("--replot", nargs="+", type=Path, metavar="ARCHIVE", help="only draw NAME.png from these logs")
+    p.add_argument("--only", default="", help="with --replot: the runs to draw, comma-separated (default all)")
     p.add_argument("--steps", type=int, default=6000, help="optimizer steps of every run (the cosine length)")
     p.add_argument("--budget", type=float, default=5.0, help="minutes at most per run")
     p.add_argument("--name", default="ablation", help="result file stem")
     p.add_argument("--note", default="", help="a line for the result file")
     p.add_argument("--runs-dir", default="runs", help="where the runs' directories go (default runs/)")
     args = p.parse_args(argv)
+    if args.replot:
+        return replot(args.replot, [run for run in args.only.split(",") if run], args.name)
+    if not args.run:
+        p.error("--run: expected at least one NAME=FLAGS (or --replot ARCHIVE ...)")
     names = [name for name, _ in args.run]
     if len(set(names)) != len(names):
         p.error(f"--run: names must differ, got {names}")
@@ -83,6 +140,9 @@ def main(argv=None) -> int:
               + (f"\n{args.note}\n" if args.note else "") + "\n")
     write_results(args.name, {"steps": args.steps, "budget_min": args.budget, "note": args.note, "runs": rows},
                   header + markdown_table(rows, COLUMNS), out_dir=results)
+    curves = {name: val_curve((out / name / "metrics.jsonl").read_text().splitlines())
+              for name in names if (out / name / "metrics.jsonl").exists()}
+    plot_curves(curves, results / f"{args.name}.png", args.name)
     print(markdown_table(rows, ["run", "best_val_loss", "best_val_step", "val_loss", "steps"]))
     return 0 if all(row["exit"] == 0 for row in rows) else 1
 

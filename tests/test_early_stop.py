@@ -26,7 +26,7 @@ def run(corpus, out, *flags):
 @pytest.mark.parametrize("patience, steps, stopped", [(2, 6, True), (0, 40, False)])
 def test_patience(monkeypatch, tmp_path, corpus, in_process, patience, steps, stopped):
     losses = itertools.count(3.0, 0.1)  # every validation worse than the one before: the best is step 2's
-    monkeypatch.setattr(train, "evaluate", lambda *args: next(losses))
+    monkeypatch.setattr(train, "evaluate", lambda *args: (next(losses),) * 2)  # (all windows, periodic ones)
     summary = run(corpus, tmp_path / "run", "--patience", str(patience))
     assert summary["steps"] == steps and summary["stopped_early"] is stopped
     assert (summary["best_val_loss"], summary["best_val_step"]) == (3.0, 2)

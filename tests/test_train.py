@@ -45,7 +45,9 @@ def test_cli_train_loss_goes_down_and_writes_everything(trained, corpus):
     val = records(trained, "val")
     assert sorted(val) == [10, 20, 30] and val[30]["loss"] < val[10]["loss"]
     summary = json.loads((trained / "summary.json").read_text())
-    assert summary["steps"] == 30 and summary["val_loss"] == val[30]["loss"]
+    # the final validation: 5x the windows (val_final), and the periodic windows among them (val, the curve)
+    assert summary["steps"] == 30 and summary["val_loss"] == records(trained, "val_final")[30]["loss"]
+    assert summary["val_loss_periodic"] == val[30]["loss"] and summary["val_loss"] != val[30]["loss"]
     assert summary["firing_rate"] is not None and 0 < summary["firing_rate"] < 1
     assert summary["energy_per_token"]["energy_spiking_j"] > 0
     best = min(val.values(), key=lambda r: r["loss"])

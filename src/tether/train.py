@@ -299,18 +299,24 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
 
 
 @torch.no_grad()
-def evaluate(model, corpus: CharCorpus, args, world: Distributed, batches: int) -> float:
-    """Mean validation loss over a fixed set of windows (same seed every call: a smooth curve)."""
+def evaluate(model, corpus: CharCorpus, args, world: Distributed, batches: int) -> tuple:
+    """Mean validation loss over a fixed set of windows (same seed every call: a smooth curve) -> (over all
+    ``batches``, over the first ``args.eval_iters``: the windows of every periodic validation, which a longer
+    final one starts with, so that the two compare)."""
     model.eval()
     generator = torch.Generator(device=world.device).manual_seed(args.seed + 1)
     total = torch.zeros((), device=world.device)
-    for _ in range(batches):
+    head = min(batches, args.eval_iters)
+    for i in range(batches):
         x, y = corpus.batch("val", args.batch_size, args.block_size, generator, world.rows(args.batch_size))
         with autocast(world.device):
             _, loss = model(x, y)
         total += loss.float()
+        if i + 1 == head:
+            head_total = total.clone()
     model.train()
-    return world.mean([total.item() / batches])[0]
+    full, first = world.mean([total.item() / batches, head_total.item() / head])
+    return full, first
 
 
 def load_corpus(given, saved: dict, device) -> CharCorpus:
@@ -632,7 +638,7 @@ class Trainer:
         """The eval step: validation loss, best weights, energy, checkpoint; True to stop early (--patience)."""
         args, state, meter = self.args, self.state, self.meter
         eval_start = time.monotonic()
-        val_loss = evaluate(self.raw, self.corpus, args, self.world, args.eval_iters)
+        val_loss, _ = evaluate(self.raw, self.corpus, args, self.world, args.eval_iters)
         self.track_best(val_loss)
         stalled = state.step - state.best_val[1] >= args.patience * args.eval_interval
         if args.patience and stalled:  # past its best: stop there (best/ holds the best weights)
@@ -658,20 +664,24 @@ class Trainer:
         from tether.generate import sample
 
         args, state, meter = self.args, self.state, self.meter
-        val_loss = evaluate(self.raw, self.corpus, args, self.world, FINAL_EVAL_FACTOR * args.eval_iters)
-        self.track_best(val_loss)
+        # best/ and best_val_loss compare on the periodic windows; the reported loss reads 5x as many
+        val_loss, val_loss_periodic = evaluate(self.raw, self.corpus, args, self.world,
+                                               FINAL_EVAL_FACTOR * args.eval_iters)
+        self.track_best(val_loss_periodic)
         if not self.world.main:
             return {}
         meter.energy = self.raw.energy_per_token()
-        self.files.log({"step": state.step, "split": "val", "loss": val_loss, "elapsed_s": state.elapsed(),
+        self.files.log({"step": state.step, "split": "val", "loss": val_loss_periodic, "elapsed_s": state.elapsed(),
                         **meter.energy})
+        self.files.log({"step": state.step, "split": "val_final", "loss": val_loss, "elapsed_s": state.elapsed()})
         self.save()
-        self.bar.message(f"step {state.step}: final val loss {val_loss:.4f}")
+        self.bar.message(f"step {state.step}: final val loss {val_loss:.4f} ({FINAL_EVAL_FACTOR}x the windows; "
+                         f"{val_loss_periodic:.4f} on those of every validation)")
         text = sample(self.raw, self.corpus.vocab, sample_prompt(self.corpus), args.sample_tokens, temperature=0.8,
                       top_k=40, generator=torch.Generator(device=self.device).manual_seed(args.seed))
         (self.out / "sample.txt").write_text(text)
         print(f"--- sample ---\n{text}\n--------------", flush=True)
-        summary = summarize(self, val_loss)
+        summary = summarize(self, val_loss, val_loss_periodic)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps({k: summary[k] for k in ("val_loss", "tokens_per_s", "wall_time_s", "steps")}),
               flush=True)
@@ -683,13 +693,15 @@ def train(args: argparse.Namespace) -> dict:
     return Trainer(args).run()
 
 
-def summarize(trainer: Trainer, val_loss: float) -> dict:
+def summarize(trainer: Trainer, val_loss: float, val_loss_periodic: float) -> dict:
     import triton
 
     args, config, state, meter, world = trainer.args, trainer.config, trainer.state, trainer.meter, trainer.world
     device = world.device
     return {
-        "mixer": config.mixer, "val_loss": val_loss, "best_val_loss": state.best_val[0],
+        # val_loss: 5x the windows of a validation; best_val_loss and val_loss_periodic: on those of every one
+        "mixer": config.mixer, "val_loss": val_loss, "val_loss_periodic": val_loss_periodic,
+        "best_val_loss": state.best_val[0],
         "best_val_step": state.best_val[1], "train_loss": meter.train_loss, "steps": state.step,
         "tokens_seen": state.tokens_seen, "tokens_per_s": state.tokens_seen / max(state.train_time_s, 1e-9),
         # median over log intervals: the steady rate, without the first interval's kernel compilation
