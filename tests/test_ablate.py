@@ -31,6 +31,11 @@ def test_two_runs_side_by_side(tmp_path, corpus):
     with tarfile.open(tmp_path / "results" / "abl_logs.tar.gz") as tar:
         assert {"abl/base.log", "abl/spike_values.log"} <= set(tar.getnames())
     assert "| spike_values |" in (tmp_path / "results" / "abl.md").read_text()
+    assert (tmp_path / "results" / "abl.png").stat().st_size > 0  # every run's validation curve
+    out = ablate(tmp_path, "--name", "again", "--replot", str(tmp_path / "results" / "abl_logs.tar.gz"), "--only", "base")
+    assert out.returncode == 0 and (tmp_path / "results" / "again.png").stat().st_size > 0, out.stderr[-3000:]
+    out = ablate(tmp_path, "--name", "x", "--replot", str(tmp_path / "results" / "abl_logs.tar.gz"), "--only", "nope")
+    assert out.returncode == 2 and "--only: no metrics for ['nope']" in out.stderr
 
 
 def test_bad_run_is_refused(tmp_path):
