@@ -156,9 +156,9 @@ def check_args(args, device: torch.device) -> None:
             raise ValueError(f"{flag(key)}: expected >= 0, got {getattr(args, key)}")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise ValueError(f"--dropout: expected a rate in [0, 1), got {args.dropout}")
-    if getattr(args, "decay", None) is not None and not 0 <= args.decay <= 1:
+    if args.decay is not None and not 0 <= args.decay <= 1:
         raise ValueError(f"--decay: expected a membrane decay in [0, 1], got {args.decay}")
-    if getattr(args, "threshold", None) is not None and not args.threshold > 0:
+    if args.threshold is not None and not args.threshold > 0:
         raise ValueError(f"--threshold: expected a firing threshold > 0, got {args.threshold}")
     n_head = LMConfig.n_head
     if args.d_model is not None and (args.d_model <= 0 or args.d_model % n_head):

@@ -158,7 +158,7 @@ def spike_attention_qkv(qkv, gamma=1.0, state=None, *, binary=False):
     checked (that would wait for the GPU): other values get wrong gradients. The CPU path keeps qkv as it is."""
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv: expected a [T, B, 3, H, D] tensor, got shape {tuple(qkv.shape)}")
-    if not any(binary is key for key in (True, False)) and binary != "qk":
+    if not (isinstance(binary, bool) or binary == "qk"):
         raise ValueError(f"binary: expected True, False or 'qk', got {binary!r}")
     if not use_triton(qkv):
         return spike_attention(*qkv.unbind(2), gamma, state)

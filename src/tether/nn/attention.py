@@ -173,10 +173,11 @@ class SpikingSelfAttention(nn.Module):
         v_input, v_qkv, memory = state if state is not None else (None, None, None)
         spikes, v_input = self.input_neurons(x, v_input)  # [T, B, C]
         projected = self.qkv(spikes)  # [T, B, 3C]
-        binary = True if self.v_norm is None else "qk"
         if self.v_norm is None:
             qkv, v_qkv = self.qkv_neurons(projected, v_qkv)  # [T, B, 3C] spikes
+            binary = True
         else:
+            binary = "qk"
             qk, v_qkv = self.qkv_neurons(projected[..., :2 * C], v_qkv)  # [T, B, 2C] spikes
             v = self.v_norm(projected[..., 2 * C:]).to(qk.dtype)  # [T, B, C] real
             qkv = torch.cat((qk, v), dim=-1)  # [T, B, 3C]
